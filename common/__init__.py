@@ -1,0 +1,1 @@
+"""Pieces every stage shares: the config loader, the label vocabulary, the CLI frame."""

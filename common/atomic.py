@@ -1,0 +1,36 @@
+"""Write files so that a final name never holds a partial file: temp name, flush, fsync, rename."""
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+
+def tmp_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp")
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | Path, mode: str = "w", **kwargs):
+    path = Path(path)
+    tmp = tmp_name(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with open(tmp, mode, **kwargs) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    with atomic_write(path, "wb") as f:
+        f.write(data)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    with atomic_write(path, "w", encoding="utf-8", newline="") as f:
+        f.write(text)

@@ -1,0 +1,1 @@
+"""The embedded demo: a small learnable dataset in the exact Kaggle layout."""

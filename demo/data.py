@@ -1,0 +1,168 @@
+"""Generate a small Inclusive-Images-like dataset in the exact Kaggle layout.
+
+Classes are (shape, colour) pairs; each image holds one to four of them. Training
+images are filled shapes on soft noisy backgrounds; stage-1/2 test images come from
+"another part of the world": striped, saturated backgrounds, shapes drawn at other
+sizes and shades, fewer labels per image. A model trained on the training images
+alone transfers badly; a short fine-tune on the tuning labels fixes most of it,
+which is the challenge in miniature.
+
+    python -m demo.data OUT_DIR [--train N] [--stage1 N] [--stage2 N] [--tune N]
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+SHAPES = ("circle", "square", "triangle", "cross")
+COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 70, 220),
+           "yellow": (230, 210, 40), "magenta": (200, 50, 200)}
+UNUSED_TRAINABLE = 2  # like the real list, a few trainable classes never occur
+
+
+def class_codes() -> list[tuple[str, str]]:
+    """(label_code, description) for every class that occurs in the images."""
+    out = []
+    for i, (shape, colour) in enumerate((s, c) for s in SHAPES for c in COLOURS):
+        out.append((f"/m/0dm{i:02d}", f"{colour.capitalize()} {shape}"))
+    return out
+
+
+@dataclass
+class Layout:
+    """Where the generator put things (mirrors config.yaml's paths)."""
+    original_images: Path
+    competition_data: Path
+
+
+def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: tuple[int, int, int, int], colour, outline=None):
+    x0, y0, x1, y1 = box
+    if shape == "circle":
+        draw.ellipse(box, fill=colour, outline=outline, width=2)
+    elif shape == "square":
+        draw.rectangle(box, fill=colour, outline=outline, width=2)
+    elif shape == "triangle":
+        draw.polygon([((x0 + x1) // 2, y0), (x1, y1), (x0, y1)], fill=colour, outline=outline)
+    else:
+        w = max(2, (x1 - x0) // 3)
+        cx, cy = (x0 + x1) // 2, (y0 + y1) // 2
+        draw.rectangle((cx - w // 2, y0, cx + w // 2, y1), fill=colour)
+        draw.rectangle((x0, cy - w // 2, x1, cy + w // 2), fill=colour)
+
+
+def _background(rng: np.random.Generator, w: int, h: int, shifted: bool) -> Image.Image:
+    if not shifted:  # soft, muted noise
+        base = rng.integers(90, 170, size=3)
+        noise = rng.normal(0, 18, size=(h // 4 + 1, w // 4 + 1, 3))
+        arr = np.clip(base + noise, 0, 255).astype(np.uint8)
+        return Image.fromarray(arr).resize((w, h), Image.Resampling.BILINEAR)
+    # shifted domain: hard, saturated stripes
+    a, b = rng.integers(0, 256, size=3), rng.integers(0, 256, size=3)
+    period = int(rng.integers(4, 12))
+    yy, xx = np.mgrid[0:h, 0:w]
+    stripes = (((xx + yy * rng.choice([0, 1, -1])) // period) % 2).astype(bool)
+    arr = np.where(stripes[..., None], a, b).astype(np.uint8)
+    return Image.fromarray(arr)
+
+
+def render_image(rng: np.random.Generator, classes: list[int], shifted: bool) -> Image.Image:
+    w, h = int(rng.integers(96, 136)), int(rng.integers(80, 112))
+    im = _background(rng, w, h, shifted)
+    draw = ImageDraw.Draw(im)
+    pairs = [(s, c) for s in SHAPES for c in COLOURS]
+    for k in classes:
+        shape, colour = pairs[k]
+        rgb = np.array(COLOURS[colour])
+        if shifted:  # other shades, other sizes, dark outlines
+            rgb = np.clip(rgb * rng.uniform(0.6, 1.1) + rng.integers(-30, 30, 3), 0, 255)
+            size = int(rng.integers(14, 26))
+        else:
+            size = int(rng.integers(24, 40))
+        x0, y0 = int(rng.integers(0, w - size)), int(rng.integers(0, h - size))
+        _draw_shape(draw, shape, (x0, y0, x0 + size, y0 + size), tuple(int(v) for v in rgb),
+                    outline=(0, 0, 0) if shifted else None)
+    return im
+
+
+def _labels(rng: np.random.Generator, n_classes: int, max_labels: int) -> list[int]:
+    return sorted(rng.choice(n_classes, size=int(rng.integers(1, max_labels + 1)), replace=False).tolist())
+
+
+def _hex_id(rng: np.random.Generator, digits: int) -> str:
+    return "".join(rng.choice(list("0123456789abcdef"), size=digits))
+
+
+def _write_csv(path: Path, header, rows) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f, lineterminator="\n")
+        if header:
+            w.writerow(header)
+        w.writerows(rows)
+
+
+def generate_demo_data(root: Path, n_train: int = 2000, n_stage1: int = 500, n_stage2: int = 500,
+                       n_tune: int = 300, seed: int = 0, quality: int = 92) -> Layout:
+    """Write the dataset under ``root``; returns where the images and CSVs are."""
+    rng = np.random.default_rng(seed)
+    root = Path(root)
+    layout = Layout(root / "original_images", root / "inclusive")
+    train_dir = layout.original_images / "train"
+    comp = layout.competition_data
+    for d in (train_dir, comp / "stage_1_test_images", comp / "stage_2_test_images"):
+        d.mkdir(parents=True, exist_ok=True)
+    codes = class_codes()
+    n = len(codes)
+    unused = [(f"/m/0dmu{i}", f"Unused class {i}") for i in range(UNUSED_TRAINABLE)]
+    untrainable = [("/m/0dmx0", "Not trainable"), ("/m/0dmx1", "Red circle")]  # a repeated description
+    _write_csv(comp / "classes-trainable.csv", ["label_code"], [[c] for c, _ in codes + unused])
+    _write_csv(comp / "class-descriptions.csv", ["label_code", "description"], codes + unused + untrainable)
+
+    rows = []
+    for _ in range(n_train):
+        image_id = _hex_id(rng, 16)
+        labels = _labels(rng, n, 4)
+        render_image(rng, labels, shifted=False).save(train_dir / f"{image_id}.jpg", quality=quality)
+        rows += [[image_id, "verification", codes[k][0], "1"] for k in labels]
+        absent = [k for k in rng.choice(n, size=2, replace=False) if k not in labels]
+        rows += [[image_id, "verification", codes[k][0], "0"] for k in absent]
+        if rng.random() < 0.05:
+            rows.append([image_id, "crowdsource-verification", untrainable[0][0], "1"])
+    _write_csv(comp / "train_human_labels.csv", ["ImageID", "Source", "LabelName", "Confidence"], rows)
+
+    for stage, count in ((1, n_stage1), (2, n_stage2)):
+        solution = []
+        folder = comp / f"stage_{stage}_test_images"
+        for _ in range(count):
+            image_id = _hex_id(rng, 24)
+            labels = _labels(rng, n, 3)
+            render_image(rng, labels, shifted=True).save(folder / f"{image_id}.jpg", quality=quality)
+            solution.append([image_id, " ".join(codes[k][0] for k in labels)])
+        _write_csv(comp / f"stage_{stage}_solution.csv", ["image_id", "labels"], solution)
+        _write_csv(comp / f"stage_{stage}_sample_submission.csv", ["image_id", "labels"],
+                   [[i, f"{codes[0][0]} {codes[1][0]}"] for i, _ in solution])
+        if stage == 1:
+            _write_csv(comp / "tuning_labels.csv", None, solution[:n_tune])
+    return layout
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m demo.data", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--train", type=int, default=2000)
+    parser.add_argument("--stage1", type=int, default=500)
+    parser.add_argument("--stage2", type=int, default=500)
+    parser.add_argument("--tune", type=int, default=300)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    layout = generate_demo_data(args.out, args.train, args.stage1, args.stage2, args.tune, args.seed)
+    print(f"demo data in {layout.competition_data} and {layout.original_images}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Kaggle CSVs + images -> globally shuffled WebDataset shards with DALI indexes, a manifest and a skip report."""

@@ -1,0 +1,117 @@
+"""Check every shard against ``manifest.json``.
+
+    python -m preprocessing.verify --config config.yaml
+
+Checks sha256, sample counts, that every ``.jpg`` decodes, that every ``.labels``
+holds valid class indices and that every ``.idx`` is exactly what DALI's ``wds2idx``
+makes of its tar. Prints each problem; exits 1 if there is any.
+"""
+from __future__ import annotations
+
+import io
+import json
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from common.cli import command, config_from_args, config_parser
+from common.errors import UserError
+from preprocessing.build_shards import MANIFEST
+from preprocessing.shards import EXTENSIONS, file_sha256, write_index
+
+
+def check_samples(tar_path: Path, num_classes: int) -> tuple[int, list[str]]:
+    """Count samples and list what is wrong inside one tar."""
+    problems: list[str] = []
+    samples: dict[str, dict[str, bytes]] = {}
+    try:
+        with tarfile.open(tar_path) as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                key, _, ext = member.name.partition(".")
+                samples.setdefault(key, {})[ext] = tar.extractfile(member).read()
+    except (tarfile.TarError, OSError) as exc:
+        return 0, [f"{tar_path.name}: cannot read tar ({exc})"]
+    for key, files in samples.items():
+        where = f"{tar_path.name}: sample {key}"
+        missing = [e for e in EXTENSIONS if e not in files]
+        if missing:
+            problems.append(f"{where} lacks {', '.join(missing)}")
+        if "jpg" in files:
+            try:
+                with Image.open(io.BytesIO(files["jpg"])) as im:
+                    im.load()
+                    if im.format != "JPEG" or im.mode != "RGB":
+                        problems.append(f"{where}: image is {im.format} {im.mode}, not an RGB JPEG")
+            except Exception as exc:  # any decoder failure is a finding, not a crash
+                problems.append(f"{where}: image does not decode ({exc})")
+        if "labels" in files:
+            raw = files["labels"]
+            classes = np.frombuffer(raw, dtype="<i4") if len(raw) % 4 == 0 else None
+            if classes is None or classes.size == 0:
+                problems.append(f"{where}: .labels is not a non-empty int32 list")
+            elif classes.min() < 0 or classes.max() >= num_classes:
+                problems.append(f"{where}: class index out of range 0..{num_classes - 1}")
+    return len(samples), problems
+
+
+def check_index(tar_path: Path, idx_path: Path) -> list[str]:
+    if not idx_path.is_file():
+        return [f"{idx_path.name}: index missing"]
+    with tempfile.TemporaryDirectory() as tmp:
+        expected = Path(tmp) / "expected.idx"
+        write_index(tar_path, expected)
+        if expected.read_bytes() != idx_path.read_bytes():
+            return [f"{idx_path.name}: does not match its tar"]
+    return []
+
+
+def verify(shards_dir: Path, show_progress: bool = True) -> list[str]:
+    """Return the list of problems found (empty when all is well)."""
+    manifest_path = shards_dir / MANIFEST
+    if not manifest_path.is_file():
+        raise UserError(f"no manifest at {manifest_path}: build the shards first")
+    manifest = json.loads(manifest_path.read_text())
+    num_classes = manifest["settings"]["num_classes"]
+    problems: list[str] = []
+    listed = {s["name"] for s in manifest["shards"]}
+    for extra in sorted(p.name for p in shards_dir.glob("*-[0-9]*.tar") if p.name not in listed):
+        problems.append(f"{extra}: shard not in the manifest")
+    for shard in tqdm(manifest["shards"], unit="shard", desc="verifying", disable=not show_progress):
+        tar_path = shards_dir / shard["name"]
+        if not tar_path.is_file():
+            problems.append(f"{shard['name']}: missing")
+            continue
+        if tar_path.stat().st_size != shard["bytes"]:
+            problems.append(f"{shard['name']}: {tar_path.stat().st_size} bytes, manifest says {shard['bytes']}")
+        if file_sha256(tar_path) != shard["sha256"]:
+            problems.append(f"{shard['name']}: sha256 differs from the manifest")
+        count, found = check_samples(tar_path, num_classes)
+        problems += found
+        if count != shard["samples"]:
+            problems.append(f"{shard['name']}: {count} samples, manifest says {shard['samples']}")
+        problems += check_index(tar_path, shards_dir / shard["index"])
+    return problems
+
+
+@command
+def main(argv=None):
+    parser = config_parser("python -m preprocessing.verify", __doc__)
+    cfg = config_from_args(parser.parse_args(argv))
+    problems = verify(cfg.paths.shards)
+    for p in problems:
+        print(p)
+    if problems:
+        print(f"{len(problems)} problem(s) found", file=sys.stderr)
+        sys.exit(1)
+    print(f"all shards in {cfg.paths.shards} verified")
+
+
+if __name__ == "__main__":
+    main()
