@@ -17,9 +17,9 @@ import webdataset as wds
 from wds2idx import IndexCreator
 
 from common.atomic import tmp_name
+from common.shard_format import EXTENSIONS
 
 TAR_BLOCK = 512
-EXTENSIONS = ("jpg", "labels", "json")
 
 
 def shard_name(split: str, number: int) -> str:
@@ -77,7 +77,8 @@ class ShardRecord:
 class ShardWriter:
     """Packs samples into ``<split>-NNNNNN.tar`` until a sample or byte limit would be passed."""
 
-    END_OF_ARCHIVE = 20 * TAR_BLOCK  # tarfile pads a stream to whole 10 KiB records
+    END_OF_ARCHIVE = 2 * TAR_BLOCK
+    RECORD = 20 * TAR_BLOCK  # tarfile pads a stream to whole 10 KiB records
 
     def __init__(self, folder: Path, split: str, first_number: int, max_samples: int, max_bytes: int):
         self.folder, self.split = Path(folder), split
@@ -87,13 +88,14 @@ class ShardWriter:
         self.samples = self.bytes = 0
 
     def would_overflow(self, sample: dict) -> bool:
-        return self.samples > 0 and (self.samples >= self.max_samples or
-                                     self.bytes + tar_size(sample) + self.END_OF_ARCHIVE > self.max_bytes)
+        size = self.bytes + tar_size(sample) + self.END_OF_ARCHIVE
+        size = -(-size // self.RECORD) * self.RECORD
+        return self.samples > 0 and (self.samples >= self.max_samples or size > self.max_bytes)
 
     def add(self, sample: dict) -> None:
         if self._tar is None:
             self._file = open(tmp_name(self.folder / shard_name(self.split, self.number)), "wb")
-            self._tar = wds.TarWriter(self._file, user="", group="", mode=0o444, mtime=0.0, encoder=False)
+            self._tar = wds.TarWriter(self._file, user="", group="", mode=0o444, mtime=0, encoder=False)  # int mtime: no PAX header
         self._tar.write(sample)
         self.samples += 1
         self.bytes += tar_size(sample)

@@ -9,7 +9,6 @@ makes of its tar. Prints each problem; exits 1 if there is any.
 from __future__ import annotations
 
 import io
-import json
 import sys
 import tarfile
 import tempfile
@@ -20,9 +19,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from common.cli import command, config_from_args, config_parser
-from common.errors import UserError
-from preprocessing.build_shards import MANIFEST
-from preprocessing.shards import EXTENSIONS, file_sha256, write_index
+from common.shard_format import EXTENSIONS, read_manifest
+from preprocessing.shards import file_sha256, write_index
 
 
 def check_samples(tar_path: Path, num_classes: int) -> tuple[int, list[str]]:
@@ -74,10 +72,7 @@ def check_index(tar_path: Path, idx_path: Path) -> list[str]:
 
 def verify(shards_dir: Path, show_progress: bool = True) -> list[str]:
     """Return the list of problems found (empty when all is well)."""
-    manifest_path = shards_dir / MANIFEST
-    if not manifest_path.is_file():
-        raise UserError(f"no manifest at {manifest_path}: build the shards first")
-    manifest = json.loads(manifest_path.read_text())
+    manifest = read_manifest(shards_dir)
     num_classes = manifest["settings"]["num_classes"]
     problems: list[str] = []
     listed = {s["name"] for s in manifest["shards"]}

@@ -1,0 +1,220 @@
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import webdataset as wds
+from PIL import Image
+import io
+
+from common.config import load_config
+from common.errors import UserError
+from preprocessing.build_shards import STATE, build_shards
+from preprocessing.verify import verify
+from tests.conftest import SMALL_SHARDS
+from tests.fixtures import REPO, write_config
+
+
+def read_shards(folder: Path, split: str | None = None) -> dict[str, dict]:
+    """key -> sample, read with the webdataset library."""
+    out = {}
+    pattern = f"{split}-*.tar" if split else "*-[0-9]*.tar"
+    for tar in sorted(folder.glob(pattern)):
+        for sample in wds.WebDataset(str(tar), shardshuffle=False, empty_check=False):
+            assert sample["__key__"] not in out, "a sample appears twice"
+            out[sample["__key__"]] = {**sample, "split": tar.name.split("-")[0]}
+    return out
+
+
+def labeled_ids(comp: Path) -> dict[str, set]:
+    """What a careful reader of the CSVs finds: every labeled id and its trainable positives."""
+    trainable = set(pd.read_csv(comp / "classes-trainable.csv")["label_code"])
+    rows = pd.read_csv(comp / "train_human_labels.csv", dtype=str, on_bad_lines="skip")
+    out: dict[str, set] = {}
+    for r in rows.itertuples():
+        out.setdefault(("train", r.ImageID), set())
+        if r.Confidence == "1" and r.LabelName in trainable:
+            out[("train", r.ImageID)].add(r.LabelName)
+    with open(comp / "tuning_labels.csv") as f:
+        for image_id, codes in csv.reader(f):
+            out[("tune", image_id)] = set(codes.split()) & trainable
+    return out
+
+
+def test_every_labeled_image_is_in_one_shard_or_one_skip_row(built, kaggle):
+    cfg, manifest = built
+    layout, expected = kaggle
+    samples = read_shards(cfg.paths.shards)
+    skipped = pd.read_csv(cfg.paths.shards / "skipped.csv", dtype=str, keep_default_na=False)
+    assert not skipped.duplicated(["image_id", "split"]).any()
+    packed = {("tune" if s["split"] == "tune" else "train", k) for k, s in samples.items()}
+    skip_keys = {(r.split, r.image_id) for r in skipped.itertuples()}
+    truth = labeled_ids(layout.competition_data)
+    assert packed.isdisjoint(skip_keys)
+    assert packed | skip_keys == set(truth)
+    for r in skipped.itertuples():
+        assert expected[(r.image_id, r.split)] == r.reason
+    assert set(expected) == {(r.image_id, r.split) for r in skipped.itertuples()}
+    assert manifest["skipped"] == skipped["reason"].value_counts().sort_index().to_dict()
+
+
+def test_samples_hold_the_trainable_positive_labels(built, kaggle):
+    cfg, manifest = built
+    truth = labeled_ids(kaggle[0].competition_data)
+    codes = pd.read_csv(cfg.paths.shards / "classes.csv")["label_code"].tolist()
+    assert codes == pd.read_csv(kaggle[0].competition_data / "classes-trainable.csv")["label_code"].tolist()
+    for key, s in read_shards(cfg.paths.shards).items():
+        classes = np.frombuffer(s["labels"], dtype="<i4")
+        meta = json.loads(s["json"])
+        family = "tune" if s["split"] == "tune" else "train"
+        assert {codes[c] for c in classes} == truth[(family, key)] == set(meta["labels"])
+        assert list(classes) == sorted(classes) and meta["image_id"] == key
+        im = Image.open(io.BytesIO(s["jpg"]))
+        im.load()
+        assert im.mode == "RGB" and min(im.size) == cfg.data.shortest_side
+
+
+def test_splits_limits_and_manifest(built):
+    cfg, manifest = built
+    shards = cfg.paths.shards
+    n_train_family = manifest["splits"]["train"]["samples"] + manifest["splits"]["val"]["samples"]
+    assert manifest["splits"]["val"]["samples"] >= 1
+    for s in manifest["shards"]:
+        path = shards / s["name"]
+        assert s["samples"] <= 7
+        assert path.stat().st_size == s["bytes"] and (shards / s["index"]).is_file()
+        assert int((shards / s["index"]).read_text().split()[1]) == s["samples"]
+    assert sum(s["samples"] for s in manifest["shards"]) == n_train_family + manifest["splits"]["tune"]["samples"]
+    assert manifest["labels"]["train"]["malformed_rows"][0]["reason"].startswith("expected 4 fields")
+    assert manifest["images"]["packed_as_is"] >= 1
+    assert not list(shards.glob(".*"))  # no temporaries, no resume state left behind
+
+
+def test_byte_limit_closes_shards(kaggle, tmp_path):
+    cfg = load_config(write_config(tmp_path / "c.yaml", kaggle[0], tmp_path / "s", "data:\n  shard_max_bytes: 40000\n"))
+    manifest = build_shards(cfg, workers=1, quiet=True)
+    assert manifest["splits"]["train"]["shards"] > 3
+    assert all(s["bytes"] <= 40000 for s in manifest["shards"])
+
+
+def test_output_is_byte_identical_whatever_the_worker_count(built, kaggle, tmp_path):
+    cfg2, _ = built
+    cfg1 = load_config(write_config(tmp_path / "c.yaml", kaggle[0], tmp_path / "s", SMALL_SHARDS))
+    build_shards(cfg1, workers=1, quiet=True)
+    names = sorted(p.name for p in cfg2.paths.shards.iterdir())
+    assert names == sorted(p.name for p in cfg1.paths.shards.iterdir())
+    for name in names:
+        if name != "manifest.json":
+            assert (cfg1.paths.shards / name).read_bytes() == (cfg2.paths.shards / name).read_bytes(), name
+    m1, m2 = (json.loads((c.paths.shards / "manifest.json").read_text()) for c in (cfg1, cfg2))
+    assert m1["shards"] == m2["shards"]
+
+
+def test_killed_runs_resume_to_the_same_result(built, kaggle, tmp_path):
+    clean_cfg, clean = built
+    cfg_path = write_config(tmp_path / "c.yaml", kaggle[0], tmp_path / "s", SMALL_SHARDS)
+    out = tmp_path / "s"
+    cmd = [sys.executable, "-m", "preprocessing.build_shards", "--config", str(cfg_path), "--workers", "1"]
+    kills, finished_before = 0, {}
+    for attempt in range(30):
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        seen = len(json.loads((out / STATE).read_text())["shards"]) if (out / STATE).exists() else 0
+        while proc.poll() is None:  # kill as soon as one more shard is finished
+            try:
+                if len(json.loads((out / STATE).read_text())["shards"]) > seen:
+                    break
+            except (FileNotFoundError, json.JSONDecodeError):
+                pass
+            time.sleep(0.002)
+        if proc.poll() is None:
+            state = json.loads((out / STATE).read_text())
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            kills += 1
+            for s in state["shards"]:  # finished shards must never be redone
+                stat = (out / s["name"]).stat()
+                finished_before.setdefault(s["name"], (stat.st_ino, stat.st_mtime_ns))
+            continue
+        assert proc.returncode == 0
+        break
+    assert kills >= 2
+    for name, stamp in finished_before.items():
+        stat = (out / name).stat()
+        assert (stat.st_ino, stat.st_mtime_ns) == stamp, f"{name} was rewritten"
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["shards"] == clean["shards"]
+    assert (out / "skipped.csv").read_bytes() == (clean_cfg.paths.shards / "skipped.csv").read_bytes()
+    assert not (out / STATE).exists() and not list(out.glob(".*.tmp"))
+
+
+def test_second_run_is_a_no_op_and_other_settings_need_restart(built, kaggle, tmp_path):
+    cfg, manifest = built
+    before = {p.name: p.stat().st_mtime_ns for p in cfg.paths.shards.iterdir()}
+    assert build_shards(cfg, workers=1, quiet=True)["shards"] == manifest["shards"]
+    assert before == {p.name: p.stat().st_mtime_ns for p in cfg.paths.shards.iterdir()}
+    changed = cfg.with_overrides(["data.jpeg_quality=50"])
+    with pytest.raises(UserError, match="--restart"):
+        build_shards(changed, workers=1, quiet=True)
+
+
+def test_verify_passes_clean_shards_and_catches_damage(built_copy):
+    shards, manifest = built_copy
+    assert verify(shards, show_progress=False) == []
+    first = shards / manifest["shards"][0]["name"]
+    data = bytearray(first.read_bytes())
+    data[2000] ^= 0xFF  # inside the first image
+    first.write_bytes(bytes(data))
+    (shards / manifest["shards"][1]["index"]).write_text("v1.2 0\n")
+    problems = verify(shards, show_progress=False)
+    assert any("sha256" in p and first.name in p for p in problems)
+    assert any(manifest["shards"][1]["index"] in p and "does not match" in p for p in problems)
+
+
+def test_verify_command_exits_non_zero_on_a_problem(built_copy, kaggle, tmp_path):
+    shards, manifest = built_copy
+    (shards / manifest["shards"][-1]["name"]).unlink()
+    cfg = write_config(tmp_path / "c.yaml", kaggle[0], shards)
+    r = subprocess.run([sys.executable, "-m", "preprocessing.verify", "--config", str(cfg)], cwd=REPO,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1
+    assert f"{manifest['shards'][-1]['name']}: missing" in r.stdout
+
+
+def test_dali_reads_the_shards_with_their_indexes(built):
+    from nvidia.dali import fn, pipeline_def, types
+
+    cfg, manifest = built
+    shards = cfg.paths.shards
+    train = [s for s in manifest["shards"] if s["split"] == "train"]
+    total = sum(s["samples"] for s in train)
+
+    @pipeline_def(batch_size=4, num_threads=1, device_id=None)
+    def read():
+        jpg, labels, meta = fn.readers.webdataset(
+            paths=[str(shards / s["name"]) for s in train], index_paths=[str(shards / s["index"]) for s in train],
+            ext=["jpg", "labels", "json"], dtypes=[types.UINT8, types.INT32, types.UINT8], name="reader")
+        return fn.decoders.image(jpg, device="cpu", output_type=types.RGB), labels, meta
+
+    pipe = read()
+    pipe.build()
+    assert pipe.epoch_size("reader") == total
+    reference = read_shards(shards, "train")
+    seen = {}
+    while len(seen) < total:
+        images, labels, metas = pipe.run()
+        for k in range(len(images)):
+            key = json.loads(bytes(np.array(metas.at(k))).decode())["image_id"]
+            seen[key] = (np.array(images.at(k)), np.array(labels.at(k)))
+    assert set(seen) == set(reference)
+    for key, (image, labels) in seen.items():
+        assert labels.tolist() == np.frombuffer(reference[key]["labels"], "<i4").tolist()
+        pil = np.asarray(Image.open(io.BytesIO(reference[key]["jpg"])).convert("RGB")).astype(int)
+        assert image.shape == pil.shape
+        assert np.abs(image.astype(int) - pil).mean() < 2

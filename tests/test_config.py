@@ -1,0 +1,80 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from common.config import ConfigError, load_config
+from tests.fixtures import REPO
+
+
+def test_repo_config_holds_the_original_solution_values():
+    cfg = load_config(REPO / "config.yaml")
+    assert cfg.data.shortest_side == 256
+    assert cfg.data.val_fraction == 0.01
+    assert cfg.data.seed == 0xDEADFACE
+    assert (cfg.train.lr, cfg.train.epochs, cfg.train.batch_size, cfg.train.momentum) == (0.01, 25, 32, 0.9)
+    assert cfg.train.nesterov and cfg.train.weight_decay == 1e-4
+    assert (cfg.tune.lr, cfg.tune.epochs) == (1e-4, 80)
+    assert (cfg.submit.threshold, cfg.submit.max_labels, cfg.submit.min_labels, cfg.submit.tta) == (0.55, 5, 2, "tencrop")
+    assert cfg.model.name == "seresnet101"
+    assert set(vars(cfg.paths)) - {"_name"} == {"original_images", "competition_data", "shards", "artifacts", "output"}
+
+
+def test_extends_and_relative_paths_resolve_against_the_defining_file():
+    cfg = load_config(REPO / "demo" / "config.yaml")
+    assert cfg.paths.shards == (REPO / "demo_run" / "shards").resolve()
+    assert cfg.data.shortest_side == 64 and cfg.data.seed == 0xDEADFACE  # changed / inherited
+
+
+def test_set_overrides_are_typed(tmp_path):
+    cfg = load_config(REPO / "config.yaml", ["train.lr=0.5", "model.name=resnet18", "paths.shards=rel"])
+    assert cfg.train.lr == 0.5 and cfg.model.name == "resnet18"
+    assert cfg.paths.shards == (Path.cwd() / "rel").resolve()
+
+
+@pytest.mark.parametrize("override, message", [
+    (["data.colour=3"], "unknown config key 'data.colour'"),
+    (["nosuch.key=3"], "unknown config key 'nosuch.key'"),
+    (["data.shortest_side=big"], "'data.shortest_side' must be a positive integer"),
+    (["data.shortest_side=-3"], "'data.shortest_side' must be a positive integer"),
+    (["train.nesterov=maybe"], "'train.nesterov' must be true or false"),
+    (["pipeline.device=tpu"], "'pipeline.device' must be one of auto, gpu, cpu"),
+    (["data.val_fraction=1.5"], "'data.val_fraction' must be a number in [0, 1)"),
+    (["novalue"], "--set expects dotted.key=value"),
+])
+def test_bad_values_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace(")", r"\)")):
+        load_config(REPO / "config.yaml", override)
+
+
+def test_unknown_and_missing_keys_in_a_file(tmp_path):
+    (tmp_path / "a.yaml").write_text(f"extends: {REPO / 'config.yaml'}\ntrain:\n  lr_warmup: 3\n")
+    with pytest.raises(ConfigError, match="unknown config key 'train.lr_warmup'"):
+        load_config(tmp_path / "a.yaml")
+    (tmp_path / "b.yaml").write_text("paths:\n  shards: x\n")
+    with pytest.raises(ConfigError, match="is missing"):
+        load_config(tmp_path / "b.yaml")
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+    (tmp_path / "c.yaml").write_text("data: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(tmp_path / "c.yaml")
+
+
+def run_cli(*args, cwd=REPO):
+    return subprocess.run([sys.executable, "-m", *args], cwd=cwd, capture_output=True, text=True, timeout=120)
+
+
+def test_command_reports_a_bad_key_in_one_line_with_exit_code_2():
+    r = run_cli("preprocessing.build_shards", "--set", "data.nope=1")
+    assert r.returncode == 2
+    assert r.stderr.strip() == "error: unknown config key 'data.nope' in --set"
+
+
+def test_command_names_a_missing_competition_file(tmp_path):
+    (tmp_path / "c.yaml").write_text(f"extends: {REPO / 'config.yaml'}\npaths:\n  competition_data: {tmp_path}\n")
+    r = run_cli("preprocessing.build_shards", "--config", str(tmp_path / "c.yaml"))
+    assert r.returncode == 2
+    assert r.stderr.strip() == f"error: competition file not found: {tmp_path / 'classes-trainable.csv'}"
+    assert not list(tmp_path.glob("*.tar"))
