@@ -71,7 +71,8 @@ def prepare_image(data: bytes, shortest_side: int, quality: int, reduced_decode:
         raise ImageProblem("truncated" if "truncated" in text else "cannot decode") from None
     target = resized_size(*im.size, shortest_side)
     if im.size != target:
-        im = im.resize(target, Image.Resampling.BICUBIC, reducing_gap=None)
+        # reducing_gap: box-reduce first, then bicubic; PIL documents 3.0 as indistinguishable from none
+        im = im.resize(target, Image.Resampling.BICUBIC, reducing_gap=3.0)
     out = io.BytesIO()
     im.save(out, format="JPEG", quality=quality, progressive=False, optimize=False)
     return out.getvalue(), False

@@ -82,14 +82,25 @@ def _line_numbers(row_indices: np.ndarray, skipped_lines: list[int]) -> list[int
     return out
 
 
+def _sorted_codes(values: pd.Series) -> tuple[np.ndarray, np.ndarray]:
+    """(codes, sorted unique values): like a sorted categorical, 4x faster on 8 M ids."""
+    codes, uniques = pd.factorize(values, sort=False)
+    uniques = np.asarray(uniques).astype(str)  # fixed-width: a C comparison sort, not Python's
+    order = np.argsort(uniques, kind="stable")
+    rank = np.empty_like(order)
+    rank[order] = np.arange(len(order))
+    return np.where(codes >= 0, rank[np.maximum(codes, 0)], -1), uniques[order]
+
+
 def read_human_labels(path: Path, vocab: Vocabulary) -> tuple[LabelTable, LabelProblems]:
     """Positives are the ``Confidence == 1`` rows whose code is in the vocabulary."""
     problems = LabelProblems()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", pd.errors.ParserWarning)
         try:
-            df = pd.read_csv(path, dtype="category", keep_default_na=False, engine="c",
-                             on_bad_lines="warn", skip_blank_lines=False)
+            df = pd.read_csv(path, dtype={"ImageID": object, "Source": "category", "LabelName": "category",
+                                          "Confidence": "category"},
+                             keep_default_na=False, engine="c", on_bad_lines="warn", skip_blank_lines=False)
         except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
             raise UserError(f"cannot parse {path}: {exc}") from None
     missing = [c for c in HUMAN_LABEL_COLUMNS if c not in df.columns]
@@ -100,65 +111,66 @@ def read_human_labels(path: Path, vocab: Vocabulary) -> tuple[LabelTable, LabelP
         for m in _SKIPPED_LINE.finditer(str(w.message)):
             skipped.append(int(m.group(1)))
             problems.malformed_rows.append((int(m.group(1)), m.group(2).strip()))
-
-    ids = df["ImageID"].cat
-    labels = df["LabelName"].cat
-    conf_text = df["Confidence"].cat
     problems.rows = len(df) + len(skipped)
 
+    id_codes, sorted_ids = _sorted_codes(df.pop("ImageID"))
+    labels = df["LabelName"].cat
+    conf_text = df["Confidence"].cat
     conf_values = pd.to_numeric(pd.Series(conf_text.categories), errors="coerce").to_numpy()
     conf = np.where(conf_text.codes >= 0, conf_values[np.maximum(conf_text.codes, 0)], np.nan)
-    id_ok_per_cat = pd.Series(ids.categories, dtype=str).str.fullmatch(PLAIN_ID.pattern).to_numpy()
 
-    def empty(cat) -> np.ndarray:  # a missing trailing field reads as NaN or as ''
-        blank = np.asarray(pd.Series(cat.categories, dtype=str).str.strip() == "")
-        return (cat.codes < 0) | blank[np.maximum(cat.codes, 0)]
+    def empty(codes: np.ndarray, categories) -> np.ndarray:  # a missing field reads as NaN or ''
+        blank = np.asarray(categories, dtype=str) == ""
+        return (codes < 0) | blank[np.maximum(codes, 0)]
 
-    incomplete = empty(ids) | empty(labels) | empty(conf_text)
-    blank_line = empty(ids) & empty(labels) & empty(conf_text) & empty(df["Source"].cat)
+    no_id = empty(id_codes, sorted_ids)
+    incomplete = no_id | empty(labels.codes, labels.categories) | empty(conf_text.codes, conf_text.categories)
+    blank_line = incomplete & no_id & empty(labels.codes, labels.categories) & empty(
+        conf_text.codes, conf_text.categories) & empty(df["Source"].cat.codes, df["Source"].cat.categories)
     bad_conf = ~incomplete & ~((conf >= 0) & (conf <= 1))
     malformed = incomplete | bad_conf
-    for line, row in zip(_line_numbers(np.flatnonzero(malformed), skipped), np.flatnonzero(malformed)):
-        reason = "empty line" if blank_line[row] else "missing fields" if incomplete[row] else f"Confidence {conf_text.categories[conf_text.codes[row]]!r} is not a number in [0, 1]"
+    rows = np.flatnonzero(malformed)
+    for line, row in zip(_line_numbers(rows, skipped), rows):
+        reason = ("empty line" if blank_line[row] else "missing fields" if incomplete[row] else
+                  f"Confidence {conf_text.categories[conf_text.codes[row]]!r} is not a number in [0, 1]")
         problems.malformed_rows.append((line, reason))
     problems.malformed_rows.sort()
 
+    n_ids = len(sorted_ids)
+    id_ok_per_id = np.fromiter((PLAIN_ID.match(i) is not None for i in sorted_ids), bool, n_ids)
     good = ~malformed
-    id_ok = np.zeros(len(df), dtype=bool)
-    id_ok[good] = id_ok_per_cat[ids.codes[good]]
-    bad_id_codes = np.unique(ids.codes[good & ~id_ok])
-    problems.bad_ids = sorted(str(ids.categories[c]) for c in bad_id_codes)
+    bad_id = np.zeros(n_ids, dtype=bool)
+    bad_id[id_codes[good]] = True
+    bad_id &= ~id_ok_per_id
+    problems.bad_ids = [str(i) for i in sorted_ids[bad_id]]
 
-    rows_ok = good & id_ok
+    rows_ok = good & id_ok_per_id[np.maximum(id_codes, 0)]
     positive = rows_ok & (conf == 1)
     problems.positive_rows = int(positive.sum())
     problems.negative_rows = int((rows_ok & (conf == 0)).sum())
 
-    code_to_class = np.array([vocab.index.get(c, -1) for c in labels.categories], dtype=np.int32)
-    cls = np.full(len(df), -1, dtype=np.int32)
+    code_to_class = np.array([vocab.index.get(c, -1) for c in labels.categories], dtype=np.int64)
+    cls = np.full(len(df), -1, dtype=np.int64)
     cls[positive] = code_to_class[labels.codes[positive]]
     unknown = positive & (cls < 0)
     problems.unknown_code_rows = int(unknown.sum())
-    problems.unknown_codes = int(len(np.unique(labels.codes[unknown])))
+    problems.unknown_codes = int(np.count_nonzero(np.bincount(labels.codes[unknown], minlength=1)))
 
-    # group (image, class) pairs; categories are renumbered in sorted id order
-    order_of_cat = np.argsort(np.asarray(ids.categories, dtype=object))
-    rank_of_cat = np.empty_like(order_of_cat)
-    rank_of_cat[order_of_cat] = np.arange(len(order_of_cat))
+    # (image, class) pairs as one int64 key: sort, drop repeats, count per image
     keep = positive & (cls >= 0)
-    pair_img = rank_of_cat[ids.codes[keep]].astype(np.int64)
-    pair_cls = cls[keep].astype(np.int64)
-    pairs = np.unique(pair_img * (len(vocab) + 1) + pair_cls)  # sorted and de-duplicated
-    pair_img, pair_cls = pairs // (len(vocab) + 1), pairs % (len(vocab) + 1)
-    img_ranks, counts = np.unique(pair_img, return_counts=True)
-    sorted_ids = np.asarray(ids.categories, dtype=object)[order_of_cat]
-    table = LabelTable(sorted_ids[img_ranks], np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
+    width = len(vocab) + 1
+    pairs = np.sort(id_codes[keep].astype(np.int64) * width + cls[keep])
+    if len(pairs):
+        pairs = pairs[np.concatenate([[True], pairs[1:] != pairs[:-1]])]
+    pair_img, pair_cls = pairs // width, pairs % width
+    counts = np.bincount(pair_img, minlength=n_ids)
+    has_label = counts > 0
+    table = LabelTable(sorted_ids[has_label].astype(object),
+                       np.concatenate([[0], np.cumsum(counts[has_label])]).astype(np.int64),
                        pair_cls.astype(np.int32))
 
-    labeled = np.zeros(len(sorted_ids), dtype=bool)
-    labeled[np.unique(rank_of_cat[ids.codes[rows_ok]])] = True
-    has_label = np.zeros(len(sorted_ids), dtype=bool)
-    has_label[img_ranks] = True
+    labeled = np.zeros(n_ids, dtype=bool)
+    labeled[id_codes[rows_ok]] = True
     problems.no_label_ids = [str(x) for x in sorted_ids[labeled & ~has_label]]
     return table, problems
 
