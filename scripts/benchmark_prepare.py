@@ -11,41 +11,14 @@ decoding, and the byte-for-byte path for an already resized set. One process, me
 from __future__ import annotations
 
 import argparse
-import io
 import statistics
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
-from PIL import Image
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from demo.photos import photo_jpegs  # noqa: E402
 from preprocessing.images import prepare_image  # noqa: E402
-
-
-def sample_photos() -> list[np.ndarray]:
-    from skimage import data
-    names = ["astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field", "retina"]
-    return [getattr(data, n)() for n in names]
-
-
-def originals(count: int, long_side: int = 1024, seed: int = 0) -> list[bytes]:
-    rng = np.random.default_rng(seed)
-    photos = sample_photos()
-    out = []
-    for k in range(count):
-        arr = photos[k % len(photos)]
-        h, w = arr.shape[:2]
-        ch, cw = int(h * rng.uniform(0.6, 1)), int(w * rng.uniform(0.6, 1))
-        y, x = rng.integers(0, h - ch + 1), rng.integers(0, w - cw + 1)
-        im = Image.fromarray(arr[y:y + ch, x:x + cw]).convert("RGB")
-        scale = long_side / max(im.size)
-        im = im.resize((round(im.width * scale), round(im.height * scale)), Image.Resampling.BICUBIC)
-        buf = io.BytesIO()
-        im.save(buf, format="JPEG", quality=90)
-        out.append(buf.getvalue())
-    return out
 
 
 def images_per_s(blobs: list[bytes], repeats: int, **kw) -> float:
@@ -63,7 +36,7 @@ def main():
     parser.add_argument("--images", type=int, default=60)
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
-    blobs = originals(args.images)
+    blobs = photo_jpegs(args.images, long_side=1024, quality=90)
     resized = [prepare_image(b, 256, 95)[0] for b in blobs]
     images_per_s(blobs[:5], 1)  # warm-up
     full = images_per_s(blobs, args.repeats, reduced_decode=False)

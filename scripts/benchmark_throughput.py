@@ -1,0 +1,196 @@
+#!/usr/bin/env python3
+"""Throughput of the DALI pipelines against the original PyTorch loader, in one run on the same shards.
+
+    python scripts/benchmark_throughput.py [--shards DIR] [--device cpu|gpu] [--batch-size 32]
+        [--threads N] [--images 2000] [--model resnet18] [--json out.json] [--plot out.png]
+
+Measures (1) the decode-only ceiling (DALI reading + decoding alone, same threads),
+(2) the DALI train pipeline through the PyTorch-facing loader, (3) the baseline
+DataLoader/PIL/torchvision loader with as many workers as threads, (4) the eval
+pipeline, and (5) training steps/s of a timm model fed by DALI and by the baseline.
+Each figure: warm-up, then the median of --repeats timed runs of --batches batches.
+Without --shards it builds realistic shards from scikit-image's sample photographs
+(256-px short side, JPEG q95) with the project's own shard builder.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+from common.config import load_config  # noqa: E402
+from common.shard_format import split_shards  # noqa: E402
+from dali_pipes.baseline import baseline_loader  # noqa: E402
+from dali_pipes.device import resolve_device  # noqa: E402
+from dali_pipes.loader import build_train_pipeline, eval_loader, output_dtype, train_loader  # noqa: E402
+from dali_pipes.pipelines import decode_only_pipeline  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def endless(loader):
+    """Batches across epoch boundaries."""
+    return itertools.chain.from_iterable(itertools.repeat(loader))
+
+
+def rate(batches, batch_size: int, n: int, repeats: int, warmup: int, step=None) -> dict:
+    """Median images/s over ``repeats`` runs of ``n`` batches, after ``warmup`` batches."""
+    def consume(k):
+        for _ in range(k):
+            batch = next(batches)
+            if step:
+                step(batch)
+            elif batch[0].is_cuda:
+                torch.cuda.synchronize()
+    consume(warmup)
+    runs = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        consume(n)
+        runs.append(n * batch_size / (time.perf_counter() - start))
+    return {"images_per_s": round(statistics.median(runs), 1), "runs": [round(r, 1) for r in runs]}
+
+
+def pipeline_rate(pipe, device, batch_size, n, repeats, warmup) -> dict:
+    """The DALI graph alone: ``pipe.run()`` with no hand-over to PyTorch."""
+    def batches():
+        while True:
+            pipe.run()
+            if device.kind == "gpu":
+                torch.cuda.synchronize()
+            yield (torch.empty(0),)
+    return rate(batches(), batch_size, n, repeats, warmup)
+
+
+def make_shards(work: Path, images: int) -> Path:
+    from demo.photos import write_photo_dataset
+    from preprocessing.build_shards import build_shards
+    layout = write_photo_dataset(work / "data", images)
+    cfg = load_config(REPO / "config.yaml", [f"paths.original_images={layout.original_images}",
+                                             f"paths.competition_data={layout.competition_data}",
+                                             f"paths.shards={work / 'shards'}", "data.shard_max_samples=250",
+                                             "data.val_fraction=0.1"])
+    build_shards(cfg, quiet=True)
+    return work / "shards"
+
+
+def training_step_fn(model_name: str, num_classes: int, device: torch.device, layout: str):
+    import timm
+    from training.losses import per_positive_softmax_loss
+    model = timm.create_model(model_name, pretrained=False, num_classes=num_classes).to(device)
+    if layout == "NHWC":
+        model = model.to(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True)
+
+    def step(batch):
+        images, targets = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
+        if layout == "NHWC" and images.shape[-1] == 3:
+            images = images.permute(0, 3, 1, 2)
+        loss = per_positive_softmax_loss(model(images.float()), targets)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    return step
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shards", type=Path, help="a shard folder made by preprocessing.build_shards")
+    parser.add_argument("--images", type=int, default=2000, help="images to generate when --shards is not given")
+    parser.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="DALI threads = baseline workers")
+    parser.add_argument("--batches", type=int, default=20, help="batches per timed run")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--model", default="resnet18", help="timm model for the training-step figures")
+    parser.add_argument("--train-batches", type=int, default=3, help="batches per timed training run")
+    parser.add_argument("--skip-training", action="store_true")
+    parser.add_argument("--config", default=str(REPO / "config.yaml"))
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--plot", type=Path)
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="iic_bench_"))
+    shards_dir = args.shards or make_shards(work, args.images)
+    cfg = load_config(args.config, [f"paths.shards={shards_dir}", f"pipeline.num_threads={args.threads}",
+                                    f"pipeline.device={args.device}", *args.overrides])
+    device = resolve_device(args.device, announce=True)
+    shards = split_shards(shards_dir, "train")
+    bs, n, rep, wu = args.batch_size, args.batches, args.repeats, args.warmup
+    print(f"{shards.samples} images in {len(shards.tars)} shards; batch {bs}, {args.threads} threads/workers")
+
+    ceiling = decode_only_pipeline(shards.tars, shards.indexes, on_gpu=device.kind == "gpu", batch_size=bs,
+                                   num_threads=args.threads, device_id=device.device_id,
+                                   prefetch_queue_depth=cfg.pipeline.prefetch_queue_depth)
+    ceiling.build()
+    results = {"decode_ceiling": pipeline_rate(ceiling, device, bs, n, rep, wu)}
+    del ceiling
+    results["dali_train_pipeline"] = pipeline_rate(build_train_pipeline(cfg, shards, 0, 1, bs, device),
+                                                   device, bs, n, rep, wu)
+    results["dali_train"] = rate(endless(train_loader(cfg, batch_size=bs, device=device, shards=shards)),
+                                 bs, n, rep, wu)
+    results["baseline"] = rate(endless(baseline_loader(cfg, batch_size=bs, num_workers=args.threads,
+                                                       shards=shards)), bs, n, rep, wu)
+    results["dali_eval"] = rate(endless(eval_loader(cfg, "train", batch_size=bs, device=device, shards=shards)),
+                                bs, n, rep, wu)
+    if not args.skip_training:
+        step = training_step_fn(args.model, shards.num_classes, device.torch_device, cfg.pipeline.layout)
+        for name, loader in (("train_steps_dali", train_loader(cfg, batch_size=bs, device=device, shards=shards)),
+                             ("train_steps_baseline", baseline_loader(cfg, batch_size=bs, num_workers=args.threads,
+                                                                      shards=shards))):
+            r = rate(endless(loader), bs, args.train_batches, rep, 2, step=step)
+            r["steps_per_s"] = round(r["images_per_s"] / bs, 3)
+            results[name] = r
+    results["ratios"] = {
+        "dali_train_vs_baseline": round(results["dali_train"]["images_per_s"] / results["baseline"]["images_per_s"], 2),
+        "dali_train_vs_decode_ceiling": round(results["dali_train"]["images_per_s"]
+                                              / results["decode_ceiling"]["images_per_s"], 3),
+        "dali_train_pipeline_vs_decode_ceiling": round(results["dali_train_pipeline"]["images_per_s"]
+                                                       / results["decode_ceiling"]["images_per_s"], 3),
+    }
+    if not args.skip_training:
+        results["ratios"]["train_steps_dali_vs_baseline"] = round(
+            results["train_steps_dali"]["images_per_s"] / results["train_steps_baseline"]["images_per_s"], 2)
+    results["setup"] = {"device": args.device, "batch_size": bs, "threads": args.threads, "images": shards.samples,
+                        "model": args.model, "dtype": output_dtype(cfg.pipeline.dtype, device), "layout": cfg.pipeline.layout,
+                        "cpu_count": os.cpu_count(),
+                        "gpu": torch.cuda.get_device_name(0) if device.kind == "gpu" else None}
+
+    print(f"\n{'measure':28s} {'images/s':>10s}  runs")
+    for key in ("decode_ceiling", "dali_train_pipeline", "dali_train", "baseline", "dali_eval", "train_steps_dali", "train_steps_baseline"):
+        if key in results:
+            r = results[key]
+            print(f"{key:28s} {r['images_per_s']:10.1f}  {r['runs']}")
+    for k, v in results["ratios"].items():
+        print(f"{k:28s} {v:10.2f}")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1) + "\n")
+    if args.plot:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        keys = [k for k in ("decode_ceiling", "dali_train", "dali_eval", "baseline") if k in results]
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        ax.bar(keys, [results[k]["images_per_s"] for k in keys], color=["grey", "tab:green", "tab:blue", "tab:red"])
+        ax.set_ylabel("images / s")
+        ax.set_title(f"{args.device}, batch {bs}, {args.threads} threads")
+        fig.tight_layout()
+        fig.savefig(args.plot, dpi=100)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Model, loss, metrics, the train/tune loop and checkpoints."""
