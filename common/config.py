@@ -50,7 +50,7 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "device": choice("auto", "gpu", "cpu"),
         "crop_size": POS_INT,
         "augmentation": choice("crop_flip", "random_resized_crop"),
-        "dtype": choice("auto", "float16", "float32"),
+        "dtype": choice("auto", "float16", "float32", "uint8"),
         "layout": choice("NCHW", "NHWC"),
         "num_threads": POS_INT,
         "prefetch_queue_depth": POS_INT,

@@ -9,21 +9,18 @@ CPU), targets as a multi-hot float matrix ``[batch, num_classes]`` on the same d
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from nvidia.dali import types
 from nvidia.dali.plugin.base_iterator import LastBatchPolicy
 from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
 from common.config import Config
 from common.shard_format import SplitShards, split_shards
 from dali_pipes.device import PipeDevice, resolve_device
-from dali_pipes.pipelines import READER, eval_pipeline, image_file_pipeline, train_pipeline
+from dali_pipes.pipelines import READER, Output, eval_pipeline, image_file_pipeline, train_pipeline
 
-DALI_DTYPES = {"float16": types.FLOAT16, "float32": types.FLOAT}
 
 
 def multi_hot(padded: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -43,18 +40,36 @@ def decode_ids(padded_json: torch.Tensor) -> list[str]:
 
 
 def output_dtype(choice: str, device: PipeDevice) -> str:
-    """``auto``: float16 on the GPU; float32 on the CPU, where DALI has no fast float16 path (1.7x slower)."""
+    """``auto``: float16 normalised in DALI on the GPU; uint8 crops on the CPU, normalised by
+    ``prepare_input`` (DALI's CPU normalisation costs as much as the decode; see docs/BENCHMARKS.md)."""
     if choice != "auto":
         return choice
-    return "float16" if device.kind == "gpu" else "float32"
+    return "float16" if device.kind == "gpu" else "uint8"
 
 
 def _pipe_args(cfg: Config, device: PipeDevice, batch_size: int, seed: int) -> dict:
     p = cfg.pipeline
+    out = Output(p.crop_size, output_dtype(p.dtype, device), p.layout, tuple(p.mean), tuple(p.std))
     return dict(batch_size=batch_size, num_threads=p.num_threads, device_id=device.device_id,
-                prefetch_queue_depth=p.prefetch_queue_depth, seed=seed,
-                on_gpu=device.kind == "gpu", crop=p.crop_size, layout=p.layout,
-                dtype=DALI_DTYPES[output_dtype(p.dtype, device)], mean=p.mean, std=p.std)
+                prefetch_queue_depth=p.prefetch_queue_depth, seed=seed, on_gpu=device.kind == "gpu", out=out)
+
+
+def prepare_input(images: torch.Tensor, cfg: Config) -> torch.Tensor:
+    """A loader's images -> the model's input: normalised float, NCHW-shaped, on the images' device.
+
+    Float batches from DALI pass through (NHWC ones become channels-last NCHW views); uint8
+    crops (``[..., H, W, C]``) are normalised here, where the model runs.
+    """
+    p = cfg.pipeline
+    if images.dtype == torch.uint8:
+        mean = torch.tensor([255 * m for m in p.mean], device=images.device)
+        scale = torch.tensor([1 / (255 * s) for s in p.std], device=images.device)
+        dtype = torch.float16 if p.dtype == "float16" else torch.float32
+        images = ((images.float() - mean) * scale).to(dtype).movedim(-1, -3)
+        return images.contiguous() if p.layout == "NCHW" else images
+    if p.layout == "NHWC":
+        return images.movedim(-1, -3)  # a channels-last view, no copy
+    return images
 
 
 def eval_resize(cfg: Config, shards: SplitShards) -> int | None:
@@ -69,11 +84,10 @@ class DaliLoader:
     num_classes: int
     samples: int  # this rank's samples per pass
     batch_size: int
-    drop_last: bool
     with_ids: bool
 
     def __len__(self) -> int:
-        return self.samples // self.batch_size if self.drop_last else math.ceil(self.samples / self.batch_size)
+        return len(self.iterator)  # DALI's count: equal on every rank, as lockstep training needs
 
     def __iter__(self):
         for batch in self.iterator:
@@ -112,7 +126,7 @@ def train_loader(cfg: Config, split: str = "train", rank: int = 0, world_size: i
     it = DALIGenericIterator(pipe, ["images", "labels"], reader_name=READER, auto_reset=True,
                              last_batch_policy=LastBatchPolicy.DROP)
     return DaliLoader(it, shards.num_classes, _rank_samples(shards.samples, rank, world_size), batch_size,
-                      drop_last=True, with_ids=False)
+                      with_ids=False)
 
 
 def eval_loader(cfg: Config, split: str = "val", rank: int = 0, world_size: int = 1,
@@ -128,7 +142,7 @@ def eval_loader(cfg: Config, split: str = "val", rank: int = 0, world_size: int 
     it = DALIGenericIterator(pipe, ["images", "labels", "meta"], reader_name=READER, auto_reset=True,
                              last_batch_policy=LastBatchPolicy.PARTIAL)
     return DaliLoader(it, shards.num_classes, _rank_samples(shards.samples, rank, world_size), batch_size,
-                      drop_last=False, with_ids=True)
+                      with_ids=True)
 
 
 class ImageFileLoader:
@@ -146,7 +160,7 @@ class ImageFileLoader:
                                             last_batch_policy=LastBatchPolicy.PARTIAL)
 
     def __len__(self) -> int:
-        return math.ceil(self.samples / self.batch_size)
+        return len(self.iterator)
 
     def __iter__(self):
         for batch in self.iterator:

@@ -1,22 +1,35 @@
 """The DALI graphs, one per purpose. Each reads top to bottom like the recipe it implements.
 
 Every graph runs on the GPU (``device="mixed"`` decoding, the rest on the device) or, with
-``device_id=None``, entirely on the CPU. Crops are taken before any float work: normalising
-a whole 256-px image and then cropping costs about 4x on the CPU.
+``device_id=None``, entirely on the CPU. Crops are taken before any per-pixel float work,
+and the train crop is decoded alone (ROI decoding). With ``dtype="uint8"`` the graphs stop
+at flipped uint8 crops (HWC) and ``dali_pipes.loader.prepare_input`` normalises them on the
+training device: on a CPU, normalising costs as much as decoding, and on a GPU it is free.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 from nvidia.dali import fn, pipeline_def, types
 
 READER = "reader"
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 # (crop_pos_x, crop_pos_y) of the four corners and the centre; tencrop adds their mirror images
 FIVE_CROPS = ((0.0, 0.0), (1.0, 0.0), (0.0, 1.0), (1.0, 1.0), (0.5, 0.5))
+DALI_TYPES = {"float16": types.FLOAT16, "float32": types.FLOAT, "uint8": types.UINT8}
 
-# nvJPEG buffers, sized for 256-px images; DALI's docs recommend preallocating to avoid regrowth
+# nvJPEG buffers sized for 256-px images, preallocated as DALI's docs advise to avoid regrowth
 GPU_DECODER_ARGS = dict(hw_decoder_load=0.65, device_memory_padding=64 << 20, host_memory_padding=64 << 20,
                         preallocate_width_hint=1024, preallocate_height_hint=1024)
+
+
+@dataclass(frozen=True)
+class Output:
+    """What a graph hands over: ``dtype`` float16/float32 (normalised) or uint8 (raw crops, HWC)."""
+    crop: int
+    dtype: str
+    layout: str  # NCHW or NHWC; uint8 output is always HWC
+    mean: tuple
+    std: tuple
 
 
 def read_shards(tars, indexes, *, with_meta: bool, shuffle: bool, initial_fill: int, shard_id: int,
@@ -33,8 +46,8 @@ def read_shards(tars, indexes, *, with_meta: bool, shuffle: bool, initial_fill: 
 def decode(jpegs, on_gpu: bool, crop: int | None = None, crop_pos_x=0.5, crop_pos_y=0.5):
     """JPEG -> HWC uint8 RGB; on the GPU with nvJPEG (and the hardware decoder where there is one).
 
-    With ``crop`` only that window is decoded (libjpeg-turbo skips the rest; nvJPEG decodes the ROI):
-    the same pixels as decoding the whole image and cropping, for less work.
+    With ``crop`` only that window is decoded (libjpeg-turbo skips the rest; nvJPEG decodes the
+    ROI): the same pixels as decoding the whole image and cropping, for less work.
     """
     args = dict(device="mixed" if on_gpu else "cpu", output_type=types.RGB, **(GPU_DECODER_ARGS if on_gpu else {}))
     if crop is None:
@@ -42,22 +55,34 @@ def decode(jpegs, on_gpu: bool, crop: int | None = None, crop_pos_x=0.5, crop_po
     return fn.decoders.image_crop(jpegs, crop=(crop, crop), crop_pos_x=crop_pos_x, crop_pos_y=crop_pos_y, **args)
 
 
-def normalize(images, crop: int | None, layout: str, dtype, mean, std, crop_pos_x=0.5, crop_pos_y=0.5, mirror=0):
-    """(Crop,) flip, then normalise only the cropped pixels, in one fused operator."""
-    window = dict(crop=(crop, crop), crop_pos_x=crop_pos_x, crop_pos_y=crop_pos_y) if crop else {}
+def finish(images, out: Output, crop: bool = True, crop_pos_x=0.5, crop_pos_y=0.5, mirror=0):
+    """(Crop,) flip and normalise the cropped pixels only, in one fused operator."""
+    window = dict(crop=(out.crop, out.crop), crop_pos_x=crop_pos_x, crop_pos_y=crop_pos_y) if crop else {}
+    if out.dtype == "uint8":
+        if window:
+            images = fn.crop(images, **window)
+        return fn.flip(images, horizontal=mirror)
     return fn.crop_mirror_normalize(
-        images, mirror=mirror, dtype=dtype, output_layout="CHW" if layout == "NCHW" else "HWC",
-        mean=[255 * m for m in mean], std=[255 * s for s in std], **window)
+        images, mirror=mirror, dtype=DALI_TYPES[out.dtype], output_layout="CHW" if out.layout == "NCHW" else "HWC",
+        mean=[255 * m for m in out.mean], std=[255 * s for s in out.std], **window)
 
 
-def tta_crops(images, tta: str, crop: int, layout: str, dtype, mean, std):
+def tta_crops(images, tta: str, out: Output):
     """none: the centre crop; flip: it and its mirror; tencrop: four corners + centre, and mirrors."""
     if tta == "none":
-        return normalize(images, crop, layout, dtype, mean, std)
+        return finish(images, out)
     positions = [(0.5, 0.5)] if tta == "flip" else FIVE_CROPS
-    crops = [normalize(images, crop, layout, dtype, mean, std, x, y, mirror)
-             for mirror in (0, 1) for x, y in positions]
-    return fn.stack(*crops)  # [views, C, H, W] per image
+    return fn.stack(*[finish(images, out, True, x, y, mirror) for mirror in (0, 1) for x, y in positions])
+
+
+def resize_and_crop(jpegs, on_gpu: bool, resize_shorter: int | None, tta: str, out: Output):
+    """Short side to ``resize_shorter`` (None: already that size), then the centre or TTA crops."""
+    if resize_shorter is None and tta == "none":
+        return finish(decode(jpegs, on_gpu, out.crop), out, crop=False)
+    images = decode(jpegs, on_gpu)
+    if resize_shorter is not None:
+        images = fn.resize(images, resize_shorter=resize_shorter, antialias=True)
+    return tta_crops(images, tta, out)
 
 
 def pad_labels(labels, on_gpu: bool):
@@ -67,8 +92,8 @@ def pad_labels(labels, on_gpu: bool):
 
 
 @pipeline_def(enable_conditionals=False)
-def train_pipeline(tars, indexes, *, on_gpu, crop, augmentation, layout, dtype, mean, std, initial_fill,
-                   shard_id=0, num_shards=1, reader_seed=0):
+def train_pipeline(tars, indexes, *, on_gpu: bool, out: Output, augmentation: str, initial_fill: int,
+                   shard_id: int = 0, num_shards: int = 1, reader_seed: int = 0):
     """The original augmentation: random 224 crop of the 256-short-side image, random flip, ImageNet norm."""
     jpegs, labels = read_shards(tars, indexes, with_meta=False, shuffle=True, initial_fill=initial_fill,
                                 shard_id=shard_id, num_shards=num_shards, seed=reader_seed)
@@ -76,46 +101,37 @@ def train_pipeline(tars, indexes, *, on_gpu, crop, augmentation, layout, dtype, 
         images = fn.decoders.image_random_crop(
             jpegs, device="mixed" if on_gpu else "cpu", output_type=types.RGB,
             random_area=(0.08, 1.0), random_aspect_ratio=(3 / 4, 4 / 3), **(GPU_DECODER_ARGS if on_gpu else {}))
-        images = fn.resize(images, size=(crop, crop), antialias=True)
+        images = fn.resize(images, size=(out.crop, out.crop), antialias=True)
     else:
-        images = decode(jpegs, on_gpu, crop, fn.random.uniform(range=(0.0, 1.0)), fn.random.uniform(range=(0.0, 1.0)))
-    images = normalize(images, None, layout, dtype, mean, std, mirror=fn.random.coin_flip(probability=0.5))
+        images = decode(jpegs, on_gpu, out.crop, fn.random.uniform(range=(0.0, 1.0)),
+                        fn.random.uniform(range=(0.0, 1.0)))
+    images = finish(images, out, crop=False, mirror=fn.random.coin_flip(probability=0.5))
     return images, pad_labels(labels, on_gpu)
 
 
-def resize_and_crop(jpegs, on_gpu, resize_shorter, tta, crop, layout, dtype, mean, std):
-    """Eval/test graph: short side to ``resize_shorter`` (None: already that size), then the TTA crops."""
-    if resize_shorter is None and tta == "none":
-        return normalize(decode(jpegs, on_gpu, crop), None, layout, dtype, mean, std)
-    images = decode(jpegs, on_gpu)
-    if resize_shorter is not None:
-        images = fn.resize(images, resize_shorter=resize_shorter, antialias=True)
-    return tta_crops(images, tta, crop, layout, dtype, mean, std)
-
-
 @pipeline_def(enable_conditionals=False)
-def eval_pipeline(tars, indexes, *, on_gpu, crop, resize_shorter, tta, layout, dtype, mean, std,
-                  shard_id=0, num_shards=1):
+def eval_pipeline(tars, indexes, *, on_gpu: bool, out: Output, resize_shorter: int | None, tta: str,
+                  shard_id: int = 0, num_shards: int = 1):
     """Every sample once, in shard order: (resize short side,) centre crop or test-time crops, normalise."""
     jpegs, labels, meta = read_shards(tars, indexes, with_meta=True, shuffle=False, initial_fill=1,
                                       shard_id=shard_id, num_shards=num_shards, seed=0)
-    images = resize_and_crop(jpegs, on_gpu, resize_shorter, tta, crop, layout, dtype, mean, std)
+    images = resize_and_crop(jpegs, on_gpu, resize_shorter, tta, out)
     return images, pad_labels(labels, on_gpu), fn.pad(meta, fill_value=0, axes=(0,))
 
 
 @pipeline_def(enable_conditionals=False)
-def image_file_pipeline(files, *, on_gpu, crop, resize_shorter, tta, layout, dtype, mean, std,
-                        shard_id=0, num_shards=1):
-    """Stage-1/2 test images: plain JPEG files, the same graph as eval; the label is the file's position."""
+def image_file_pipeline(files, *, on_gpu: bool, out: Output, resize_shorter: int, tta: str,
+                        shard_id: int = 0, num_shards: int = 1):
+    """Stage-1/2 test images: plain JPEG files, the eval graph; the label is the file's position."""
     jpegs, position = fn.readers.file(files=[str(f) for f in files], labels=list(range(len(files))),
                                       random_shuffle=False, pad_last_batch=True, shard_id=shard_id,
                                       num_shards=num_shards, name=READER)
-    return resize_and_crop(jpegs, on_gpu, resize_shorter, tta, crop, layout, dtype, mean, std), position
+    return resize_and_crop(jpegs, on_gpu, resize_shorter, tta, out), position
 
 
 @pipeline_def(enable_conditionals=False)
-def decode_only_pipeline(tars, indexes, *, on_gpu):
-    """The ceiling for every other graph: reading and decoding alone."""
+def decode_only_pipeline(tars, indexes, *, on_gpu: bool):
+    """The ceiling for every other graph: reading and decoding whole images, nothing else."""
     jpegs, _ = read_shards(tars, indexes, with_meta=False, shuffle=False, initial_fill=1, shard_id=0,
                            num_shards=1, seed=0)
     return decode(jpegs, on_gpu)

@@ -15,7 +15,7 @@ Without --shards it builds realistic shards from scikit-image's sample photograp
 from __future__ import annotations
 
 import argparse
-import itertools
+import gc
 import json
 import os
 import statistics
@@ -32,7 +32,7 @@ from common.config import load_config  # noqa: E402
 from common.shard_format import split_shards  # noqa: E402
 from dali_pipes.baseline import baseline_loader  # noqa: E402
 from dali_pipes.device import resolve_device  # noqa: E402
-from dali_pipes.loader import build_train_pipeline, eval_loader, output_dtype, train_loader  # noqa: E402
+from dali_pipes.loader import build_train_pipeline, eval_loader, output_dtype, prepare_input, train_loader  # noqa: E402
 from dali_pipes.pipelines import decode_only_pipeline  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -40,11 +40,25 @@ REPO = Path(__file__).resolve().parent.parent
 
 def endless(loader):
     """Batches across epoch boundaries."""
-    return itertools.chain.from_iterable(itertools.repeat(loader))
+    while True:
+        yield from loader
 
 
 def rate(batches, batch_size: int, n: int, repeats: int, warmup: int, step=None) -> dict:
-    """Median images/s over ``repeats`` runs of ``n`` batches, after ``warmup`` batches."""
+    """Median images/s over ``repeats`` runs of ``n`` batches, after ``warmup`` batches.
+
+    The loader is closed and collected afterwards, so that no worker or prefetching pipeline of
+    one measurement competes with the next for the same cores.
+    """
+    try:
+        return _rate(batches, batch_size, n, repeats, warmup, step)
+    finally:
+        batches.close() if hasattr(batches, "close") else None
+        del batches
+        gc.collect()
+
+
+def _rate(batches, batch_size: int, n: int, repeats: int, warmup: int, step=None) -> dict:
     def consume(k):
         for _ in range(k):
             batch = next(batches)
@@ -84,18 +98,17 @@ def make_shards(work: Path, images: int) -> Path:
     return work / "shards"
 
 
-def training_step_fn(model_name: str, num_classes: int, device: torch.device, layout: str):
+def training_step_fn(model_name: str, num_classes: int, device: torch.device, cfg):
     import timm
     from training.losses import per_positive_softmax_loss
     model = timm.create_model(model_name, pretrained=False, num_classes=num_classes).to(device)
-    if layout == "NHWC":
+    if cfg.pipeline.layout == "NHWC":
         model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True)
 
     def step(batch):
-        images, targets = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
-        if layout == "NHWC" and images.shape[-1] == 3:
-            images = images.permute(0, 3, 1, 2)
+        images = prepare_input(batch[0].to(device, non_blocking=True), cfg)  # a no-op for the baseline's floats
+        targets = batch[1].to(device, non_blocking=True)
         loss = per_positive_softmax_loss(model(images.float()), targets)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -143,12 +156,16 @@ def main():
                                                    device, bs, n, rep, wu)
     results["dali_train"] = rate(endless(train_loader(cfg, batch_size=bs, device=device, shards=shards)),
                                  bs, n, rep, wu)
+    if output_dtype(cfg.pipeline.dtype, device) != "float32":  # for comparison: normalised in DALI
+        f32 = cfg.with_overrides(["pipeline.dtype=float32"])
+        results["dali_train_float32"] = rate(endless(train_loader(f32, batch_size=bs, device=device, shards=shards)),
+                                             bs, n, rep, wu)
     results["baseline"] = rate(endless(baseline_loader(cfg, batch_size=bs, num_workers=args.threads,
                                                        shards=shards)), bs, n, rep, wu)
     results["dali_eval"] = rate(endless(eval_loader(cfg, "train", batch_size=bs, device=device, shards=shards)),
                                 bs, n, rep, wu)
     if not args.skip_training:
-        step = training_step_fn(args.model, shards.num_classes, device.torch_device, cfg.pipeline.layout)
+        step = training_step_fn(args.model, shards.num_classes, device.torch_device, cfg)
         for name, loader in (("train_steps_dali", train_loader(cfg, batch_size=bs, device=device, shards=shards)),
                              ("train_steps_baseline", baseline_loader(cfg, batch_size=bs, num_workers=args.threads,
                                                                       shards=shards))):
@@ -171,7 +188,7 @@ def main():
                         "gpu": torch.cuda.get_device_name(0) if device.kind == "gpu" else None}
 
     print(f"\n{'measure':28s} {'images/s':>10s}  runs")
-    for key in ("decode_ceiling", "dali_train_pipeline", "dali_train", "baseline", "dali_eval", "train_steps_dali", "train_steps_baseline"):
+    for key in ("decode_ceiling", "dali_train_pipeline", "dali_train", "dali_train_float32", "baseline", "dali_eval", "train_steps_dali", "train_steps_baseline"):
         if key in results:
             r = results[key]
             print(f"{key:28s} {r['images_per_s']:10.1f}  {r['runs']}")

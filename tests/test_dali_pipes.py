@@ -1,0 +1,212 @@
+import io
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+from PIL import Image
+from torchvision import transforms
+
+from common.errors import UserError
+from common.shard_format import split_shards
+from dali_pipes.baseline import baseline_loader
+from dali_pipes.device import resolve_device
+from dali_pipes.loader import ImageFileLoader, eval_loader, multi_hot, prepare_input, train_loader
+from demo.photos import photo_jpegs
+from preprocessing.images import resized_size
+
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU; this machine has none")
+
+
+def shard_samples(cfg, split):
+    """id -> (PIL image, sorted class list), read with the webdataset library."""
+    out = {}
+    for tar in split_shards(cfg.paths.shards, split).tars:
+        for s in wds.WebDataset(str(tar), shardshuffle=False, empty_check=False):
+            out[s["__key__"]] = (Image.open(io.BytesIO(s["jpg"])).convert("RGB"),
+                                 np.frombuffer(s["labels"], "<i4").tolist())
+    return out
+
+
+def rows(targets: torch.Tensor) -> list[tuple]:
+    return [tuple(np.flatnonzero(r.numpy()).tolist()) for r in targets]
+
+
+def test_multi_hot_marks_exactly_the_listed_classes():
+    padded = torch.tensor([[3, 0, -1], [2, -1, -1], [4, 1, 2]], dtype=torch.int32)
+    out = multi_hot(padded, 5)
+    assert out.shape == (3, 5)
+    assert rows(out) == [(0, 3), (2,), (1, 2, 4)]
+
+
+def test_device_choice():
+    if not torch.cuda.is_available():
+        assert resolve_device("auto").kind == "cpu"
+        with pytest.raises(UserError, match="CUDA is not available"):
+            resolve_device("gpu")
+    assert resolve_device("cpu").device_id is None
+
+
+@pytest.mark.parametrize("layout, dtype", [("NCHW", "float32"), ("NHWC", "float32"), ("NCHW", "float16"),
+                                           ("NCHW", "uint8"), ("NHWC", "uint8")])
+def test_train_batches_shapes_dtypes_and_ranges(built, layout, dtype):
+    cfg, _ = built
+    cfg = cfg.with_overrides([f"pipeline.layout={layout}", f"pipeline.dtype={dtype}"])
+    loader = train_loader(cfg, batch_size=8)
+    images, targets = next(iter(loader))
+    c = cfg.pipeline.crop_size
+    assert images.shape == ((8, 3, c, c) if layout == "NCHW" and dtype != "uint8" else (8, c, c, 3))
+    assert images.dtype == getattr(torch, dtype) and images.device.type == "cpu"
+    images = prepare_input(images, cfg)
+    assert images.shape == (8, 3, c, c) and images.is_floating_point()
+    assert images.is_contiguous(memory_format=torch.contiguous_format if layout == "NCHW" else torch.channels_last)
+    mean, std = np.array(cfg.pipeline.mean), np.array(cfg.pipeline.std)
+    lo, hi = (-mean / std).min(), ((1 - mean) / std).max()
+    assert lo - 0.01 <= images.float().min() and images.float().max() <= hi + 0.01
+    assert images.float().std() > 0.3  # real pixels, not a constant
+    assert targets.shape == (8, 22) and targets.dtype == torch.float32
+    assert set(targets.unique().tolist()) <= {0.0, 1.0} and (targets.sum(1) >= 1).all()
+
+
+def test_eval_covers_every_sample_once_with_its_labels(built):
+    cfg, manifest = built
+    truth = shard_samples(cfg, "train")
+    seen = Counter()
+    loader = eval_loader(cfg, "train", batch_size=5)
+    for images, targets, ids in loader:
+        assert prepare_input(images, cfg).shape[1:] == (3, 56, 56) and len(ids) == len(images) <= 5
+        for image_id, row in zip(ids, rows(targets)):
+            seen[image_id] += 1
+            assert list(row) == truth[image_id][1]
+    assert seen == Counter(dict.fromkeys(truth, 1))
+    assert len(loader) == -(-len(truth) // 5)
+
+
+def centre_crop_reference(cfg, image: Image.Image) -> torch.Tensor:
+    """PIL + torchvision: resize short side, normalise, then a centre crop placed as DALI places it.
+
+    DALI (like the shard builder) rounds the resized long side where torchvision's Resize
+    truncates it, and DALI rounds the centre window's corner half up where CenterCrop rounds
+    half to even: either would shift the window by a pixel, so the reference follows DALI.
+    """
+    p = cfg.pipeline
+    image = image.resize(resized_size(*image.size, cfg.data.shortest_side), Image.Resampling.BILINEAR)
+    full = transforms.Compose([transforms.ToTensor(), transforms.Normalize(p.mean, p.std)])(image)
+    c = p.crop_size
+    y0, x0 = (int(np.floor((n - c) / 2 + 0.5)) for n in full.shape[1:])
+    return full[:, y0:y0 + c, x0:x0 + c]
+
+
+def test_eval_pixels_match_the_torchvision_reference(built):
+    """DALI's decode + centre crop against PIL + torchvision on the same images.
+
+    Tolerance: mean absolute difference below 0.005 and maximum below 0.05 in normalised
+    units (0.3 and 3 of 255): both decode with libjpeg-turbo, so only float rounding differs.
+    """
+    cfg, _ = built
+    truth = shard_samples(cfg, "val")
+    for images, _, ids in eval_loader(cfg, "val", batch_size=4):
+        for image, image_id in zip(prepare_input(images, cfg), ids):
+            diff = (image - centre_crop_reference(cfg, truth[image_id][0])).abs()
+            assert diff.mean() < 0.005 and diff.max() < 0.05, image_id
+
+
+@pytest.mark.parametrize("tta", ["none", "tencrop"])
+def test_uint8_crops_normalised_by_the_consumer_equal_dali_normalisation(built, tta):
+    cfg, _ = built
+    as_u8 = next(iter(eval_loader(cfg.with_overrides(["pipeline.dtype=uint8"]), "val", batch_size=4, tta=tta)))[0]
+    as_f32 = next(iter(eval_loader(cfg.with_overrides(["pipeline.dtype=float32"]), "val", batch_size=4, tta=tta)))[0]
+    assert as_u8.dtype == torch.uint8 and as_f32.dtype == torch.float32
+    assert torch.allclose(prepare_input(as_u8, cfg), as_f32, atol=1e-5)
+
+
+def test_tencrop_views_are_corners_centre_and_their_mirrors(built):
+    cfg, _ = built
+    images, _, ids = next(iter(eval_loader(cfg, "val", batch_size=3, tta="tencrop")))
+    images = prepare_input(images, cfg)
+    assert images.shape == (3, 10, 3, 56, 56)
+    centre = prepare_input(next(iter(eval_loader(cfg, "val", batch_size=3)))[0], cfg)
+    assert torch.allclose(images[:, 4], centre)  # view 4 is the centre crop
+    assert torch.allclose(images[:, 5:], images[:, :5].flip(-1))  # views 5..9 mirror views 0..4
+    assert not torch.allclose(images[:, 0], images[:, 3])  # corners differ
+    flip = prepare_input(next(iter(eval_loader(cfg, "val", batch_size=3, tta="flip")))[0], cfg)
+    assert flip.shape == (3, 2, 3, 56, 56) and torch.allclose(flip[:, 1], flip[:, 0].flip(-1))
+
+
+def test_ranks_read_disjoint_parts_that_cover_the_split(built):
+    cfg, _ = built
+    parts = []
+    for rank in range(2):
+        parts.append([i for _, _, ids in eval_loader(cfg, "train", rank, 2, batch_size=4) for i in ids])
+    assert set(parts[0]).isdisjoint(parts[1])
+    assert sorted(parts[0] + parts[1]) == sorted(shard_samples(cfg, "train"))
+    # training ranks must step in lockstep: each yields the same number of batches, so an odd
+    # sample out (at most world_size - 1 per pass) waits for the next pass
+    train_parts = [Counter(r for _, t in train_loader(cfg, "train", rank, 2, batch_size=1) for r in rows(t))
+                   for rank in range(2)]
+    truth = Counter(tuple(v[1]) for v in shard_samples(cfg, "train").values())
+    assert sum(train_parts[0].values()) == sum(train_parts[1].values()) == len(train_loader(cfg, "train", 0, 2, 1))
+    assert train_parts[0] + train_parts[1] <= truth
+    assert sum((train_parts[0] + train_parts[1]).values()) >= sum(truth.values()) - 1
+
+
+def test_train_epochs_reshuffle_and_the_seed_repeats_them(built):
+    cfg, _ = built
+    loader = train_loader(cfg, batch_size=1)
+    epoch1 = [r for _, t in loader for r in rows(t)]
+    epoch2 = [r for _, t in loader for r in rows(t)]
+    truth = Counter(tuple(v[1]) for v in shard_samples(cfg, "train").values())
+    assert Counter(epoch1) == Counter(epoch2) == truth  # batch 1: a whole pass, nothing dropped
+    assert epoch1 != epoch2
+    again = train_loader(cfg, batch_size=1)
+    assert [r for _, t in again for r in rows(t)] == epoch1
+    other = train_loader(cfg.with_overrides(["data.seed=7"]), batch_size=1)
+    assert [r for _, t in other for r in rows(t)] != epoch1
+
+
+def test_train_drops_only_the_last_partial_batch(built):
+    cfg, manifest = built
+    loader = train_loader(cfg, batch_size=8)
+    sizes = [len(t) for _, t in loader]
+    assert sizes == [8] * (manifest["splits"]["train"]["samples"] // 8) and len(loader) == len(sizes)
+
+
+def test_image_file_loader_resizes_and_keeps_positions(built, tmp_path):
+    """Test images of any size: resized in the pipeline. Tolerance: mean absolute difference below
+    0.03 in normalised units (2 of 255): DALI's and PIL's antialiased linear filters differ slightly."""
+    cfg, _ = built
+    files = []
+    for k, jpeg in enumerate(photo_jpegs(11, short_side=100, seed=3)):
+        files.append(tmp_path / f"{k:024x}.jpg")
+        files[-1].write_bytes(jpeg)
+    seen = []
+    for images, positions in ImageFileLoader(cfg, files, batch_size=4):
+        images = prepare_input(images, cfg)
+        assert images.shape[1:] == (3, 56, 56)
+        for image, pos in zip(images, positions.tolist()):
+            seen.append(pos)
+            diff = (image - centre_crop_reference(cfg, Image.open(files[pos]).convert("RGB"))).abs()
+            assert diff.mean() < 0.03, files[pos].name
+    assert sorted(seen) == list(range(len(files)))
+
+
+def test_baseline_loader_yields_the_same_kind_of_batches(built):
+    cfg, manifest = built
+    n = 0
+    for images, targets in baseline_loader(cfg, "val", train=False, batch_size=4, num_workers=0):
+        assert images.shape[1:] == (3, 56, 56) and targets.shape[1] == 22
+        n += len(images)
+    assert n == manifest["splits"]["val"]["samples"]
+
+
+@needs_gpu
+def test_gpu_pipelines_deliver_on_the_device_and_match_the_cpu(built):
+    cfg, _ = built
+    gpu, cpu = resolve_device("gpu"), resolve_device("cpu")
+    images, targets = next(iter(train_loader(cfg, batch_size=8, device=gpu)))
+    assert images.is_cuda and targets.is_cuda and images.dtype == torch.float16
+    g = next(iter(eval_loader(cfg, "val", batch_size=4, device=gpu)))
+    c = next(iter(eval_loader(cfg, "val", batch_size=4, device=cpu)))
+    assert g[2] == c[2]
+    assert (g[0].float().cpu() - c[0]).abs().mean() < 0.03
