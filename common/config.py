@@ -92,6 +92,11 @@ def _check(key: str, spec: Any, value: Any, base: Path) -> Any:
     def bad(expected: str):
         return ConfigError(f"config key '{key}' must be {expected}, got {value!r}")
 
+    if spec in (FLOAT, FRACTION) and isinstance(value, str):
+        try:  # YAML 1.1 reads 1e-4 (no dot) as a string
+            value = float(value)
+        except ValueError:
+            pass
     is_int = isinstance(value, int) and not isinstance(value, bool)
     is_num = is_int or isinstance(value, float)
     if isinstance(spec, tuple):

@@ -17,6 +17,7 @@ from nvidia.dali.plugin.base_iterator import LastBatchPolicy
 from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
 from common.config import Config
+from common.errors import UserError
 from common.shard_format import SplitShards, split_shards
 from dali_pipes.device import PipeDevice, resolve_device
 from dali_pipes.pipelines import READER, Output, eval_pipeline, image_file_pipeline, train_pipeline
@@ -105,9 +106,13 @@ def _rank_samples(total: int, rank: int, world_size: int) -> int:
 
 
 def build_train_pipeline(cfg: Config, shards: SplitShards, rank: int, world_size: int, batch_size: int,
-                         device: PipeDevice):
-    """The built train graph; each rank shuffles with its own seed derived from ``data.seed``."""
-    seed = (cfg.data.seed + rank) & 0x7FFFFFFF
+                         device: PipeDevice, epoch: int = 0):
+    """The built train graph; each rank and epoch shuffles with its own seed derived from ``data.seed``.
+
+    Seeding by epoch makes a pass's order independent of the passes before it in this process,
+    so a resumed training run sees exactly the data of an uninterrupted one.
+    """
+    seed = (cfg.data.seed + 1_000_003 * epoch + 7919 * rank) & 0x7FFFFFFF
     pipe = train_pipeline(shards.tars, shards.indexes, augmentation=cfg.pipeline.augmentation,
                           initial_fill=cfg.pipeline.shuffle_buffer, shard_id=rank, num_shards=world_size,
                           reader_seed=seed, **_pipe_args(cfg, device, batch_size, seed))
@@ -117,12 +122,15 @@ def build_train_pipeline(cfg: Config, shards: SplitShards, rank: int, world_size
 
 def train_loader(cfg: Config, split: str = "train", rank: int = 0, world_size: int = 1,
                  batch_size: int | None = None, device: PipeDevice | None = None,
-                 shards: SplitShards | None = None) -> DaliLoader:
-    """Shuffled, augmented batches; a fresh order every pass, the same orders for the same seed."""
+                 shards: SplitShards | None = None, epoch: int = 0) -> DaliLoader:
+    """Shuffled, augmented batches; a fresh order every pass, the same orders for the same seed and epoch."""
     shards = shards or split_shards(cfg.paths.shards, split)
     device = device or resolve_device(cfg.pipeline.device)
     batch_size = batch_size or cfg.train.batch_size
-    pipe = build_train_pipeline(cfg, shards, rank, world_size, batch_size, device)
+    if _rank_samples(shards.samples, rank, world_size) < batch_size:
+        raise UserError(f"the '{split}' data has {shards.samples} images for {world_size} process(es), fewer than "
+                        f"one batch of {batch_size} each; lower train.batch_size")
+    pipe = build_train_pipeline(cfg, shards, rank, world_size, batch_size, device, epoch)
     it = DALIGenericIterator(pipe, ["images", "labels"], reader_name=READER, auto_reset=True,
                              last_batch_policy=LastBatchPolicy.DROP)
     return DaliLoader(it, shards.num_classes, _rank_samples(shards.samples, rank, world_size), batch_size,

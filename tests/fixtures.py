@@ -61,7 +61,7 @@ def special_images(rng) -> dict[str, tuple[bytes | None, str | None]]:
     }
 
 
-def make_kaggle_fixture(root: Path, n_train: int = 40, n_stage: int = 16, n_tune: int = 12, seed: int = 1):
+def make_kaggle_fixture(root: Path, n_train: int = 40, n_stage: int = 24, n_tune: int = 20, seed: int = 1):
     """Demo data plus every bad case the shard builder must handle. Returns (layout, expected)."""
     layout = generate_demo_data(root, n_train=n_train, n_stage1=n_stage, n_stage2=n_stage, n_tune=n_tune,
                                 seed=seed)

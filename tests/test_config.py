@@ -28,8 +28,8 @@ def test_extends_and_relative_paths_resolve_against_the_defining_file():
 
 
 def test_set_overrides_are_typed(tmp_path):
-    cfg = load_config(REPO / "config.yaml", ["train.lr=0.5", "model.name=resnet18", "paths.shards=rel"])
-    assert cfg.train.lr == 0.5 and cfg.model.name == "resnet18"
+    cfg = load_config(REPO / "config.yaml", ["train.lr=1e-3", "model.name=resnet18", "paths.shards=rel"])
+    assert cfg.train.lr == 1e-3 and cfg.model.name == "resnet18"
     assert cfg.paths.shards == (Path.cwd() / "rel").resolve()
 
 

@@ -1,0 +1,116 @@
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import fbeta_score
+
+from training.decision import DecisionRule, choose_rule
+from training.losses import bce_loss, per_positive_softmax_loss
+from training.metrics import f2_per_image, global_average_precision, mean_f2, topk_rescore
+
+
+def literal_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The definition, one image and one positive at a time (as the original's Python loop)."""
+    total, count = logits.new_zeros(()), 0
+    for z, y in zip(logits, targets):
+        negatives = z[y == 0]
+        for p in torch.nonzero(y).flatten():
+            total = total - z[p] + torch.logsumexp(torch.cat([z[p:p + 1], negatives]), 0)
+            count += 1
+    return total / count
+
+
+def random_case(seed, n=6, c=30):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(n, c, generator=g, dtype=torch.float64) * 3
+    targets = (torch.rand(n, c, generator=g) < 0.15).double()
+    targets[targets.sum(1) == 0, 0] = 1
+    return logits, targets
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_per_positive_softmax_loss_equals_the_literal_definition(seed):
+    logits, targets = random_case(seed)
+    a = logits.clone().float().requires_grad_()
+    b = logits.clone().requires_grad_()
+    fast, slow = per_positive_softmax_loss(a, targets), literal_loss(b, targets)
+    assert abs(fast.item() - slow.item()) < 1e-5
+    fast.backward()
+    slow.backward()
+    assert torch.allclose(a.grad.double(), b.grad, atol=1e-6)
+
+
+def test_loss_stays_finite_when_every_class_is_positive():
+    logits = torch.randn(2, 4, requires_grad=True)
+    loss = per_positive_softmax_loss(logits, torch.ones(2, 4))
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(logits.grad).all()
+
+
+def test_bce_matches_torch():
+    logits, targets = random_case(1)
+    expected = torch.nn.functional.binary_cross_entropy_with_logits(logits.float(), targets.float())
+    assert torch.allclose(bce_loss(logits, targets), expected)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_rescoring_equals_the_literal_softmax(seed):
+    logits, _ = random_case(seed, c=40)
+    k = 7
+    indices, scores = topk_rescore(logits, k)
+    for z, idx, sc in zip(logits, indices, scores):
+        ranked = z.sort(descending=True).values
+        assert torch.equal(z[idx], ranked[:k])
+        for i in range(k):
+            group = torch.cat([ranked[i:i + 1], ranked[k:]])
+            assert abs(torch.softmax(group, 0)[0].item() - sc[i].item()) < 1e-6
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_mean_f2_equals_scikit_learn(seed):
+    rng = np.random.default_rng(seed)
+    truth = (rng.random((50, 12)) < 0.2).astype(int)
+    pred = (rng.random((50, 12)) < 0.25).astype(int)
+    to_lists = lambda m: [list(np.flatnonzero(r)) for r in m]  # noqa: E731
+    expected = fbeta_score(truth, pred, beta=2, average="samples", zero_division=0)
+    assert abs(mean_f2(to_lists(pred), to_lists(truth)) - expected) < 1e-12
+    assert f2_per_image([[]], [[1]])[0] == 0.0  # no prediction scores 0
+
+
+def test_gap_against_a_literal_implementation():
+    rng = np.random.default_rng(0)
+    n, c, k = 20, 15, 5
+    scores_full = rng.random((n, c))
+    truth = [list(rng.choice(c, rng.integers(1, 4), replace=False)) for _ in range(n)]
+    idx = np.argsort(-scores_full, 1)[:, :k]
+    sc = np.take_along_axis(scores_full, idx, 1)
+    pooled = sorted(((sc[i, j], idx[i, j] in truth[i]) for i in range(n) for j in range(k)), key=lambda x: -x[0])
+    hits_so_far, ap = 0, 0.0
+    for rank, (_, rel) in enumerate(pooled, 1):
+        if rel:
+            hits_so_far += 1
+            ap += hits_so_far / rank
+    expected = ap / sum(len(t) for t in truth)
+    assert abs(global_average_precision(idx, sc, truth) - expected) < 1e-12
+
+
+def test_decision_rule_threshold_max_min_and_per_class():
+    indices = np.array([[3, 1, 4, 0, 2, 5], [2, 0, 1, 3, 4, 5], [5, 4, 3, 2, 1, 0]])
+    scores = np.array([[0.9, 0.8, 0.7, 0.6, 0.56, 0.1], [0.3, 0.2, 0.1, 0.05, 0.01, 0.0], [0.6, 0.5, 0.4, 0.3, 0.2, 0.1]])
+    rule = DecisionRule(threshold=0.55, min_labels=2, max_labels=4)
+    assert rule.apply(indices, scores) == [[3, 1, 4, 0], [2, 0], [5, 4]]  # max 4; min 2 by taking the top ones
+    rule.class_thresholds = {4: 0.45, 3: 0.95}
+    assert rule.apply(indices, scores) == [[1, 4, 0, 2], [2, 0], [5, 4]]
+    assert DecisionRule.from_dict(rule.to_dict()) == rule
+
+
+def test_choose_rule_finds_a_rule_at_least_as_good_as_the_original():
+    rng = np.random.default_rng(3)
+    n, c, k = 120, 10, 6
+    truth = [list(rng.choice(c, rng.integers(1, 3), replace=False)) for _ in range(n)]
+    logits = rng.normal(size=(n, c))
+    for i, t in enumerate(truth):
+        logits[i, t] += 2.0
+    idx, sc = (x.numpy() for x in topk_rescore(torch.tensor(logits), k))
+    rule, f2 = choose_rule(idx, sc, truth, min_class_examples=5)
+    original = mean_f2(DecisionRule().apply(idx, sc), truth)
+    assert f2 >= original and abs(f2 - mean_f2(rule.apply(idx, sc), truth)) < 1e-12

@@ -1,0 +1,137 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from common.config import load_config
+from common.errors import UserError
+from training.checkpoint import load_checkpoint
+from training.train import TrainingDiverged, train
+from tests.fixtures import REPO, write_config
+
+# small and quick: resnet18 on 56-px crops, a few steps per epoch
+FAST = """train:
+  epochs: 3
+  batch_size: 8
+  log_every: 1
+tune:
+  epochs: 2
+  holdout_fraction: 0.4
+"""
+
+
+def run_module(args, env_extra=None, timeout=600):
+    env = {**os.environ, **(env_extra or {})}
+    return subprocess.run([sys.executable, "-m", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+@pytest.fixture(scope="module")
+def trained(built, kaggle, tmp_path_factory):
+    """A clean 3-epoch train run in its own process, then a 2-epoch tune run."""
+    cfg, _ = built
+    root = tmp_path_factory.mktemp("trained")
+    cfg_path = write_config(root / "c.yaml", kaggle[0], cfg.paths.shards, FAST, artifacts=root / "artifacts")
+    for stage in ("train", "tune"):
+        r = run_module(["training.train", "--config", str(cfg_path), "--stage", stage])
+        assert r.returncode == 0, r.stderr[-3000:]
+    return cfg_path, root / "artifacts"
+
+
+def records(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_a_short_run_lowers_the_loss_and_writes_every_artefact(trained):
+    _, artifacts = trained
+    out = artifacts / "train"
+    assert (out / "checkpoints" / "last.pt").is_file() and (out / "checkpoints" / "best.pt").is_file()
+    assert list((out / "tb").glob("events.out.tfevents.*"))
+    rows = records(out / "metrics.jsonl")
+    steps = [r["loss"] for r in rows if "val_gap" not in r]
+    epochs = [r for r in rows if "val_gap" in r]
+    assert [r["epoch"] for r in epochs] == [1, 2, 3]
+    assert sum(steps[-5:]) / 5 < sum(steps[:5]) / 5
+    for key in ("lr", "images_per_s", "data_wait_share", "val_gap", "val_f2", "val_threshold"):
+        assert key in epochs[-1]
+    assert 0 <= epochs[-1]["data_wait_share"] < 1
+    state = load_checkpoint(out / "checkpoints" / "last.pt")
+    assert state["epoch"] == 3 and state["model_name"] == "resnet18" and len(state["classes"]) == 22
+
+
+def test_tune_stage_saves_its_decision_rule(trained):
+    _, artifacts = trained
+    best = load_checkpoint(artifacts / "tune" / "checkpoints" / "best.pt")
+    rule = best["decision_rule"]
+    assert 0 < rule["threshold"] < 1 and 1 <= rule["min_labels"] <= rule["max_labels"]
+    rows = [r for r in records(artifacts / "tune" / "metrics.jsonl") if "val_f2_rule" in r]
+    assert len(rows) == 2 and all(r["val_images"] >= 4 for r in rows)
+    assert best["metric"] == max(r["val_f2_rule"] for r in rows)
+
+
+def test_a_killed_run_resumes_to_the_weights_of_a_clean_run(trained, tmp_path):
+    cfg_path, artifacts = trained
+    cfg = load_config(cfg_path)
+    killed_cfg = write_config(tmp_path / "c.yaml", type("L", (), {"original_images": cfg.paths.original_images,
+                                                                   "competition_data": cfg.paths.competition_data}),
+                              cfg.paths.shards, FAST, artifacts=tmp_path / "artifacts")
+    last = tmp_path / "artifacts" / "train" / "checkpoints" / "last.pt"
+    cmd = [sys.executable, "-m", "training.train", "--config", str(killed_cfg), "--stage", "train"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while not last.exists() and proc.poll() is None:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert load_checkpoint(last)["epoch"] < 3
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and "resuming train" in r.stdout, r.stderr[-2000:]
+    resumed = load_checkpoint(last)["model"]
+    clean = load_checkpoint(artifacts / "train" / "checkpoints" / "last.pt")["model"]
+    assert resumed.keys() == clean.keys()
+    for k in clean:
+        assert torch.allclose(resumed[k].double(), clean[k].double(), atol=1e-5), k
+
+
+def test_two_processes_on_the_cpu_keep_identical_weights(built, kaggle, tmp_path):
+    cfg, manifest = built
+    cfg_path = write_config(tmp_path / "c.yaml", kaggle[0], cfg.paths.shards, FAST.replace("epochs: 3", "epochs: 2"),
+                            artifacts=tmp_path / "artifacts")
+    r = subprocess.run(["bash", "scripts/train.sh", "--nproc-per-node", "2", "--", "--config", str(cfg_path),
+                        "--stage", "train"], cwd=REPO, capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    epochs = [x for x in records(tmp_path / "artifacts" / "train" / "metrics.jsonl") if "val_gap" in x]
+    assert len(epochs) == 2
+    for e in epochs:
+        a, b = e["rank_param_checksums"]
+        assert a == b  # DDP keeps every rank's weights identical
+        assert e["samples_per_rank"][0] == e["samples_per_rank"][1] > 0
+        assert sum(e["samples_per_rank"]) <= manifest["splits"]["train"]["samples"]
+        assert e["val_images"] == manifest["splits"]["val"]["samples"]  # validation gathered from both ranks
+
+
+def test_a_damaged_checkpoint_is_a_clear_error(trained, tmp_path):
+    cfg_path, artifacts = trained
+    damaged = tmp_path / "damaged.pt"
+    damaged.write_bytes((artifacts / "train" / "checkpoints" / "best.pt").read_bytes()[:5000])
+    with pytest.raises(UserError, match="damaged or not a checkpoint"):
+        load_checkpoint(damaged)
+    r = run_module(["training.train", "--config", str(cfg_path), "--stage", "tune", "--init", str(damaged),
+                    "--set", f"paths.artifacts={tmp_path / 'a'}"])
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines()[-1].startswith(f"error: checkpoint {damaged} is damaged")
+
+
+def test_a_diverging_loss_stops_with_a_clear_message(built, kaggle, tmp_path):
+    cfg, _ = built
+    cfg_path = write_config(tmp_path / "c.yaml", kaggle[0], cfg.paths.shards, FAST, artifacts=tmp_path / "a")
+    with pytest.raises(TrainingDiverged, match=r"the loss is (nan|inf) at epoch 1, step \d+"):
+        train(load_config(cfg_path, ["train.lr=1e12", "train.epochs=1"]), "train", quiet=True)
+    assert not (tmp_path / "a" / "train" / "checkpoints" / "last.pt").exists()

@@ -1,0 +1,52 @@
+"""Checkpoints: written atomically, read with ``weights_only=True`` (a checkpoint never runs code)."""
+from __future__ import annotations
+
+import pickle
+import random
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from common.atomic import atomic_write
+from common.errors import UserError
+
+
+def rng_state() -> dict:
+    """Every random generator a training step touches, as plain tensors and lists."""
+    np_state = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
+             "python_version": random.getstate()[0], "python_gauss": random.getstate()[2],
+             "numpy": torch.from_numpy(np_state[1].astype(np.int64)), "numpy_pos": int(np_state[2])}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate((state["python_version"], tuple(state["python"]), state["python_gauss"]))
+    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"], 0, 0.0))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(path: Path, payload: dict) -> None:
+    with atomic_write(path, "wb") as f:
+        torch.save(payload, f)
+
+
+def load_checkpoint(path: Path, map_location="cpu") -> dict:
+    """Load with ``weights_only=True``; anything wrong is one clear UserError naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint not found: {path}")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, OSError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"checkpoint {path} is damaged or not a checkpoint of this project ({first})") from None
+    if not isinstance(payload, dict) or "model" not in payload:
+        raise UserError(f"checkpoint {path} holds no model weights")
+    return payload

@@ -1,0 +1,64 @@
+"""Process-group setup for torchrun (NCCL on GPUs, gloo on CPUs) and the few collectives training needs."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.world_size > 1
+
+
+def setup(on_gpu: bool) -> Dist:
+    """Join the process group torchrun describes in the environment; a plain run is rank 0 of 1."""
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    if world_size == 1:
+        return Dist()
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if on_gpu:
+        torch.cuda.set_device(local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if on_gpu else "gloo")
+    return Dist(dist.get_rank(), world_size, local_rank)
+
+
+def gather_objects(d: Dist, obj) -> list:
+    """Every rank's ``obj``, in rank order (a list of one without a process group)."""
+    if not d.active:
+        return [obj]
+    out = [None] * d.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def any_rank(d: Dist, flag: bool, device: torch.device) -> bool:
+    """True when ``flag`` is true on any rank (so all ranks stop together)."""
+    if not d.active:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t)
+    return bool(t.item() > 0)
+
+
+def barrier(d: Dist) -> None:
+    if d.active:
+        dist.barrier()
+
+
+def teardown(d: Dist) -> None:
+    if d.active and dist.is_initialized():
+        dist.destroy_process_group()

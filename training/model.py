@@ -1,0 +1,15 @@
+"""The classifier: any timm model (SE-ResNet101 by default), random init, one logit per class."""
+from __future__ import annotations
+
+import timm
+import torch
+
+from common.errors import UserError
+
+
+def create_model(name: str, num_classes: int, channels_last: bool = False) -> torch.nn.Module:
+    """No pre-trained weights: the competition allowed none."""
+    if name not in timm.list_models():
+        raise UserError(f"model.name {name!r} is not a timm model (see timm.list_models())")
+    model = timm.create_model(name, pretrained=False, num_classes=num_classes)
+    return model.to(memory_format=torch.channels_last) if channels_last else model
