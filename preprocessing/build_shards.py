@@ -203,6 +203,14 @@ def build_split(cfg: Config, plan: Plan, split: SplitPlan, state: BuildState, po
         writer.abandon()
 
 
+def class_counts(split: SplitPlan, num_classes: int) -> list[int]:
+    """Positive labels per class over a split's images (the fallback labels at inference come from these)."""
+    in_split = np.zeros(len(split.table), dtype=bool)
+    in_split[split.order] = True
+    per_pair = np.repeat(in_split, np.diff(split.table.offsets))
+    return np.bincount(split.table.classes[per_pair], minlength=num_classes).tolist()
+
+
 def write_reports(cfg: Config, plan: Plan, state: BuildState, seconds: float) -> dict:
     out = cfg.paths.shards
     rows = sorted(plan.pre_skipped) + sorted(tuple(r) for r in state.skipped)
@@ -226,6 +234,7 @@ def write_reports(cfg: Config, plan: Plan, state: BuildState, seconds: float) ->
         "skipped": dict(sorted(Counter(r[2] for r in rows).items())),
         "images": {k: state.counts.get(k, 0) for k in ("packed_as_is", "reencoded")},
         "labels": {k: v.summary() for k, v in plan.label_reports.items()},
+        "class_counts": {"train": class_counts(plan.splits[0], len(plan.vocab))},
         "build_seconds": round(seconds, 1),
     }
     atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=1) + "\n")

@@ -5,6 +5,7 @@ worker ran them.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 import warnings
@@ -45,30 +46,48 @@ def resized_size(width: int, height: int, shortest_side: int) -> tuple[int, int]
     return max(1, round(width * shortest_side / height)), shortest_side
 
 
+@contextlib.contextmanager
+def decoding():
+    """Turn whatever a decoder raises into an ImageProblem with a short reason."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # PIL warns on odd EXIF; the pixels are what counts
+            yield
+    except UnidentifiedImageError:
+        raise ImageProblem("not an image") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise ImageProblem("truncated" if "truncated" in str(exc).lower() else "cannot decode") from None
+
+
+def verify_image(data: bytes) -> None:
+    """Raise ImageProblem unless ``data`` decodes completely. A JPEG is decoded at 1/8 scale: the whole
+    compressed stream is still read and checked, at a fraction of the cost."""
+    if not data:
+        raise ImageProblem("zero-byte file")
+    with decoding():
+        im = Image.open(io.BytesIO(data))
+        if im.format == "JPEG":
+            im.draft("RGB", (max(1, im.width // 8), max(1, im.height // 8)))
+        im.load()
+
+
 def prepare_image(data: bytes, shortest_side: int, quality: int, reduced_decode: bool = True) -> tuple[bytes, bool]:
     """Return (jpeg_bytes, packed_as_is). Raises ImageProblem with the skip reason."""
     if not data:
         raise ImageProblem("zero-byte file")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # PIL warns on odd EXIF; the image itself is what counts
-            im = Image.open(io.BytesIO(data))
-            if _is_packable_as_is(im, shortest_side):
-                im.load()  # must decode completely: DALI cannot skip a bad sample later
-                return data, True
-            if reduced_decode and im.format == "JPEG":
-                w, h = im.size
-                scale = shortest_side / min(w, h)
-                # libjpeg decodes at 1/2, 1/4 or 1/8 scale while staying at least this large
-                im.draft("RGB", (math.ceil(w * scale), math.ceil(h * scale)))
-            im.load()
-            im = ImageOps.exif_transpose(im)
-            im = _to_rgb(im)
-    except UnidentifiedImageError:
-        raise ImageProblem("not an image") from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        text = str(exc).lower()
-        raise ImageProblem("truncated" if "truncated" in text else "cannot decode") from None
+    with decoding():
+        im = Image.open(io.BytesIO(data))
+        if _is_packable_as_is(im, shortest_side):
+            im.load()  # must decode completely: DALI cannot skip a bad sample later
+            return data, True
+        if reduced_decode and im.format == "JPEG":
+            w, h = im.size
+            scale = shortest_side / min(w, h)
+            # libjpeg decodes at 1/2, 1/4 or 1/8 scale while staying at least this large
+            im.draft("RGB", (math.ceil(w * scale), math.ceil(h * scale)))
+        im.load()
+        im = ImageOps.exif_transpose(im)
+        im = _to_rgb(im)
     target = resized_size(*im.size, shortest_side)
     if im.size != target:
         # reducing_gap: box-reduce first, then bicubic; PIL documents 3.0 as indistinguishable from none

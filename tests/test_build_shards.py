@@ -94,6 +94,11 @@ def test_splits_limits_and_manifest(built):
     assert sum(s["samples"] for s in manifest["shards"]) == n_train_family + manifest["splits"]["tune"]["samples"]
     assert manifest["labels"]["train"]["malformed_rows"][0]["reason"].startswith("expected 4 fields")
     assert manifest["images"]["packed_as_is"] >= 1
+    counts = manifest["class_counts"]["train"]
+    train_labels = [c for k, smp in read_shards(shards, "train").items()
+                    for c in np.frombuffer(smp["labels"], "<i4")]
+    assert len(counts) == 22 and sum(counts) >= len(train_labels)  # planned images, skipped ones included
+    assert all(counts[c] >= 1 for c in set(train_labels))
     assert not list(shards.glob(".*"))  # no temporaries, no resume state left behind
 
 

@@ -13,3 +13,10 @@ def create_model(name: str, num_classes: int, channels_last: bool = False) -> to
         raise UserError(f"model.name {name!r} is not a timm model (see timm.list_models())")
     model = timm.create_model(name, pretrained=False, num_classes=num_classes)
     return model.to(memory_format=torch.channels_last) if channels_last else model
+
+
+def autocast_for(device, enabled: bool):
+    """Mixed precision on the GPU: bf16 where supported, else fp16 (with a GradScaler); None (fp32) on the CPU."""
+    if device.kind != "gpu" or not enabled:
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16

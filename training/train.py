@@ -26,7 +26,7 @@ from tqdm import tqdm
 from common.cli import command, config_from_args, config_parser
 from common.config import Config
 from common.errors import UserError
-from common.shard_format import SplitShards, split_shards
+from common.shard_format import SplitShards, read_manifest, split_shards
 from common.vocab import Vocabulary
 from dali_pipes.device import PipeDevice, resolve_device
 from dali_pipes.loader import eval_loader, prepare_input, train_loader
@@ -35,7 +35,7 @@ from training.checkpoint import load_checkpoint, rng_state, save_checkpoint, set
 from training.decision import DecisionRule, best_global_threshold, choose_rule
 from training.losses import LOSSES
 from training.metrics import global_average_precision, topk_rescore
-from training.model import create_model
+from training.model import autocast_for, create_model
 from training.tune_data import split_tune_shards, tune_parts
 
 
@@ -69,13 +69,6 @@ def make_stage(cfg: Config, name: str, d: distributed.Dist) -> Stage:
     fit, holdout = tune_parts(cfg.paths.shards, out / "data")
     # the original tuned at a constant 1e-4 for 80 epochs
     return Stage(name, fit, holdout, cfg.tune.epochs, cfg.tune.lr, None, out)
-
-
-def autocast_for(device: PipeDevice, enabled: bool):
-    """bf16 where the GPU supports it, else fp16 (with a GradScaler); fp32 on the CPU."""
-    if device.kind != "gpu" or not enabled:
-        return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
 def param_checksum(model: torch.nn.Module) -> float:
@@ -172,6 +165,7 @@ def _train(cfg, stage_name, init, quiet, device, d) -> dict:
     torch.manual_seed(cfg.data.seed)
     stage = make_stage(cfg, stage_name, d)
     vocab = Vocabulary.load(cfg.paths.shards)
+    counts = read_manifest(cfg.paths.shards)["class_counts"]["train"]  # inference's fallback labels
     tdev = device.torch_device
     model = create_model(cfg.model.name, len(vocab), cfg.model.channels_last).to(tdev)
     opt = torch.optim.SGD(model.parameters(), lr=stage.lr, momentum=cfg.train.momentum,
@@ -263,6 +257,7 @@ def _train(cfg, stage_name, init, quiet, device, d) -> dict:
                            "scaler": scaler.state_dict(), "epoch": epoch + 1, "step": global_step,
                            "best_metric": best_metric, "metric": metric, "rng": rng_state(), "stage": stage.name,
                            "model_name": cfg.model.name, "classes": vocab.codes, "config": cfg.to_dict(),
+                           "class_counts": counts,
                            "decision_rule": val.get("decision_rule")}
                 save_checkpoint(last, payload)
                 if improved:

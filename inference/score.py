@@ -1,0 +1,59 @@
+"""Mean per-image F2 of a submission against a solution file.
+
+    python -m inference.score SUBMISSION SOLUTION
+
+Either file may be ``image_id,labels`` with a header or headerless like
+``tuning_labels.csv``. Images of the solution missing from the submission score 0;
+ids in the submission that the solution does not list are reported and ignored.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+from pathlib import Path
+
+from common.cli import command
+from common.errors import UserError
+from training.metrics import f2_per_image
+
+
+def read_labels(path: Path) -> dict[str, list[str]]:
+    """image id -> label codes, from either layout."""
+    if not Path(path).is_file():
+        raise UserError(f"file not found: {path}")
+    out: dict[str, list[str]] = {}
+    with open(path, newline="") as f:
+        for n, row in enumerate(csv.reader(f), start=1):
+            if not row or (n == 1 and [c.strip() for c in row[:2]] == ["image_id", "labels"]):
+                continue
+            if len(row) > 2:
+                raise UserError(f"{path} line {n}: expected 'image_id,labels', got {len(row)} fields")
+            out[row[0].strip()] = row[1].split() if len(row) == 2 else []
+    return out
+
+
+def score(submission: dict[str, list[str]], solution: dict[str, list[str]]) -> tuple[float, int, list[str]]:
+    """(mean F2 over the solution's images, how many the submission lacks, unknown submission ids)."""
+    ids = list(solution)
+    f2 = f2_per_image([submission.get(i, []) for i in ids], [solution[i] for i in ids])
+    return float(f2.mean()) if ids else 0.0, sum(i not in submission for i in ids), [i for i in submission if i not in solution]
+
+
+@command
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m inference.score", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("submission", type=Path)
+    parser.add_argument("solution", type=Path)
+    args = parser.parse_args(argv)
+    value, missing, unknown = score(read_labels(args.submission), read_labels(args.solution))
+    if missing:
+        print(f"warning: {missing} images of the solution are not in the submission (scored 0)", file=sys.stderr)
+    if unknown:
+        print(f"warning: {len(unknown)} submission ids are not in the solution, e.g. {unknown[:3]}", file=sys.stderr)
+    print(f"mean F2: {value:.5f}")
+
+
+if __name__ == "__main__":
+    main()

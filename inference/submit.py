@@ -1,0 +1,136 @@
+"""Write a Kaggle submission for stage 1 or 2.
+
+    python -m inference.submit --config config.yaml --stage 1|2 [--checkpoint CKPT] [--save-scores PATH]
+
+Reads ``stage_N_sample_submission.csv`` and ``stage_N_test_images/``, predicts every image
+with the checkpoint's model through the dali_pipes test-image pipeline (``submit.tta``:
+none, flip or tencrop), applies top-k rescoring and the decision rule chosen by the tune
+stage (else the config's), and writes ``paths.output/submission_stageN.csv``: one row per
+row of the sample submission, in its order. An image that is missing or does not decode
+gets the most frequent training labels and a row in ``submission_stageN_problems.csv``.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from common.atomic import atomic_write, atomic_write_text
+from common.cli import command, config_from_args, config_parser
+from common.config import Config, require_file
+from common.errors import UserError
+from common.ids import image_path, is_plain_id
+from dali_pipes.device import resolve_device
+from inference.predict import predict_files, screen
+from training.checkpoint import load_checkpoint
+from training.decision import DecisionRule
+from training.model import autocast_for, create_model
+
+
+def default_checkpoint(cfg: Config) -> Path:
+    for stage in ("tune", "train"):
+        path = cfg.paths.artifacts / stage / "checkpoints" / "best.pt"
+        if path.is_file():
+            return path
+    raise UserError(f"no checkpoint in {cfg.paths.artifacts}/{{tune,train}}/checkpoints: train first or pass --checkpoint")
+
+
+def read_sample_ids(path: Path) -> list[str]:
+    table = pd.read_csv(require_file(path, "sample submission"), dtype=str, keep_default_na=False)
+    if "image_id" not in table.columns:
+        raise UserError(f"{path} has no image_id column")
+    return [i.strip() for i in table["image_id"]]
+
+
+def fallback_labels(counts: list[int] | None, n: int) -> list[int]:
+    """The ``n`` most frequent training classes: better than an empty row, which scores 0."""
+    if not counts:
+        return list(range(n))
+    return [int(c) for c in np.argsort(-np.asarray(counts), kind="stable")[:n]]
+
+
+def write_csv(path: Path, header: list[str], rows) -> None:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(header)
+    w.writerows(rows)
+    atomic_write_text(path, buf.getvalue())
+
+
+def submit(cfg: Config, stage: int, checkpoint: Path | None = None, save_scores: Path | None = None,
+           quiet: bool = False) -> dict:
+    comp = cfg.paths.competition_data
+    ids = read_sample_ids(comp / f"stage_{stage}_sample_submission.csv")
+    folder = comp / f"stage_{stage}_test_images"
+    if not folder.is_dir():
+        raise UserError(f"image folder not found: {folder}")
+    checkpoint = Path(checkpoint) if checkpoint else default_checkpoint(cfg)
+    state = load_checkpoint(checkpoint)
+    codes = state["classes"]
+    rule = DecisionRule.from_dict(state["decision_rule"]) if state.get("decision_rule") else \
+        DecisionRule.from_config(cfg.submit)
+    device = resolve_device(cfg.pipeline.device, announce=not quiet)
+    model = create_model(state["model_name"], len(codes), cfg.model.channels_last)
+    model.load_state_dict(state["model"])
+    model.to(device.torch_device).eval()
+    started = time.time()
+
+    problems: dict[int, str] = {}
+    files: list[Path | None] = []
+    for i, image_id in enumerate(ids):
+        if is_plain_id(image_id):
+            files.append(image_path(folder, image_id))
+        else:
+            files.append(None)
+            problems[i] = "bad id"
+    candidates = [i for i, f in enumerate(files) if f is not None]
+    reasons = screen([files[i] for i in candidates], show_progress=not quiet)
+    problems.update({i: r for i, r in zip(candidates, reasons) if r})
+    good = [i for i in candidates if i not in problems]
+    pred = predict_files(model, [files[i] for i in good], cfg, device, autocast_for(device, cfg.train.amp),
+                         show_progress=not quiet)
+    problems.update({good[p]: r for p, r in pred.failed.items()})
+
+    k = pred.indices.shape[1]
+    indices = np.full((len(ids), k), -1, dtype=np.int64)
+    scores = np.zeros((len(ids), k), dtype=np.float32)
+    indices[good], scores[good] = pred.indices, pred.scores
+    predicted_rows = [i for i in good if i not in problems]
+    chosen = dict(zip(predicted_rows, rule.apply(indices[predicted_rows], scores[predicted_rows])))
+    fallback = fallback_labels(state.get("class_counts"), max(1, rule.min_labels))
+    out = cfg.paths.output
+    out.mkdir(parents=True, exist_ok=True)
+    rows = [(image_id, " ".join(codes[c] for c in chosen.get(i, fallback))) for i, image_id in enumerate(ids)]
+    submission = out / f"submission_stage{stage}.csv"
+    write_csv(submission, ["image_id", "labels"], rows)
+    write_csv(out / f"submission_stage{stage}_problems.csv", ["image_id", "reason"],
+              [(ids[i], problems[i]) for i in sorted(problems)])
+    if save_scores:
+        with atomic_write(save_scores, "wb") as f:
+            np.savez_compressed(f, image_ids=np.array(ids), indices=indices, scores=scores, classes=np.array(codes),
+                                predicted=np.isin(np.arange(len(ids)), predicted_rows))
+    summary = {"images": len(ids), "predicted": len(predicted_rows), "fallback": len(problems),
+               "seconds": round(time.time() - started, 1), "submission": str(submission), "checkpoint": str(checkpoint)}
+    if not quiet:
+        print(f"stage {stage}: {summary['predicted']} images predicted, {summary['fallback']} given fallback labels "
+              f"(see {out / f'submission_stage{stage}_problems.csv'}), {summary['seconds']} s; wrote {submission}")
+    return summary
+
+
+@command
+def main(argv=None):
+    parser = config_parser("python -m inference.submit", __doc__)
+    parser.add_argument("--stage", type=int, choices=[1, 2], required=True)
+    parser.add_argument("--checkpoint", type=Path, help="default: artifacts/tune (else train)/checkpoints/best.pt")
+    parser.add_argument("--save-scores", type=Path, metavar="PATH",
+                        help="also write the rescored top-k labels and scores (compressed .npz), for ensembling")
+    args = parser.parse_args(argv)
+    submit(config_from_args(args), args.stage, args.checkpoint, args.save_scores)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,141 @@
+import csv
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from sklearn.metrics import fbeta_score
+from sklearn.preprocessing import MultiLabelBinarizer
+
+from common.config import load_config
+from common.vocab import Vocabulary
+from dali_pipes.device import resolve_device
+from inference.predict import predict_files
+from inference.score import read_labels, score
+from inference.submit import submit
+from tests.fixtures import REPO, corrupt_huffman_table, jpeg_bytes, photo, write_config
+from tests.test_dali_pipes import centre_crop_reference
+from training.checkpoint import save_checkpoint
+from training.decision import DecisionRule
+from training.metrics import topk_rescore
+from training.model import create_model
+
+BAD = {"missing00000000000000000": "missing file", "corrupt00000000000000000": "cannot decode",
+       "truncated000000000000000": "truncated", "../../etc/passwd": "bad id"}
+
+
+@pytest.fixture(scope="module")
+def setup(built, kaggle, tmp_path_factory):
+    """A competition folder with stage-2 images plus broken ones, a random-weight checkpoint, a config."""
+    cfg, manifest = built
+    layout = kaggle[0]
+    root = tmp_path_factory.mktemp("infer")
+    comp = root / "inclusive"
+    shutil.copytree(layout.competition_data / "stage_2_test_images", comp / "stage_2_test_images")
+    with open(layout.competition_data / "stage_2_sample_submission.csv") as f:
+        rows = list(csv.reader(f))
+    good = jpeg_bytes(photo(np.random.default_rng(0)))
+    (comp / "stage_2_test_images" / "corrupt00000000000000000.jpg").write_bytes(corrupt_huffman_table(good))
+    (comp / "stage_2_test_images" / "truncated000000000000000.jpg").write_bytes(good[: len(good) // 2])
+    for k, image_id in enumerate(BAD):  # spread among the good rows
+        rows.insert(3 + 4 * k, [image_id, rows[1][1]])
+    with open(comp / "stage_2_sample_submission.csv", "w", newline="") as f:
+        csv.writer(f, lineterminator="\n").writerows(rows)
+    vocab = Vocabulary.load(cfg.paths.shards)
+    torch.manual_seed(0)
+    model = create_model("resnet18", len(vocab))
+    ckpt = root / "model.pt"
+    counts = manifest["class_counts"]["train"]
+    save_checkpoint(ckpt, {"model": model.state_dict(), "model_name": "resnet18", "classes": vocab.codes,
+                           "class_counts": counts, "decision_rule": DecisionRule(0.3, 2, 4).to_dict()})
+    cfg_path = write_config(root / "c.yaml", type("L", (), {"original_images": layout.original_images,
+                                                           "competition_data": comp}),
+                            cfg.paths.shards, "submit:\n  tta: flip\n  batch_size: 8\n", output=root / "out")
+    return load_config(cfg_path), ckpt, [r[0] for r in rows[1:]], vocab, counts
+
+
+def test_submission_has_every_row_in_order_and_fallbacks_for_bad_images(setup, tmp_path):
+    cfg, ckpt, ids, vocab, counts = setup
+    summary = submit(cfg, 2, ckpt, save_scores=tmp_path / "s.npz", quiet=True)
+    with open(cfg.paths.output / "submission_stage2.csv", newline="") as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == ["image_id", "labels"]
+    assert [r[0] for r in rows[1:]] == ids
+    fallback = [vocab.codes[c] for c in np.argsort(-np.asarray(counts), kind="stable")[:2]]
+    with open(cfg.paths.output / "submission_stage2_problems.csv", newline="") as f:
+        problems = {r["image_id"]: r["reason"] for r in csv.DictReader(f)}
+    assert problems == BAD
+    for image_id, labels in rows[1:]:
+        codes = labels.split()
+        assert codes, "an empty row scores 0"
+        assert all(c in vocab.index for c in codes) and len(codes) == len(set(codes))
+        if image_id in BAD:
+            assert codes == fallback
+        else:
+            assert 2 <= len(codes) <= 4  # the checkpoint's rule
+    assert summary["predicted"] == len(ids) - len(BAD) and summary["fallback"] == len(BAD)
+    saved = np.load(tmp_path / "s.npz")
+    assert list(saved["image_ids"]) == ids and saved["scores"].shape == (len(ids), cfg.submit.top_k)
+    assert saved["predicted"].sum() == len(ids) - len(BAD)
+
+
+def test_a_batch_that_fails_inside_dali_costs_only_the_bad_image(setup, monkeypatch):
+    """With the screening switched off, the corrupt file reaches DALI; its batch is retried one by one."""
+    cfg, ckpt, ids, vocab, _ = setup
+    folder = cfg.paths.competition_data / "stage_2_test_images"
+    files = sorted(folder.glob("*.jpg"))
+    files.remove(folder / "truncated000000000000000.jpg")  # libjpeg may decode a truncated file partially
+    model = create_model("resnet18", len(vocab)).eval()
+    cfg = cfg.with_overrides(["submit.tta=none"])
+    pred = predict_files(model, files, cfg, resolve_device("cpu"), show_progress=False)
+    bad = files.index(folder / "corrupt00000000000000000.jpg")
+    assert pred.failed == {bad: "cannot decode (DALI)"}
+    assert (pred.indices[[i for i in range(len(files)) if i != bad], 0] >= 0).all()
+
+
+def test_dali_predictions_equal_a_pil_torchvision_reference(setup):
+    """Same model, same images: rescored top-5 scores agree within 0.01 (pixel tolerance is in test_dali_pipes)."""
+    cfg, _, _, vocab, _ = setup
+    cfg = cfg.with_overrides(["submit.tta=none", "submit.top_k=5"])
+    files = sorted((cfg.paths.competition_data / "stage_2_test_images").glob("[0-9a-f]*.jpg"))[:10]
+    torch.manual_seed(1)
+    model = create_model("resnet18", len(vocab)).eval()
+    pred = predict_files(model, files, cfg, resolve_device("cpu"), show_progress=False)
+    with torch.no_grad():
+        batch = torch.stack([centre_crop_reference(cfg, Image.open(f).convert("RGB")) for f in files])
+        idx, sc = topk_rescore(model(batch), 5)
+    assert (idx[:, 0].numpy() == pred.indices[:, 0]).mean() >= 0.9
+    assert np.abs(pred.scores - sc.numpy()).max() < 0.01
+
+
+def test_scorer_equals_scikit_learn_in_both_layouts(tmp_path):
+    rng = np.random.default_rng(0)
+    codes = [f"/m/0x{i}" for i in range(12)]
+    ids = [f"{i:024x}" for i in range(40)]
+    truth = {i: list(rng.choice(codes, rng.integers(1, 4), replace=False)) for i in ids}
+    guess = {i: list(rng.choice(codes, rng.integers(0, 5), replace=False)) for i in ids[:35]}  # 5 missing
+    guess["ffffffffffffffffffffffff"] = [codes[0]]  # unknown id
+    with open(tmp_path / "sub.csv", "w") as f:
+        f.write("image_id,labels\n" + "".join(f"{i},{' '.join(c)}\n" for i, c in guess.items()))
+    with open(tmp_path / "truth.csv", "w") as f:  # tuning_labels.csv layout: no header
+        f.write("".join(f"{i},{' '.join(c)}\n" for i, c in truth.items()))
+    mlb = MultiLabelBinarizer(classes=codes)
+    expected = fbeta_score(mlb.fit_transform([truth[i] for i in ids]),
+                           mlb.transform([guess.get(i, []) for i in ids]), beta=2, average="samples", zero_division=0)
+    value, missing, unknown = score(read_labels(tmp_path / "sub.csv"), read_labels(tmp_path / "truth.csv"))
+    assert abs(value - expected) < 1e-12 and missing == 5 and unknown == ["ffffffffffffffffffffffff"]
+    r = subprocess.run([sys.executable, "-m", "inference.score", str(tmp_path / "sub.csv"), str(tmp_path / "truth.csv")],
+                       cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == f"mean F2: {expected:.5f}"
+    assert "5 images of the solution are not in the submission" in r.stderr
+
+
+def test_submit_without_a_checkpoint_is_a_clear_error(setup, tmp_path):
+    cfg, *_ = setup
+    cfg = cfg.with_overrides([f"paths.artifacts={tmp_path}"])
+    r = subprocess.run([sys.executable, "-m", "inference.submit", "--config", str(cfg.source), "--stage", "2",
+                        "--set", f"paths.artifacts={tmp_path}"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.strip().startswith("error: no checkpoint in")
