@@ -73,6 +73,16 @@ def prepare_input(images: torch.Tensor, cfg: Config) -> torch.Tensor:
     return images
 
 
+@torch.no_grad()
+def view_averaged_logits(model, images: torch.Tensor, cfg: Config, amp_dtype=None) -> torch.Tensor:
+    """The model's logits per image, averaged over test-time views (``[B, V, ...]`` batches)."""
+    x = prepare_input(images, cfg)
+    views = x.shape[1] if x.dim() == 5 else 1
+    with torch.autocast("cuda", dtype=amp_dtype, enabled=amp_dtype is not None):
+        logits = model(x.flatten(0, 1) if views > 1 else x).float()
+    return logits.view(-1, views, logits.shape[-1]).mean(1)
+
+
 def eval_resize(cfg: Config, shards: SplitShards) -> int | None:
     """Shards already have the configured short side: then eval skips the resize and decodes only the crop."""
     return None if shards.shortest_side == cfg.data.shortest_side else cfg.data.shortest_side

@@ -2,8 +2,8 @@
 
 Classes are (shape, colour) pairs; each image holds one to four of them. Training
 images are filled shapes on soft noisy backgrounds; stage-1/2 test images come from
-"another part of the world": striped, saturated backgrounds, shapes drawn at other
-sizes and shades, fewer labels per image. A model trained on the training images
+"another part of the world": the same shapes drawn as outlines on smooth gradients of
+any colour, and fewer labels per image (one to three). A model trained on the training images
 alone transfers badly; a short fine-tune on the tuning labels fixes most of it,
 which is the challenge in miniature.
 
@@ -40,19 +40,26 @@ class Layout:
     competition_data: Path
 
 
-def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: tuple[int, int, int, int], colour, outline=None):
+def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: tuple[int, int, int, int], colour, hollow: bool):
+    """A filled shape, or (shifted domain) only its outline, drawn in the class colour."""
     x0, y0, x1, y1 = box
+    width = max(3, (x1 - x0) // 7)
+    fill, outline = (None, colour) if hollow else (colour, None)
     if shape == "circle":
-        draw.ellipse(box, fill=colour, outline=outline, width=2)
+        draw.ellipse(box, fill=fill, outline=outline, width=width)
     elif shape == "square":
-        draw.rectangle(box, fill=colour, outline=outline, width=2)
+        draw.rectangle(box, fill=fill, outline=outline, width=width)
     elif shape == "triangle":
-        draw.polygon([((x0 + x1) // 2, y0), (x1, y1), (x0, y1)], fill=colour, outline=outline)
+        points = [((x0 + x1) // 2, y0), (x1, y1), (x0, y1)]
+        if hollow:
+            draw.line(points + points[:1], fill=colour, width=width, joint="curve")
+        else:
+            draw.polygon(points, fill=colour)
     else:
-        w = max(2, (x1 - x0) // 3)
+        w = max(4, (x1 - x0) // 3)
         cx, cy = (x0 + x1) // 2, (y0 + y1) // 2
-        draw.rectangle((cx - w // 2, y0, cx + w // 2, y1), fill=colour)
-        draw.rectangle((x0, cy - w // 2, x1, cy + w // 2), fill=colour)
+        for rect in ((cx - w // 2, y0, cx + w // 2, y1), (x0, cy - w // 2, x1, cy + w // 2)):
+            draw.rectangle(rect, fill=fill, outline=outline, width=max(2, width // 2))
 
 
 def _background(rng: np.random.Generator, w: int, h: int, shifted: bool) -> Image.Image:
@@ -61,31 +68,24 @@ def _background(rng: np.random.Generator, w: int, h: int, shifted: bool) -> Imag
         noise = rng.normal(0, 18, size=(h // 4 + 1, w // 4 + 1, 3))
         arr = np.clip(base + noise, 0, 255).astype(np.uint8)
         return Image.fromarray(arr).resize((w, h), Image.Resampling.BILINEAR)
-    # shifted domain: hard, saturated stripes
+    # shifted domain: smooth gradients between two random colours, darker or lighter than training's
     a, b = rng.integers(0, 256, size=3), rng.integers(0, 256, size=3)
-    period = int(rng.integers(4, 12))
-    yy, xx = np.mgrid[0:h, 0:w]
-    stripes = (((xx + yy * rng.choice([0, 1, -1])) // period) % 2).astype(bool)
-    arr = np.where(stripes[..., None], a, b).astype(np.uint8)
-    return Image.fromarray(arr)
+    t = np.linspace(0, 1, h)[:, None, None] if rng.random() < 0.5 else np.linspace(0, 1, w)[None, :, None]
+    arr = (a * (1 - t) + b * t) * np.ones((h, w, 1))
+    return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
 
 
 def render_image(rng: np.random.Generator, classes: list[int], shifted: bool) -> Image.Image:
+    """One image holding the given classes; ``shifted``: the test images' other appearance."""
     w, h = int(rng.integers(96, 136)), int(rng.integers(80, 112))
     im = _background(rng, w, h, shifted)
     draw = ImageDraw.Draw(im)
     pairs = [(s, c) for s in SHAPES for c in COLOURS]
     for k in classes:
         shape, colour = pairs[k]
-        rgb = np.array(COLOURS[colour])
-        if shifted:  # other shades, other sizes, dark outlines
-            rgb = np.clip(rgb * rng.uniform(0.6, 1.1) + rng.integers(-30, 30, 3), 0, 255)
-            size = int(rng.integers(14, 26))
-        else:
-            size = int(rng.integers(24, 40))
+        size = int(rng.integers(24, 40))
         x0, y0 = int(rng.integers(0, w - size)), int(rng.integers(0, h - size))
-        _draw_shape(draw, shape, (x0, y0, x0 + size, y0 + size), tuple(int(v) for v in rgb),
-                    outline=(0, 0, 0) if shifted else None)
+        _draw_shape(draw, shape, (x0, y0, x0 + size, y0 + size), COLOURS[colour], hollow=shifted)
     return im
 
 
@@ -105,8 +105,8 @@ def _write_csv(path: Path, header, rows) -> None:
         w.writerows(rows)
 
 
-def generate_demo_data(root: Path, n_train: int = 2000, n_stage1: int = 500, n_stage2: int = 500,
-                       n_tune: int = 300, seed: int = 0, quality: int = 92) -> Layout:
+def generate_demo_data(root: Path, n_train: int = 2000, n_stage1: int = 600, n_stage2: int = 500,
+                       n_tune: int = 450, seed: int = 0, quality: int = 92) -> Layout:
     """Write the dataset under ``root``; returns where the images and CSVs are."""
     rng = np.random.default_rng(seed)
     root = Path(root)
@@ -155,9 +155,9 @@ def main(argv=None):
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out", type=Path)
     parser.add_argument("--train", type=int, default=2000)
-    parser.add_argument("--stage1", type=int, default=500)
+    parser.add_argument("--stage1", type=int, default=600)
     parser.add_argument("--stage2", type=int, default=500)
-    parser.add_argument("--tune", type=int, default=300)
+    parser.add_argument("--tune", type=int, default=450)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     layout = generate_demo_data(args.out, args.train, args.stage1, args.stage2, args.tune, args.seed)

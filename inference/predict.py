@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from common.config import Config
 from dali_pipes.device import PipeDevice
-from dali_pipes.loader import ImageFileLoader, prepare_input
+from dali_pipes.loader import ImageFileLoader, view_averaged_logits
 from preprocessing.images import ImageProblem, verify_image
 from training.metrics import topk_rescore
 
@@ -53,16 +53,6 @@ class Predictions:
     failed: dict[int, str]  # position -> reason, for files DALI could not decode
 
 
-@torch.no_grad()
-def _logits(model, images: torch.Tensor, cfg: Config, amp_dtype) -> torch.Tensor:
-    """Average the logits of the test-time views ([B, V, C, H, W] -> one vector per image)."""
-    x = prepare_input(images, cfg)
-    views = x.shape[1] if x.dim() == 5 else 1
-    with torch.autocast("cuda", dtype=amp_dtype, enabled=amp_dtype is not None):
-        logits = model(x.flatten(0, 1) if views > 1 else x).float()
-    return logits.view(-1, views, logits.shape[-1]).mean(1)
-
-
 def predict_files(model, files: list[Path], cfg: Config, device: PipeDevice, amp_dtype=None,
                   show_progress: bool = True) -> Predictions:
     k = cfg.submit.top_k
@@ -80,7 +70,7 @@ def predict_files(model, files: list[Path], cfg: Config, device: PipeDevice, amp
             loader = ImageFileLoader(cfg, [files[p] for p in positions], tta=cfg.submit.tta, batch_size=batch_size,
                                      device=device)
             for images, local in loader:
-                idx, sc = topk_rescore(_logits(model, images, cfg, amp_dtype), k)
+                idx, sc = topk_rescore(view_averaged_logits(model, images, cfg, amp_dtype), k)
                 rows = [positions[i] for i in local.tolist()]
                 indices[rows, : idx.shape[1]] = idx.cpu().numpy()
                 scores[rows, : sc.shape[1]] = sc.cpu().numpy()

@@ -29,7 +29,7 @@ from common.errors import UserError
 from common.shard_format import SplitShards, read_manifest, split_shards
 from common.vocab import Vocabulary
 from dali_pipes.device import PipeDevice, resolve_device
-from dali_pipes.loader import eval_loader, prepare_input, train_loader
+from dali_pipes.loader import eval_loader, prepare_input, train_loader, view_averaged_logits
 from training import distributed
 from training.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from training.decision import DecisionRule, best_global_threshold, choose_rule
@@ -83,9 +83,7 @@ def predict_topk(model, loader, cfg: Config, k: int, amp_dtype) -> tuple[np.ndar
     model.eval()
     indices, scores, targets, ids = [], [], [], []
     for images, target, image_ids in loader:
-        with torch.autocast("cuda", dtype=amp_dtype, enabled=amp_dtype is not None):
-            logits = model(prepare_input(images, cfg))
-        idx, sc = topk_rescore(logits.float(), k)
+        idx, sc = topk_rescore(view_averaged_logits(model, images, cfg, amp_dtype), k)
         indices.append(idx.cpu().numpy())
         scores.append(sc.cpu().numpy())
         targets += [np.flatnonzero(t).tolist() for t in target.cpu().numpy()]
@@ -96,8 +94,10 @@ def predict_topk(model, loader, cfg: Config, k: int, amp_dtype) -> tuple[np.ndar
 
 def validate(model, stage: Stage, cfg: Config, device: PipeDevice, d: distributed.Dist, amp_dtype) -> dict:
     """The stage's metrics over the whole validation split, gathered from every rank."""
+    # the tune stage chooses the decision rule on the same test-time views the submission will use
+    tta = cfg.submit.tta if stage.name == "tune" else "none"
     loader = eval_loader(cfg, rank=d.rank, world_size=d.world_size, batch_size=cfg.submit.batch_size,
-                         device=device, shards=stage.val)
+                         device=device, shards=stage.val, tta=tta)
     k = cfg.validation.top_k if stage.name == "train" else cfg.submit.top_k
     parts = distributed.gather_objects(d, predict_topk(model, loader, cfg, k, amp_dtype))
     del loader

@@ -1,0 +1,23 @@
+# The project on a CUDA 12 runtime: build with
+#   docker build -t inclusive-dali .
+# and run with the folders of config.yaml mounted (see README.md, "Docker").
+FROM nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
+
+ENV DEBIAN_FRONTEND=noninteractive PIP_NO_CACHE_DIR=1 PYTHONUNBUFFERED=1
+# tar: DALI's wds2idx indexes shards with GNU tar
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends python3 python3-venv tar \
+    && rm -rf /var/lib/apt/lists/*
+RUN python3 -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH
+
+# pinned: the versions the project is tested with (they satisfy pyproject.toml)
+RUN pip install torch==2.14.1 torchvision==0.29.1 nvidia-dali-cuda120==2.4.0 timm==1.0.31
+
+WORKDIR /source
+COPY . /source
+RUN pip install -e .
+
+# the default paths of config.yaml
+VOLUME ["/original_images", "/inclusive", "/shards", "/artifacts", "/output"]
+CMD ["bash"]
