@@ -46,10 +46,10 @@ def setup(built, kaggle, tmp_path_factory):
         csv.writer(f, lineterminator="\n").writerows(rows)
     vocab = Vocabulary.load(cfg.paths.shards)
     torch.manual_seed(0)
-    model = create_model("resnet18", len(vocab))
+    model = create_model("test_resnet", len(vocab))
     ckpt = root / "model.pt"
     counts = manifest["class_counts"]["train"]
-    save_checkpoint(ckpt, {"model": model.state_dict(), "model_name": "resnet18", "classes": vocab.codes,
+    save_checkpoint(ckpt, {"model": model.state_dict(), "model_name": "test_resnet", "classes": vocab.codes,
                            "class_counts": counts, "decision_rule": DecisionRule(0.3, 2, 4).to_dict()})
     cfg_path = write_config(root / "c.yaml", type("L", (), {"original_images": layout.original_images,
                                                            "competition_data": comp}),
@@ -88,7 +88,7 @@ def test_a_batch_that_fails_inside_dali_costs_only_the_bad_image(setup, monkeypa
     folder = cfg.paths.competition_data / "stage_2_test_images"
     files = sorted(folder.glob("*.jpg"))
     files.remove(folder / "truncated000000000000000.jpg")  # libjpeg may decode a truncated file partially
-    model = create_model("resnet18", len(vocab)).eval()
+    model = create_model("test_resnet", len(vocab)).eval()
     cfg = cfg.with_overrides(["submit.tta=none"])
     pred = predict_files(model, files, cfg, resolve_device("cpu"), show_progress=False)
     bad = files.index(folder / "corrupt00000000000000000.jpg")
@@ -102,7 +102,7 @@ def test_dali_predictions_equal_a_pil_torchvision_reference(setup):
     cfg = cfg.with_overrides(["submit.tta=none", "submit.top_k=5"])
     files = sorted((cfg.paths.competition_data / "stage_2_test_images").glob("[0-9a-f]*.jpg"))[:10]
     torch.manual_seed(1)
-    model = create_model("resnet18", len(vocab)).eval()
+    model = create_model("test_resnet", len(vocab)).eval()
     pred = predict_files(model, files, cfg, resolve_device("cpu"), show_progress=False)
     with torch.no_grad():
         batch = torch.stack([centre_crop_reference(cfg, Image.open(f).convert("RGB")) for f in files])

@@ -15,7 +15,7 @@ from training.checkpoint import load_checkpoint
 from training.train import TrainingDiverged, train
 from tests.fixtures import REPO, write_config
 
-# small and quick: resnet18 on 56-px crops, a few steps per epoch
+# small and quick: the demo config (timm test_resnet on 56-px crops), a few steps per epoch
 FAST = """train:
   epochs: 3
   batch_size: 8
@@ -62,7 +62,7 @@ def test_a_short_run_lowers_the_loss_and_writes_every_artefact(trained):
         assert key in epochs[-1]
     assert 0 <= epochs[-1]["data_wait_share"] < 1
     state = load_checkpoint(out / "checkpoints" / "last.pt")
-    assert state["epoch"] == 3 and state["model_name"] == "resnet18" and len(state["classes"]) == 22
+    assert state["epoch"] == 3 and state["model_name"] == "test_resnet" and len(state["classes"]) == 22
 
 
 def test_tune_stage_saves_its_decision_rule(trained):
