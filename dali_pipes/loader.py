@@ -2,13 +2,15 @@
 
     for images, targets in train_loader(cfg, "train", rank, world_size): ...
     for images, targets, image_ids in eval_loader(cfg, "val", rank, world_size): ...
-    for images, positions in image_file_loader(cfg, files): ...
+    for images, positions in ImageFileLoader(cfg, files): ...
 
 Images arrive on the pipeline's device (the GPU, with no copy through the host, or the
 CPU), targets as a multi-hot float matrix ``[batch, num_classes]`` on the same device.
 """
 from __future__ import annotations
 
+import functools
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +25,6 @@ from dali_pipes.device import PipeDevice, resolve_device
 from dali_pipes.pipelines import READER, Output, eval_pipeline, image_file_pipeline, train_pipeline
 
 
-
 def multi_hot(padded: torch.Tensor, num_classes: int) -> torch.Tensor:
     """``[batch, max_labels]`` class indices padded with -1 -> ``[batch, num_classes]`` of 0/1, same device."""
     index = padded.long()
@@ -35,7 +36,6 @@ def multi_hot(padded: torch.Tensor, num_classes: int) -> torch.Tensor:
 
 def decode_ids(padded_json: torch.Tensor) -> list[str]:
     """Image ids from the zero-padded ``.json`` bytes of an eval batch."""
-    import json
     rows = padded_json.cpu().numpy()
     return [json.loads(bytes(r).rstrip(b"\0"))["image_id"] for r in rows]
 
@@ -55,6 +55,13 @@ def _pipe_args(cfg: Config, device: PipeDevice, batch_size: int, seed: int) -> d
                 prefetch_queue_depth=p.prefetch_queue_depth, seed=seed, on_gpu=device.kind == "gpu", out=out)
 
 
+@functools.lru_cache(maxsize=8)
+def _normalisation(mean: tuple, std: tuple, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel shift and scale on 0..255 pixels, made once per device rather than per batch."""
+    return (torch.tensor([255 * m for m in mean], device=device),
+            torch.tensor([1 / (255 * s) for s in std], device=device))
+
+
 def prepare_input(images: torch.Tensor, cfg: Config) -> torch.Tensor:
     """A loader's images -> the model's input: normalised float, NCHW-shaped, on the images' device.
 
@@ -63,8 +70,7 @@ def prepare_input(images: torch.Tensor, cfg: Config) -> torch.Tensor:
     """
     p = cfg.pipeline
     if images.dtype == torch.uint8:
-        mean = torch.tensor([255 * m for m in p.mean], device=images.device)
-        scale = torch.tensor([1 / (255 * s) for s in p.std], device=images.device)
+        mean, scale = _normalisation(tuple(p.mean), tuple(p.std), images.device)
         dtype = torch.float16 if p.dtype == "float16" else torch.float32
         images = ((images.float() - mean) * scale).to(dtype).movedim(-1, -3)
         return images.contiguous() if p.layout == "NCHW" else images
@@ -93,8 +99,6 @@ class DaliLoader:
     """One pass over a split per ``iter()``; yields (images, targets[, image_ids]) as torch tensors."""
     iterator: DALIGenericIterator
     num_classes: int
-    samples: int  # this rank's samples per pass
-    batch_size: int
     with_ids: bool
 
     def __len__(self) -> int:
@@ -143,8 +147,7 @@ def train_loader(cfg: Config, split: str = "train", rank: int = 0, world_size: i
     pipe = build_train_pipeline(cfg, shards, rank, world_size, batch_size, device, epoch)
     it = DALIGenericIterator(pipe, ["images", "labels"], reader_name=READER, auto_reset=True,
                              last_batch_policy=LastBatchPolicy.DROP)
-    return DaliLoader(it, shards.num_classes, _rank_samples(shards.samples, rank, world_size), batch_size,
-                      with_ids=False)
+    return DaliLoader(it, shards.num_classes, with_ids=False)
 
 
 def eval_loader(cfg: Config, split: str = "val", rank: int = 0, world_size: int = 1,
@@ -159,8 +162,7 @@ def eval_loader(cfg: Config, split: str = "val", rank: int = 0, world_size: int 
     pipe.build()
     it = DALIGenericIterator(pipe, ["images", "labels", "meta"], reader_name=READER, auto_reset=True,
                              last_batch_policy=LastBatchPolicy.PARTIAL)
-    return DaliLoader(it, shards.num_classes, _rank_samples(shards.samples, rank, world_size), batch_size,
-                      with_ids=True)
+    return DaliLoader(it, shards.num_classes, with_ids=True)
 
 
 class ImageFileLoader:
@@ -169,10 +171,9 @@ class ImageFileLoader:
     def __init__(self, cfg: Config, files: list[Path], tta: str = "none", batch_size: int | None = None,
                  device: PipeDevice | None = None, rank: int = 0, world_size: int = 1):
         device = device or resolve_device(cfg.pipeline.device)
-        self.batch_size = batch_size or cfg.submit.batch_size
-        self.samples = _rank_samples(len(files), rank, world_size)
+        batch_size = batch_size or cfg.submit.batch_size
         pipe = image_file_pipeline(files, resize_shorter=cfg.data.shortest_side, tta=tta, shard_id=rank,
-                                   num_shards=world_size, **_pipe_args(cfg, device, self.batch_size, 0))
+                                   num_shards=world_size, **_pipe_args(cfg, device, batch_size, 0))
         pipe.build()
         self.iterator = DALIGenericIterator(pipe, ["images", "positions"], reader_name=READER, auto_reset=True,
                                             last_batch_policy=LastBatchPolicy.PARTIAL)

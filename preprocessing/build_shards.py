@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from common.atomic import atomic_write_text, tmp_name
+from common.atomic import atomic_write_text
 from common.cli import command, config_from_args, config_parser
 from common.config import Config, ConfigError, require_file
 from common.errors import UserError
@@ -32,7 +32,7 @@ from common.shard_format import MANIFEST, SPLITS
 from common.vocab import Vocabulary
 from preprocessing.images import ImageProblem, prepare_image
 from preprocessing.labels import LabelProblems, LabelTable, read_human_labels, read_tuning_labels
-from preprocessing.shards import ShardRecord, ShardWriter, encode_sample
+from preprocessing.shards import ShardWriter, encode_sample
 from preprocessing.splits import permutation, split_train_val
 
 SKIPPED = "skipped.csv"

@@ -32,7 +32,7 @@ from dali_pipes.device import PipeDevice, resolve_device
 from dali_pipes.loader import eval_loader, prepare_input, train_loader, view_averaged_logits
 from training import distributed
 from training.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from training.decision import DecisionRule, best_global_threshold, choose_rule
+from training.decision import best_global_threshold, choose_rule
 from training.losses import LOSSES
 from training.metrics import global_average_precision, topk_rescore
 from training.model import autocast_for, create_model
