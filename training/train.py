@@ -187,7 +187,8 @@ def _train(cfg, stage_name, init, quiet, device, d) -> dict:
         set_rng_state(state["rng"])
         start_epoch, best_metric, global_step = state["epoch"], state["best_metric"], state["step"]
         if d.is_main and not quiet:
-            print(f"resuming {stage.name} from {last} after epoch {start_epoch}")
+            print(f"resuming {stage.name} from {last} after epoch {start_epoch}" if start_epoch < stage.epochs else
+                  f"{stage.name} already finished its {stage.epochs} epochs ({last}); nothing to do")
     elif (source := initial_weights(cfg, stage, init)) is not None:
         state = load_checkpoint(source)
         if state.get("classes") != vocab.codes:
