@@ -165,7 +165,7 @@ def _train(cfg, stage_name, init, quiet, device, d) -> dict:
     torch.manual_seed(cfg.data.seed)
     stage = make_stage(cfg, stage_name, d)
     vocab = Vocabulary.load(cfg.paths.shards)
-    counts = read_manifest(cfg.paths.shards)["class_counts"]["train"]  # inference's fallback labels
+    counts = read_manifest(cfg.paths.shards).get("class_counts", {}).get("train")  # inference's fallback labels
     tdev = device.torch_device
     model = create_model(cfg.model.name, len(vocab), cfg.model.channels_last).to(tdev)
     opt = torch.optim.SGD(model.parameters(), lr=stage.lr, momentum=cfg.train.momentum,
