@@ -23,40 +23,60 @@ from common.shard_format import EXTENSIONS, read_manifest
 from preprocessing.shards import file_sha256, write_index
 
 
+def _samples(tar: tarfile.TarFile):
+    """(key, {ext: bytes}) per sample; a sample's files are adjacent, so one sample is held at a time."""
+    key, files = None, {}
+    for member in tar:
+        if not member.isfile():
+            continue
+        k, _, ext = member.name.partition(".")
+        if k != key and files:
+            yield key, files
+            files = {}
+        key = k
+        files[ext] = tar.extractfile(member).read()
+    if files:
+        yield key, files
+
+
+def check_sample(where: str, files: dict[str, bytes], num_classes: int) -> list[str]:
+    problems = []
+    missing = [e for e in EXTENSIONS if e not in files]
+    if missing:
+        problems.append(f"{where} lacks {', '.join(missing)}")
+    if "jpg" in files:
+        try:
+            with Image.open(io.BytesIO(files["jpg"])) as im:
+                im.load()
+                if im.format != "JPEG" or im.mode != "RGB":
+                    problems.append(f"{where}: image is {im.format} {im.mode}, not an RGB JPEG")
+        except Exception as exc:  # any decoder failure is a finding, not a crash
+            problems.append(f"{where}: image does not decode ({exc})")
+    if "labels" in files:
+        raw = files["labels"]
+        classes = np.frombuffer(raw, dtype="<i4") if len(raw) % 4 == 0 else None
+        if classes is None or classes.size == 0:
+            problems.append(f"{where}: .labels is not a non-empty int32 list")
+        elif classes.min() < 0 or classes.max() >= num_classes:
+            problems.append(f"{where}: class index out of range 0..{num_classes - 1}")
+    return problems
+
+
 def check_samples(tar_path: Path, num_classes: int) -> tuple[int, list[str]]:
     """Count samples and list what is wrong inside one tar."""
     problems: list[str] = []
-    samples: dict[str, dict[str, bytes]] = {}
+    seen: set[str] = set()
     try:
         with tarfile.open(tar_path) as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                key, _, ext = member.name.partition(".")
-                samples.setdefault(key, {})[ext] = tar.extractfile(member).read()
+            for key, files in _samples(tar):
+                where = f"{tar_path.name}: sample {key}"
+                if key in seen:
+                    problems.append(f"{where} appears twice")
+                seen.add(key)
+                problems += check_sample(where, files, num_classes)
     except (tarfile.TarError, OSError) as exc:
-        return 0, [f"{tar_path.name}: cannot read tar ({exc})"]
-    for key, files in samples.items():
-        where = f"{tar_path.name}: sample {key}"
-        missing = [e for e in EXTENSIONS if e not in files]
-        if missing:
-            problems.append(f"{where} lacks {', '.join(missing)}")
-        if "jpg" in files:
-            try:
-                with Image.open(io.BytesIO(files["jpg"])) as im:
-                    im.load()
-                    if im.format != "JPEG" or im.mode != "RGB":
-                        problems.append(f"{where}: image is {im.format} {im.mode}, not an RGB JPEG")
-            except Exception as exc:  # any decoder failure is a finding, not a crash
-                problems.append(f"{where}: image does not decode ({exc})")
-        if "labels" in files:
-            raw = files["labels"]
-            classes = np.frombuffer(raw, dtype="<i4") if len(raw) % 4 == 0 else None
-            if classes is None or classes.size == 0:
-                problems.append(f"{where}: .labels is not a non-empty int32 list")
-            elif classes.min() < 0 or classes.max() >= num_classes:
-                problems.append(f"{where}: class index out of range 0..{num_classes - 1}")
-    return len(samples), problems
+        return len(seen), problems + [f"{tar_path.name}: cannot read tar ({exc})"]
+    return len(seen), problems
 
 
 def check_index(tar_path: Path, idx_path: Path) -> list[str]:
