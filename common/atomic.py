@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import csv
 import os
 from pathlib import Path
 
@@ -34,3 +35,12 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 def atomic_write_text(path: str | Path, text: str) -> None:
     with atomic_write(path, "w", encoding="utf-8", newline="") as f:
         f.write(text)
+
+
+def atomic_write_csv(path: str | Path, header: list[str] | None, rows) -> None:
+    """A CSV with ``\n`` line ends (as Kaggle's files), ``header`` first unless None."""
+    with atomic_write(path, "w", encoding="utf-8", newline="") as f:
+        writer = csv.writer(f, lineterminator="\n")
+        if header:
+            writer.writerow(header)
+        writer.writerows(rows)

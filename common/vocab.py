@@ -1,14 +1,12 @@
 """The label vocabulary: class index <-> Open Images label code (one home for both directions)."""
 from __future__ import annotations
 
-import csv
-import io
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 
-from common.atomic import atomic_write_text
+from common.atomic import atomic_write_csv
 from common.errors import UserError
 
 CLASSES_FILE = "classes.csv"
@@ -61,12 +59,9 @@ class Vocabulary:
         return cls(list(table["label_code"]), list(table["description"]))
 
     def save(self, shards_dir: Path) -> Path:
-        buf = io.StringIO()
-        writer = csv.writer(buf, lineterminator="\n")
-        writer.writerow(["index", "label_code", "description"])
-        writer.writerows((i, c, d) for i, (c, d) in enumerate(zip(self.codes, self.descriptions)))
         path = Path(shards_dir) / CLASSES_FILE
-        atomic_write_text(path, buf.getvalue())
+        atomic_write_csv(path, ["index", "label_code", "description"],
+                         ((i, c, d) for i, (c, d) in enumerate(zip(self.codes, self.descriptions))))
         return path
 
     def encode(self, codes) -> list[int]:

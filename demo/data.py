@@ -12,12 +12,13 @@ which is the challenge in miniature.
 from __future__ import annotations
 
 import argparse
-import csv
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from common.atomic import atomic_write_csv
 
 SHAPES = ("circle", "square", "triangle", "cross")
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 70, 220),
@@ -97,14 +98,6 @@ def _hex_id(rng: np.random.Generator, digits: int) -> str:
     return "".join(rng.choice(list("0123456789abcdef"), size=digits))
 
 
-def _write_csv(path: Path, header, rows) -> None:
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f, lineterminator="\n")
-        if header:
-            w.writerow(header)
-        w.writerows(rows)
-
-
 def generate_demo_data(root: Path, n_train: int = 2000, n_stage1: int = 600, n_stage2: int = 500,
                        n_tune: int = 450, seed: int = 0, quality: int = 92) -> Layout:
     """Write the dataset under ``root``; returns where the images and CSVs are."""
@@ -119,8 +112,8 @@ def generate_demo_data(root: Path, n_train: int = 2000, n_stage1: int = 600, n_s
     n = len(codes)
     unused = [(f"/m/0dmu{i}", f"Unused class {i}") for i in range(UNUSED_TRAINABLE)]
     untrainable = [("/m/0dmx0", "Not trainable"), ("/m/0dmx1", "Red circle")]  # a repeated description
-    _write_csv(comp / "classes-trainable.csv", ["label_code"], [[c] for c, _ in codes + unused])
-    _write_csv(comp / "class-descriptions.csv", ["label_code", "description"], codes + unused + untrainable)
+    atomic_write_csv(comp / "classes-trainable.csv", ["label_code"], [[c] for c, _ in codes + unused])
+    atomic_write_csv(comp / "class-descriptions.csv", ["label_code", "description"], codes + unused + untrainable)
 
     rows = []
     for _ in range(n_train):
@@ -132,7 +125,7 @@ def generate_demo_data(root: Path, n_train: int = 2000, n_stage1: int = 600, n_s
         rows += [[image_id, "verification", codes[k][0], "0"] for k in absent]
         if rng.random() < 0.05:
             rows.append([image_id, "crowdsource-verification", untrainable[0][0], "1"])
-    _write_csv(comp / "train_human_labels.csv", ["ImageID", "Source", "LabelName", "Confidence"], rows)
+    atomic_write_csv(comp / "train_human_labels.csv", ["ImageID", "Source", "LabelName", "Confidence"], rows)
 
     for stage, count in ((1, n_stage1), (2, n_stage2)):
         solution = []
@@ -142,11 +135,11 @@ def generate_demo_data(root: Path, n_train: int = 2000, n_stage1: int = 600, n_s
             labels = _labels(rng, n, 3)
             render_image(rng, labels, shifted=True).save(folder / f"{image_id}.jpg", quality=quality)
             solution.append([image_id, " ".join(codes[k][0] for k in labels)])
-        _write_csv(comp / f"stage_{stage}_solution.csv", ["image_id", "labels"], solution)
-        _write_csv(comp / f"stage_{stage}_sample_submission.csv", ["image_id", "labels"],
+        atomic_write_csv(comp / f"stage_{stage}_solution.csv", ["image_id", "labels"], solution)
+        atomic_write_csv(comp / f"stage_{stage}_sample_submission.csv", ["image_id", "labels"],
                    [[i, f"{codes[0][0]} {codes[1][0]}"] for i, _ in solution])
         if stage == 1:
-            _write_csv(comp / "tuning_labels.csv", None, solution[:n_tune])
+            atomic_write_csv(comp / "tuning_labels.csv", None, solution[:n_tune])
     return layout
 
 

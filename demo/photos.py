@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from demo.data import Layout, _write_csv
+from common.atomic import atomic_write_csv
+from demo.data import Layout
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field",
           "retina", "cat", "motorcycle_left", "page")
@@ -63,8 +64,8 @@ def write_photo_dataset(root: Path, count: int, short_side: int = 256, num_class
     (layout.original_images / "train").mkdir(parents=True, exist_ok=True)
     (layout.competition_data / "stage_1_test_images").mkdir(parents=True, exist_ok=True)
     codes = [f"/m/0ph{i:03d}" for i in range(num_classes)]
-    _write_csv(layout.competition_data / "classes-trainable.csv", ["label_code"], [[c] for c in codes])
-    _write_csv(layout.competition_data / "class-descriptions.csv", ["label_code", "description"],
+    atomic_write_csv(layout.competition_data / "classes-trainable.csv", ["label_code"], [[c] for c in codes])
+    atomic_write_csv(layout.competition_data / "class-descriptions.csv", ["label_code", "description"],
                [[c, f"class {i}"] for i, c in enumerate(codes)])
     rows = []
     for k, jpeg in enumerate(photo_jpegs(count, short_side, seed=seed)):
@@ -72,7 +73,7 @@ def write_photo_dataset(root: Path, count: int, short_side: int = 256, num_class
         (layout.original_images / "train" / f"{image_id}.jpg").write_bytes(jpeg)
         for c in rng.choice(num_classes, size=int(rng.integers(1, 8)), replace=False):
             rows.append([image_id, "verification", codes[c], "1"])
-    _write_csv(layout.competition_data / "train_human_labels.csv", ["ImageID", "Source", "LabelName", "Confidence"],
+    atomic_write_csv(layout.competition_data / "train_human_labels.csv", ["ImageID", "Source", "LabelName", "Confidence"],
                rows)
-    _write_csv(layout.competition_data / "tuning_labels.csv", None, [])
+    atomic_write_csv(layout.competition_data / "tuning_labels.csv", None, [])
     return layout

@@ -11,15 +11,13 @@ gets the most frequent training labels and a row in ``submission_stageN_problems
 """
 from __future__ import annotations
 
-import csv
-import io
 import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from common.atomic import atomic_write, atomic_write_text
+from common.atomic import atomic_write, atomic_write_csv
 from common.cli import command, config_from_args, config_parser
 from common.config import Config, require_file
 from common.errors import UserError
@@ -51,14 +49,6 @@ def fallback_labels(counts: list[int] | None, n: int) -> list[int]:
     if not counts:
         return list(range(n))
     return [int(c) for c in np.argsort(-np.asarray(counts), kind="stable")[:n]]
-
-
-def write_csv(path: Path, header: list[str], rows) -> None:
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(header)
-    w.writerows(rows)
-    atomic_write_text(path, buf.getvalue())
 
 
 def submit(cfg: Config, stage: int, checkpoint: Path | None = None, save_scores: Path | None = None,
@@ -106,8 +96,8 @@ def submit(cfg: Config, stage: int, checkpoint: Path | None = None, save_scores:
     out.mkdir(parents=True, exist_ok=True)
     rows = [(image_id, " ".join(codes[c] for c in chosen.get(i, fallback))) for i, image_id in enumerate(ids)]
     submission = out / f"submission_stage{stage}.csv"
-    write_csv(submission, ["image_id", "labels"], rows)
-    write_csv(out / f"submission_stage{stage}_problems.csv", ["image_id", "reason"],
+    atomic_write_csv(submission, ["image_id", "labels"], rows)
+    atomic_write_csv(out / f"submission_stage{stage}_problems.csv", ["image_id", "reason"],
               [(ids[i], problems[i]) for i in sorted(problems)])
     if save_scores:
         with atomic_write(save_scores, "wb") as f:

@@ -9,9 +9,7 @@ same command; the result is byte-identical to an uninterrupted run with any --wo
 """
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
 import json
 import multiprocessing as mp
 import os
@@ -24,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from common.atomic import atomic_write_text
+from common.atomic import atomic_write_csv, atomic_write_text
 from common.cli import command, config_from_args, config_parser
 from common.config import Config, ConfigError, require_file
 from common.errors import UserError
@@ -214,11 +212,7 @@ def class_counts(split: SplitPlan, num_classes: int) -> list[int]:
 def write_reports(cfg: Config, plan: Plan, state: BuildState, seconds: float) -> dict:
     out = cfg.paths.shards
     rows = sorted(plan.pre_skipped) + sorted(tuple(r) for r in state.skipped)
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["image_id", "split", "reason"])
-    writer.writerows(rows)
-    atomic_write_text(out / SKIPPED, buf.getvalue())
+    atomic_write_csv(out / SKIPPED, ["image_id", "split", "reason"], rows)
     splits = {}
     for name in SPLITS:
         mine = [s for s in state.shards if s["split"] == name]
