@@ -6,9 +6,14 @@ import io
 from pathlib import Path
 
 import numpy as np
+import torch
+import webdataset as wds
 from PIL import Image
+from torchvision import transforms
 
+from common.shard_format import split_shards
 from demo.data import generate_demo_data, render_image
+from preprocessing.images import resized_size
 
 REPO = Path(__file__).resolve().parent.parent
 SIDE = 64  # data.shortest_side of the demo config
@@ -110,3 +115,29 @@ paths:
   output: {output or base / 'output'}
 {extra}""")
     return path
+
+
+def shard_samples(cfg, split):
+    """id -> (PIL image, sorted class list), read with the webdataset library."""
+    out = {}
+    for tar in split_shards(cfg.paths.shards, split).tars:
+        for s in wds.WebDataset(str(tar), shardshuffle=False, empty_check=False):
+            out[s["__key__"]] = (Image.open(io.BytesIO(s["jpg"])).convert("RGB"),
+                                 np.frombuffer(s["labels"], "<i4").tolist())
+    return out
+
+
+def centre_crop_reference(cfg, image: Image.Image, dy: int = 0, dx: int = 0) -> torch.Tensor:
+    """PIL + torchvision: resize short side, normalise, then a centre crop placed as DALI places it.
+
+    DALI (like the shard builder) rounds the resized long side where torchvision's Resize
+    truncates it, and DALI rounds the centre window's corner half up where CenterCrop rounds
+    half to even: either would shift the window by a pixel, so the reference follows DALI.
+    """
+    p = cfg.pipeline
+    image = image.resize(resized_size(*image.size, cfg.data.shortest_side), Image.Resampling.BILINEAR)
+    full = transforms.Compose([transforms.ToTensor(), transforms.Normalize(p.mean, p.std)])(image)
+    c = p.crop_size
+    y0, x0 = (int(np.floor((n - c) / 2 + 0.5)) for n in full.shape[1:])
+    y0, x0 = y0 + dy, x0 + dx  # (dy, dx): a window shifted from the centre, to test placement
+    return full[:, y0:y0 + c, x0:x0 + c]

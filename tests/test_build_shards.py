@@ -16,9 +16,11 @@ import io
 from common.config import load_config
 from common.errors import UserError
 from preprocessing.build_shards import STATE, build_shards
+from preprocessing.images import prepare_image
+from preprocessing.shards import ShardWriter
 from preprocessing.verify import verify
 from tests.conftest import SMALL_SHARDS
-from tests.fixtures import REPO, write_config
+from tests.fixtures import REPO, corrupt_huffman_table, write_config
 
 
 def read_shards(folder: Path, split: str | None = None) -> dict[str, dict]:
@@ -108,10 +110,26 @@ def test_byte_limit_closes_shards(kaggle, tmp_path):
     assert all(s["bytes"] <= 40000 for s in manifest["shards"])
 
 
-def test_output_is_byte_identical_whatever_the_worker_count(built, kaggle, tmp_path):
-    cfg2, _ = built
+def test_every_packed_sample_is_its_own_source_image_prepared(built, kaggle):
+    """Each sample's JPEG is exactly prepare_image() of the file named by its id: no sample is ever
+    attached to another image's pixels, whatever order the workers finish in."""
+    cfg, _ = built
+    layout = kaggle[0]
+    folders = {"train": layout.original_images / "train", "val": layout.original_images / "train",
+               "tune": layout.competition_data / "stage_1_test_images"}
+    samples = read_shards(cfg.paths.shards)
+    assert len(samples) > 40
+    for key, s in samples.items():
+        source = (folders[s["split"]] / f"{key}.jpg").read_bytes()
+        expected, _ = prepare_image(source, cfg.data.shortest_side, cfg.data.jpeg_quality, cfg.data.reduced_decode)
+        assert s["jpg"] == expected, key
+
+
+@pytest.mark.parametrize("workers", [1, 4])
+def test_output_is_byte_identical_whatever_the_worker_count(built, kaggle, tmp_path, workers):
+    cfg2, _ = built  # built with 2 workers
     cfg1 = load_config(write_config(tmp_path / "c.yaml", kaggle[0], tmp_path / "s", SMALL_SHARDS))
-    build_shards(cfg1, workers=1, quiet=True)
+    build_shards(cfg1, workers=workers, quiet=True)
     names = sorted(p.name for p in cfg2.paths.shards.iterdir())
     assert names == sorted(p.name for p in cfg1.paths.shards.iterdir())
     for name in names:
@@ -222,3 +240,52 @@ def test_dali_reads_the_shards_with_their_indexes(built):
         pil = np.asarray(Image.open(io.BytesIO(reference[key]["jpg"])).convert("RGB")).astype(int)
         assert image.shape == pil.shape
         assert np.abs(image.astype(int) - pil).mean() < 2
+
+
+def rewrite_shard(shards: Path, position: int, edit) -> tuple[str, dict]:
+    """Repack one shard after ``edit(samples)`` and make its manifest record and index agree with it,
+    so that verification can find only what ``edit`` broke. Returns the shard's name and the manifest."""
+    manifest = json.loads((shards / "manifest.json").read_text())
+    record = manifest["shards"][position]
+    tar = shards / record["name"]
+    samples = [{k: s[k] for k in ("__key__", "jpg", "labels", "json")}
+               for s in wds.WebDataset(str(tar), shardshuffle=False, empty_check=False)]
+    edit(samples)
+    writer = ShardWriter(shards, record["split"], int(record["name"].split("-")[1][:6]), 1 << 30, 1 << 40)
+    for s in samples:
+        writer.add(s)
+    record.update({k: v for k, v in writer.close().to_dict().items() if k in ("samples", "bytes", "sha256")})
+    (shards / "manifest.json").write_text(json.dumps(manifest))
+    return record["name"], manifest
+
+
+def break_image(samples):
+    samples[1]["jpg"] = corrupt_huffman_table(samples[1]["jpg"])
+
+
+def break_labels(samples):
+    samples[0]["labels"] = np.array([1, 22], dtype="<i4").tobytes()  # 22 classes: 0..21
+
+
+def test_verify_finds_an_image_that_does_not_decode(built_copy):
+    shards, _ = built_copy
+    name, _ = rewrite_shard(shards, 0, break_image)
+    problems = verify(shards, show_progress=False)
+    assert len(problems) == 1 and problems[0].startswith(f"{name}: sample") and "does not decode" in problems[0]
+
+
+def test_verify_finds_a_class_index_out_of_range(built_copy):
+    shards, _ = built_copy
+    name, _ = rewrite_shard(shards, 1, break_labels)
+    problems = verify(shards, show_progress=False)
+    assert len(problems) == 1 and name in problems[0] and "class index out of range 0..21" in problems[0]
+
+
+def test_verify_finds_a_sample_count_that_differs_from_the_manifest(built_copy):
+    shards, _ = built_copy
+    _, manifest = rewrite_shard(shards, 2, lambda samples: None)
+    assert verify(shards, show_progress=False) == []  # repacked as is: consistent
+    manifest["shards"][2]["samples"] += 1
+    (shards / "manifest.json").write_text(json.dumps(manifest))
+    n = manifest["shards"][2]["samples"]
+    assert verify(shards, show_progress=False) == [f"{manifest['shards'][2]['name']}: {n - 1} samples, manifest says {n}"]

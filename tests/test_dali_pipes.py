@@ -9,24 +9,16 @@ from PIL import Image
 from torchvision import transforms
 
 from common.errors import UserError
-from common.shard_format import split_shards
+from common.shard_format import SplitShards, split_shards
 from dali_pipes.baseline import baseline_loader
 from dali_pipes.device import resolve_device
 from dali_pipes.loader import ImageFileLoader, eval_loader, multi_hot, prepare_input, train_loader
 from demo.photos import photo_jpegs
 from preprocessing.images import resized_size
+from preprocessing.shards import ShardWriter, encode_sample
+from tests.fixtures import centre_crop_reference, jpeg_bytes, shard_samples
 
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU; this machine has none")
-
-
-def shard_samples(cfg, split):
-    """id -> (PIL image, sorted class list), read with the webdataset library."""
-    out = {}
-    for tar in split_shards(cfg.paths.shards, split).tars:
-        for s in wds.WebDataset(str(tar), shardshuffle=False, empty_check=False):
-            out[s["__key__"]] = (Image.open(io.BytesIO(s["jpg"])).convert("RGB"),
-                                 np.frombuffer(s["labels"], "<i4").tolist())
-    return out
 
 
 def rows(targets: torch.Tensor) -> list[tuple]:
@@ -81,21 +73,6 @@ def test_eval_covers_every_sample_once_with_its_labels(built):
             assert list(row) == truth[image_id][1]
     assert seen == Counter(dict.fromkeys(truth, 1))
     assert len(loader) == -(-len(truth) // 5)
-
-
-def centre_crop_reference(cfg, image: Image.Image) -> torch.Tensor:
-    """PIL + torchvision: resize short side, normalise, then a centre crop placed as DALI places it.
-
-    DALI (like the shard builder) rounds the resized long side where torchvision's Resize
-    truncates it, and DALI rounds the centre window's corner half up where CenterCrop rounds
-    half to even: either would shift the window by a pixel, so the reference follows DALI.
-    """
-    p = cfg.pipeline
-    image = image.resize(resized_size(*image.size, cfg.data.shortest_side), Image.Resampling.BILINEAR)
-    full = transforms.Compose([transforms.ToTensor(), transforms.Normalize(p.mean, p.std)])(image)
-    c = p.crop_size
-    y0, x0 = (int(np.floor((n - c) / 2 + 0.5)) for n in full.shape[1:])
-    return full[:, y0:y0 + c, x0:x0 + c]
 
 
 def test_eval_pixels_match_the_torchvision_reference(built):
@@ -210,3 +187,53 @@ def test_gpu_pipelines_deliver_on_the_device_and_match_the_cpu(built):
     c = next(iter(eval_loader(cfg, "val", batch_size=4, device=cpu)))
     assert g[2] == c[2]
     assert (g[0].float().cpu() - c[0]).abs().mean() < 0.03
+
+
+def gradient_shards(folder, count: int, width: int = 96, height: int = 64):
+    """Shards of images whose red channel encodes x and green encodes y, so a crop tells where it was
+    taken and whether it was mirrored. Returns (SplitShards, the decoded images by id)."""
+    x = np.linspace(0, 255, width)[None, :].repeat(height, 0)
+    y = np.linspace(0, 255, height)[:, None].repeat(width, 1)
+    pixels = np.stack([x, y, np.full_like(x, 128)], -1).round().astype(np.uint8)
+    writer = ShardWriter(folder, "grad", 0, 1 << 30, 1 << 40)
+    decoded = {}
+    for k in range(count):
+        jpeg = jpeg_bytes(Image.fromarray(pixels))
+        key = f"{k:016x}"
+        writer.add(encode_sample(key, jpeg, np.array([k % 22]), []))
+        decoded[key] = np.asarray(Image.open(io.BytesIO(jpeg)).convert("RGB")).astype(int)
+    record = writer.close()
+    return SplitShards([folder / record.name], [folder / record.index], count, height, 22), decoded
+
+
+def crop_origin(crop: np.ndarray, width: int, height: int) -> tuple[int, int, bool]:
+    """(x0, y0, mirrored) of a crop of a gradient image."""
+    first, last = crop[:, 0, 0].mean(), crop[:, -1, 0].mean()
+    mirrored = first > last
+    x0 = round(min(first, last) * (width - 1) / 255)
+    y0 = round(crop[0, :, 1].mean() * (height - 1) / 255)
+    return x0, y0, mirrored
+
+
+def test_train_crops_are_random_windows_of_the_right_size_and_half_are_mirrored(built, tmp_path):
+    cfg, _ = built
+    cfg = cfg.with_overrides(["pipeline.dtype=uint8"])
+    c = cfg.pipeline.crop_size
+    shards, decoded = gradient_shards(tmp_path, 64)
+    reference = next(iter(decoded.values()))
+    origins, mirrored = Counter(), 0
+    loader = train_loader(cfg, batch_size=16, shards=shards)
+    for _ in range(3):
+        for images, _ in loader:
+            assert images.shape == (16, c, c, 3) and images.dtype == torch.uint8
+            for crop in images.numpy().astype(int):
+                x0, y0, flip = crop_origin(crop, 96, 64)
+                assert 0 <= x0 <= 96 - c and 0 <= y0 <= 64 - c
+                window = reference[y0:y0 + c, x0:x0 + c]
+                assert np.abs((window[:, ::-1] if flip else window) - crop).mean() < 2  # that very window
+                origins[(x0, y0)] += 1
+                mirrored += flip
+    total = sum(origins.values())
+    assert total == 3 * 64
+    assert len({x for x, _ in origins}) >= 12 and len({y for _, y in origins}) >= 5  # positions vary in x and y
+    assert 0.35 < mirrored / total < 0.65

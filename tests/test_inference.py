@@ -16,8 +16,7 @@ from dali_pipes.device import resolve_device
 from inference.predict import predict_files
 from inference.score import read_labels, score
 from inference.submit import submit
-from tests.fixtures import REPO, corrupt_huffman_table, jpeg_bytes, photo, write_config
-from tests.test_dali_pipes import centre_crop_reference
+from tests.fixtures import REPO, centre_crop_reference, corrupt_huffman_table, jpeg_bytes, photo, write_config
 from training.checkpoint import save_checkpoint
 from training.decision import DecisionRule
 from training.metrics import topk_rescore
@@ -97,13 +96,24 @@ def test_a_batch_that_fails_inside_dali_costs_only_the_bad_image(setup, monkeypa
 
 
 def test_dali_predictions_equal_a_pil_torchvision_reference(setup):
-    """Same model, same images: rescored top-5 scores agree within 0.01 (pixel tolerance is in test_dali_pipes)."""
+    """Same model, same images: every input the model is given is the reference's window (no other
+    window 1 or 2 pixels away is closer), and rescored top-5 scores agree within 0.01."""
     cfg, _, _, vocab, _ = setup
     cfg = cfg.with_overrides(["submit.tta=none", "submit.top_k=5"])
     files = sorted((cfg.paths.competition_data / "stage_2_test_images").glob("[0-9a-f]*.jpg"))[:10]
     torch.manual_seed(1)
     model = create_model("test_resnet", len(vocab)).eval()
+    inputs = []
+    hook = model.register_forward_pre_hook(lambda _, args: inputs.append(args[0].detach().clone()))
     pred = predict_files(model, files, cfg, resolve_device("cpu"), show_progress=False)
+    hook.remove()
+    inputs = torch.cat(inputs)
+    assert len(inputs) == len(files)
+    for given, f in zip(inputs, files):
+        image = Image.open(f).convert("RGB")
+        diffs = {(dy, dx): (given - centre_crop_reference(cfg, image, dy, dx)).abs().mean().item()
+                 for dy in range(-2, 3) for dx in range(-2, 3)}
+        assert min(diffs, key=diffs.get) == (0, 0) and diffs[(0, 0)] < 0.03, f.name
     with torch.no_grad():
         batch = torch.stack([centre_crop_reference(cfg, Image.open(f).convert("RGB")) for f in files])
         idx, sc = topk_rescore(model(batch), 5)
@@ -118,6 +128,8 @@ def test_scorer_equals_scikit_learn_in_both_layouts(tmp_path):
     truth = {i: list(rng.choice(codes, rng.integers(1, 4), replace=False)) for i in ids}
     guess = {i: list(rng.choice(codes, rng.integers(0, 5), replace=False)) for i in ids[:35]}  # 5 missing
     guess["ffffffffffffffffffffffff"] = [codes[0]]  # unknown id
+    for i in ids[:3]:  # a label repeated within a row counts once
+        guess[i] = [truth[i][0], truth[i][0], codes[11], codes[11]]
     with open(tmp_path / "sub.csv", "w") as f:
         f.write("image_id,labels\n" + "".join(f"{i},{' '.join(c)}\n" for i, c in guess.items()))
     with open(tmp_path / "truth.csv", "w") as f:  # tuning_labels.csv layout: no header

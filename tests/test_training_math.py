@@ -114,3 +114,26 @@ def test_choose_rule_finds_a_rule_at_least_as_good_as_the_original():
     rule, f2 = choose_rule(idx, sc, truth, min_class_examples=5)
     original = mean_f2(DecisionRule().apply(idx, sc), truth)
     assert f2 >= original and abs(f2 - mean_f2(rule.apply(idx, sc), truth)) < 1e-12
+
+
+def test_choose_rule_sets_per_class_thresholds_where_they_win():
+    """Class 0 is in every image but always scores 0.3, below two negatives at 0.4: no single threshold
+    separates them, while a low threshold for class 0 and a high one elsewhere is perfect."""
+    rng = np.random.default_rng(0)
+    n, c = 200, 10
+    truth, rows = [], []
+    for i in range(n):
+        other = int(rng.integers(1, c))
+        decoys = [(other % 9) + 1, ((other + 1) % 9) + 1]
+        scores = {other: 0.8, 0: 0.3, **{d: 0.4 for d in decoys}}
+        scores.update({j: 0.05 for j in range(c) if j not in scores})
+        ranked = sorted(scores, key=lambda j: -scores[j])
+        truth.append([0, other])
+        rows.append((ranked, [scores[j] for j in ranked]))
+    idx = np.array([r[0] for r in rows])
+    sc = np.array([r[1] for r in rows])
+    global_rule, global_f2 = choose_rule(idx, sc, truth, min_class_examples=10 ** 9)
+    assert not global_rule.class_thresholds and global_f2 < 0.9
+    rule, f2 = choose_rule(idx, sc, truth, min_class_examples=5)
+    assert rule.class_thresholds and f2 > global_f2 + 0.1
+    assert abs(f2 - mean_f2(rule.apply(idx, sc), truth)) < 1e-12

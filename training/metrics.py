@@ -47,10 +47,12 @@ def global_average_precision(indices: np.ndarray, scores: np.ndarray, targets: l
 
 
 def f2_per_image(predicted: list[list[int]], targets: list[list[int]]) -> np.ndarray:
-    """Per-image F2 (beta = 2); an image with no prediction (or no truth) scores 0."""
+    """Per-image F2 (beta = 2); an image with no prediction (or no truth) scores 0. A label repeated
+    within a row counts once, as scikit-learn's multi-hot rows count it."""
     out = np.zeros(len(targets))
     for i, (pred, truth) in enumerate(zip(predicted, targets)):
-        tp = len(set(pred) & set(truth))
+        pred, truth = set(pred), set(truth)
+        tp = len(pred & truth)
         denominator = 5 * tp + 4 * (len(truth) - tp) + (len(pred) - tp)
         out[i] = 5 * tp / denominator if denominator else 0.0
     return out
