@@ -59,7 +59,7 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "std": FLOAT_LIST,
         "baseline_workers": NONNEG_INT,
     },
-    "model": {"name": "str", "channels_last": BOOL, "compile": BOOL},
+    "model": {"name": "str", "drop_rate": FRACTION, "channels_last": BOOL, "compile": BOOL},
     "train": {
         "loss": choice("per_positive_softmax", "bce"),
         "epochs": POS_INT,

@@ -7,11 +7,11 @@ import torch
 from common.errors import UserError
 
 
-def create_model(name: str, num_classes: int, channels_last: bool = False) -> torch.nn.Module:
+def create_model(name: str, num_classes: int, channels_last: bool = False, drop_rate: float = 0.0) -> torch.nn.Module:
     """No pre-trained weights: the competition allowed none."""
     if name not in timm.list_models():
         raise UserError(f"model.name {name!r} is not a timm model (see timm.list_models())")
-    model = timm.create_model(name, pretrained=False, num_classes=num_classes)
+    model = timm.create_model(name, pretrained=False, num_classes=num_classes, drop_rate=drop_rate)
     return model.to(memory_format=torch.channels_last) if channels_last else model
 
 

@@ -167,7 +167,7 @@ def _train(cfg, stage_name, init, quiet, device, d) -> dict:
     vocab = Vocabulary.load(cfg.paths.shards)
     counts = read_manifest(cfg.paths.shards).get("class_counts", {}).get("train")  # inference's fallback labels
     tdev = device.torch_device
-    model = create_model(cfg.model.name, len(vocab), cfg.model.channels_last).to(tdev)
+    model = create_model(cfg.model.name, len(vocab), cfg.model.channels_last, cfg.model.drop_rate).to(tdev)
     opt = torch.optim.SGD(model.parameters(), lr=stage.lr, momentum=cfg.train.momentum,
                           nesterov=cfg.train.nesterov, weight_decay=cfg.train.weight_decay)
     sched = (torch.optim.lr_scheduler.StepLR(opt, stage.step_epochs, cfg.train.lr_gamma) if stage.step_epochs
