@@ -39,9 +39,13 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def endless(loader):
-    """Batches across epoch boundaries."""
-    while True:
-        yield from loader
+    """Batches across epoch boundaries; closing it closes the loader (stopping its workers)."""
+    try:
+        while True:
+            yield from loader
+    finally:
+        if hasattr(loader, "close"):
+            loader.close()
 
 
 def rate(batches, batch_size: int, n: int, repeats: int, warmup: int, step=None) -> dict:

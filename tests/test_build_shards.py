@@ -18,7 +18,7 @@ from common.errors import UserError
 from preprocessing.build_shards import STATE, build_shards
 from preprocessing.images import prepare_image
 from preprocessing.shards import ShardWriter
-from preprocessing.verify import verify
+from preprocessing.verify import main as verify_main, verify
 from tests.conftest import SMALL_SHARDS
 from tests.fixtures import REPO, corrupt_huffman_table, write_config
 
@@ -199,14 +199,14 @@ def test_verify_passes_clean_shards_and_catches_damage(built_copy):
     assert any(manifest["shards"][1]["index"] in p and "does not match" in p for p in problems)
 
 
-def test_verify_command_exits_non_zero_on_a_problem(built_copy, kaggle, tmp_path):
+def test_verify_command_exits_non_zero_on_a_problem(built_copy, kaggle, tmp_path, capsys):
     shards, manifest = built_copy
     (shards / manifest["shards"][-1]["name"]).unlink()
     cfg = write_config(tmp_path / "c.yaml", kaggle[0], shards)
-    r = subprocess.run([sys.executable, "-m", "preprocessing.verify", "--config", str(cfg)], cwd=REPO,
-                       capture_output=True, text=True, timeout=120)
-    assert r.returncode == 1
-    assert f"{manifest['shards'][-1]['name']}: missing" in r.stdout
+    with pytest.raises(SystemExit) as exit_:
+        verify_main(["--config", str(cfg)])
+    assert exit_.value.code == 1
+    assert f"{manifest['shards'][-1]['name']}: missing" in capsys.readouterr().out
 
 
 def test_dali_reads_the_shards_with_their_indexes(built):

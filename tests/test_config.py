@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 
 from common.config import ConfigError, load_config
+from preprocessing.build_shards import main as build_shards_main
 from tests.fixtures import REPO
 
 
@@ -72,9 +73,10 @@ def test_command_reports_a_bad_key_in_one_line_with_exit_code_2():
     assert r.stderr.strip() == "error: unknown config key 'data.nope' in --set"
 
 
-def test_command_names_a_missing_competition_file(tmp_path):
+def test_command_names_a_missing_competition_file(tmp_path, capsys):
     (tmp_path / "c.yaml").write_text(f"extends: {REPO / 'config.yaml'}\npaths:\n  competition_data: {tmp_path}\n")
-    r = run_cli("preprocessing.build_shards", "--config", str(tmp_path / "c.yaml"))
-    assert r.returncode == 2
-    assert r.stderr.strip() == f"error: competition file not found: {tmp_path / 'classes-trainable.csv'}"
+    with pytest.raises(SystemExit) as exit_:
+        build_shards_main(["--config", str(tmp_path / "c.yaml")])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.strip() == f"error: competition file not found: {tmp_path / 'classes-trainable.csv'}"
     assert not list(tmp_path.glob("*.tar"))

@@ -15,7 +15,7 @@ from common.vocab import Vocabulary
 from dali_pipes.device import resolve_device
 from inference.predict import predict_files
 from inference.score import read_labels, score
-from inference.submit import submit
+from inference.submit import main as submit_main, submit
 from tests.fixtures import REPO, centre_crop_reference, corrupt_huffman_table, jpeg_bytes, photo, write_config
 from training.checkpoint import save_checkpoint
 from training.decision import DecisionRule
@@ -145,9 +145,8 @@ def test_scorer_equals_scikit_learn_in_both_layouts(tmp_path):
     assert "5 images of the solution are not in the submission" in r.stderr
 
 
-def test_submit_without_a_checkpoint_is_a_clear_error(setup, tmp_path):
+def test_submit_without_a_checkpoint_is_a_clear_error(setup, tmp_path, capsys):
     cfg, *_ = setup
-    cfg = cfg.with_overrides([f"paths.artifacts={tmp_path}"])
-    r = subprocess.run([sys.executable, "-m", "inference.submit", "--config", str(cfg.source), "--stage", "2",
-                        "--set", f"paths.artifacts={tmp_path}"], cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert r.returncode == 2 and r.stderr.strip().startswith("error: no checkpoint in")
+    with pytest.raises(SystemExit) as exit_:
+        submit_main(["--config", str(cfg.source), "--stage", "2", "--set", f"paths.artifacts={tmp_path}"])
+    assert exit_.value.code == 2 and capsys.readouterr().err.strip().startswith("error: no checkpoint in")

@@ -12,7 +12,7 @@ import torch
 from common.config import load_config
 from common.errors import UserError
 from training.checkpoint import load_checkpoint
-from training.train import TrainingDiverged, train
+from training.train import TrainingDiverged, main as train_main, train
 from tests.fixtures import REPO, write_config
 
 # small and quick: the demo config (timm test_resnet on 56-px crops), a few steps per epoch; the
@@ -122,16 +122,17 @@ def test_two_processes_on_the_cpu_keep_identical_weights(built, kaggle, tmp_path
         assert e["val_images"] == manifest["splits"]["val"]["samples"]  # validation gathered from both ranks
 
 
-def test_a_damaged_checkpoint_is_a_clear_error(trained, tmp_path):
+def test_a_damaged_checkpoint_is_a_clear_error(trained, tmp_path, capsys):
     cfg_path, artifacts = trained
     damaged = tmp_path / "damaged.pt"
     damaged.write_bytes((artifacts / "train" / "checkpoints" / "best.pt").read_bytes()[:5000])
     with pytest.raises(UserError, match="damaged or not a checkpoint"):
         load_checkpoint(damaged)
-    r = run_module(["training.train", "--config", str(cfg_path), "--stage", "tune", "--init", str(damaged),
+    with pytest.raises(SystemExit) as exit_:
+        train_main(["--config", str(cfg_path), "--stage", "tune", "--init", str(damaged),
                     "--set", f"paths.artifacts={tmp_path / 'a'}"])
-    assert r.returncode == 2
-    assert r.stderr.strip().splitlines()[-1].startswith(f"error: checkpoint {damaged} is damaged")
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(f"error: checkpoint {damaged} is damaged")
 
 
 def test_a_diverging_loss_stops_with_a_clear_message(built, kaggle, tmp_path):
