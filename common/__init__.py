@@ -1,1 +1,2 @@
-"""Pieces every stage shares: the config loader, the label vocabulary, the CLI frame."""
+"""What every stage shares: the config schema, the shard format, image checks, labels, seeds, logging, the CLI frame.
+Imports nothing of the project's other packages; every other package may import it."""

@@ -27,11 +27,6 @@ def atomic_write(path: str | Path, mode: str = "w", **kwargs):
         raise
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    with atomic_write(path, "wb") as f:
-        f.write(data)
-
-
 def atomic_write_text(path: str | Path, text: str) -> None:
     with atomic_write(path, "w", encoding="utf-8", newline="") as f:
         f.write(text)

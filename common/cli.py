@@ -1,12 +1,16 @@
-"""The frame every command shares: --config/--set parsing and one-line errors with exit code 2."""
+"""The frame every command shares: --config/--set parsing, logging, and one-line errors with exit code 2."""
 from __future__ import annotations
 
 import argparse
 import functools
+import logging
 import sys
 
 from common.config import Config, load_config
 from common.errors import UserError
+from common.log import setup_logging
+
+log = logging.getLogger(__name__)
 
 
 def config_parser(prog: str, description: str) -> argparse.ArgumentParser:
@@ -24,15 +28,16 @@ def config_from_args(args: argparse.Namespace) -> Config:
 
 
 def command(main):
-    """Run ``main``; a UserError becomes ``error: <message>`` on stderr and exit code 2."""
+    """Run ``main`` with logging set up; a UserError becomes ``error: <message>`` on stderr and exit code 2."""
     @functools.wraps(main)
     def wrapper(argv=None):
+        setup_logging()
         try:
             return main(argv)
         except UserError as exc:
-            print(f"error: {exc}", file=sys.stderr)
+            log.error("%s", exc)
             sys.exit(2)
         except KeyboardInterrupt:
-            print("interrupted", file=sys.stderr)
+            log.error("interrupted")
             sys.exit(130)
     return wrapper

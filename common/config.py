@@ -1,20 +1,27 @@
-"""Load, validate and override the project's YAML config.
+"""Load, validate and override the project's YAML config: the one home of the config schema.
 
-The schema below lists every key with its type; values live only in YAML files
-(``config.yaml`` at the repository root holds the original solution's values).
-A config file may start with ``extends: other.yaml`` to take every value from
-another file and change a few. Relative paths are resolved against the folder of
-the file that sets them (or the current directory for ``--set``).
+Each section is a frozen dataclass below, so code reads ``cfg.train.lr`` with its type
+known and a mistyped key in a YAML file or ``--set`` fails at load with one line. Values
+live only in YAML files (``config.yaml`` at the repository root holds the original
+solution's values). A file may start with ``extends: other.yaml`` to take every value from
+another file and change a few. Relative paths are resolved against the folder of the file
+that sets them (or the current directory for ``--set``). Keys that moved keep working under
+their old names (``RENAMED``), with a one-line deprecation warning.
 """
 from __future__ import annotations
 
 import copy
+import dataclasses
+import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
 import yaml
 
 from common.errors import UserError
+
+log = logging.getLogger(__name__)
 
 
 class ConfigError(UserError):
@@ -29,62 +36,130 @@ FLOAT = "number"
 FRACTION = "number in [0, 1)"
 BOOL = "bool"
 FLOAT_LIST = "list of numbers"
+STR = "str"
 
 
-def choice(*options: str) -> tuple[str, ...]:
-    return tuple(options)
+def key(kind: Any):
+    """A required config key of the given kind (one of the constants above, or a tuple of choices)."""
+    return field(metadata={"kind": kind})
 
 
-SCHEMA: dict[str, dict[str, Any]] = {
-    "paths": {k: PATH for k in ("original_images", "competition_data", "shards", "artifacts", "output")},
-    "data": {
-        "shortest_side": POS_INT,
-        "jpeg_quality": POS_INT,
-        "val_fraction": FRACTION,
-        "seed": ANY_INT,
-        "shard_max_samples": POS_INT,
-        "shard_max_bytes": POS_INT,
-        "reduced_decode": BOOL,
-    },
-    "pipeline": {
-        "device": choice("auto", "gpu", "cpu"),
-        "crop_size": POS_INT,
-        "augmentation": choice("crop_flip", "random_resized_crop"),
-        "dtype": choice("auto", "float16", "float32", "uint8"),
-        "layout": choice("NCHW", "NHWC"),
-        "num_threads": POS_INT,
-        "prefetch_queue_depth": POS_INT,
-        "shuffle_buffer": POS_INT,
-        "mean": FLOAT_LIST,
-        "std": FLOAT_LIST,
-        "baseline_workers": NONNEG_INT,
-    },
-    "model": {"name": "str", "drop_rate": FRACTION, "channels_last": BOOL, "compile": BOOL},
-    "train": {
-        "loss": choice("per_positive_softmax", "bce"),
-        "epochs": POS_INT,
-        "batch_size": POS_INT,
-        "lr": FLOAT,
-        "lr_step_epochs": POS_INT,
-        "lr_gamma": FLOAT,
-        "momentum": FLOAT,
-        "nesterov": BOOL,
-        "weight_decay": FLOAT,
-        "amp": BOOL,
-        "max_steps_per_epoch": NONNEG_INT,
-        "log_every": POS_INT,
-    },
-    "tune": {"epochs": POS_INT, "lr": FLOAT, "holdout_fraction": FRACTION, "min_class_examples": POS_INT},
-    "validation": {"top_k": POS_INT},
-    "submit": {
-        "top_k": POS_INT,
-        "threshold": FLOAT,
-        "max_labels": POS_INT,
-        "min_labels": POS_INT,
-        "tta": choice("none", "flip", "tencrop"),
-        "batch_size": POS_INT,
-    },
+@dataclass(frozen=True)
+class Paths:
+    original_images: Path = key(PATH)
+    competition_data: Path = key(PATH)
+    shards: Path = key(PATH)
+    artifacts: Path = key(PATH)
+    output: Path = key(PATH)
+
+
+@dataclass(frozen=True)
+class Data:
+    """Read by preprocessing (shard settings) and by every seeded step (``seed``)."""
+    shortest_side: int = key(POS_INT)
+    jpeg_quality: int = key(POS_INT)
+    val_fraction: float = key(FRACTION)
+    seed: int = key(ANY_INT)
+    shard_max_samples: int = key(POS_INT)
+    shard_max_bytes: int = key(POS_INT)
+    reduced_decode: bool = key(BOOL)
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    """Read by dali_pipes."""
+    device: str = key(("auto", "gpu", "cpu"))
+    crop_size: int = key(POS_INT)
+    augmentation: str = key(("crop_flip", "random_resized_crop"))
+    dtype: str = key(("auto", "float16", "float32", "uint8"))
+    num_threads: int = key(POS_INT)
+    prefetch_queue_depth: int = key(POS_INT)
+    shuffle_buffer: int = key(POS_INT)
+    mean: list = key(FLOAT_LIST)
+    std: list = key(FLOAT_LIST)
+    baseline_workers: int = key(NONNEG_INT)
+
+
+@dataclass(frozen=True)
+class Model:
+    """Read by the model package, so by training and inference alike; ``channels_last`` is the one
+    memory-format setting (the pipelines' float layout follows it)."""
+    name: str = key(STR)
+    drop_rate: float = key(FRACTION)
+    channels_last: bool = key(BOOL)
+    compile: bool = key(BOOL)
+    amp: bool = key(BOOL)
+
+
+@dataclass(frozen=True)
+class Train:
+    loss: str = key(("per_positive_softmax", "bce"))
+    epochs: int = key(POS_INT)
+    batch_size: int = key(POS_INT)
+    lr: float = key(FLOAT)
+    lr_step_epochs: int = key(POS_INT)
+    lr_gamma: float = key(FLOAT)
+    momentum: float = key(FLOAT)
+    nesterov: bool = key(BOOL)
+    weight_decay: float = key(FLOAT)
+    max_steps_per_epoch: int = key(NONNEG_INT)
+    log_every: int = key(POS_INT)
+
+
+@dataclass(frozen=True)
+class Tune:
+    epochs: int = key(POS_INT)
+    lr: float = key(FLOAT)
+    holdout_fraction: float = key(FRACTION)
+    min_class_examples: int = key(POS_INT)
+
+
+@dataclass(frozen=True)
+class Predict:
+    """What validation (training) and submissions (inference) share."""
+    top_k: int = key(POS_INT)
+    tta: str = key(("none", "flip", "tencrop"))
+    batch_size: int = key(POS_INT)
+    max_labels: int = key(POS_INT)
+
+
+@dataclass(frozen=True)
+class Submit:
+    threshold: float = key(FLOAT)
+    min_labels: int = key(POS_INT)
+
+
+SECTIONS: dict[str, type] = {"paths": Paths, "data": Data, "pipeline": Pipeline, "model": Model, "train": Train,
+                             "tune": Tune, "predict": Predict, "submit": Submit}
+SCHEMA: dict[str, dict[str, Any]] = {name: {f.name: f.metadata["kind"] for f in dataclasses.fields(cls)}
+                                     for name, cls in SECTIONS.items()}
+
+
+def _layout_to_channels_last(value: Any) -> Any:
+    if value not in ("NCHW", "NHWC"):
+        raise ConfigError(f"config key 'pipeline.layout' must be one of NCHW, NHWC, got {value!r}")
+    return value == "NHWC"
+
+
+# old dotted key -> (new dotted key, value conversion)
+RENAMED: dict[str, tuple[str, Any]] = {
+    "pipeline.layout": ("model.channels_last", _layout_to_channels_last),
+    "train.amp": ("model.amp", None),
+    "validation.top_k": ("predict.top_k", None),
+    "submit.top_k": ("predict.top_k", None),
+    "submit.tta": ("predict.tta", None),
+    "submit.batch_size": ("predict.batch_size", None),
+    "submit.max_labels": ("predict.max_labels", None),
 }
+OLD_SECTIONS = {old.split(".")[0] for old in RENAMED} - set(SECTIONS)
+
+
+def _renamed(old: str, value: Any, where: str) -> tuple[str, str, Any]:
+    """(section, key, value) under the new name, with a one-line deprecation warning."""
+    new, convert = RENAMED[old]
+    log.warning("config key '%s' (%s) is now '%s'; the old name still works but will go", old, where, new)
+    section, name = new.split(".")
+    return section, name, convert(value) if convert else value
 
 
 def _check(key: str, spec: Any, value: Any, base: Path) -> Any:
@@ -104,7 +179,7 @@ def _check(key: str, spec: Any, value: Any, base: Path) -> Any:
             raise bad("one of " + ", ".join(spec))
         return value
     if spec == PATH:
-        if not isinstance(value, str) or not value:
+        if not isinstance(value, (str, Path)) or not str(value):
             raise bad("a path")
         p = Path(value).expanduser()
         return p if p.is_absolute() else (base / p).resolve()
@@ -133,40 +208,36 @@ def _check(key: str, spec: Any, value: Any, base: Path) -> Any:
                 isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
             raise bad("a list of numbers")
         return [float(v) for v in value]
-    elif spec == "str":
+    elif spec == STR:
         if not isinstance(value, str) or not value:
             raise bad("a non-empty string")
     return value
 
 
-class Section:
-    """Attribute access over one validated section (``cfg.data.seed``)."""
-
-    def __init__(self, name: str, values: dict[str, Any]):
-        self._name = name
-        self.__dict__.update(values)
-
-    def __getattr__(self, item):  # only called for missing attributes
-        raise AttributeError(f"config has no key '{self._name}.{item}'")
-
-    def to_dict(self) -> dict[str, Any]:
-        return {k: (str(v) if isinstance(v, Path) else v) for k, v in self.__dict__.items() if k != "_name"}
-
-
+@dataclass(frozen=True)
 class Config:
     """A validated config: ``cfg.paths.shards`` (a resolved Path), ``cfg.train.lr`` ..."""
-
-    def __init__(self, values: dict[str, dict[str, Any]], source: Path | None):
-        self.source = source
-        for name, section in values.items():
-            setattr(self, name, Section(name, section))
+    paths: Paths
+    data: Data
+    pipeline: Pipeline
+    model: Model
+    train: Train
+    tune: Tune
+    predict: Predict
+    submit: Submit
+    source: Path | None = None
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
-        return {name: getattr(self, name).to_dict() for name in SCHEMA}
+        return {name: {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(
+            getattr(self, name)).items()} for name in SECTIONS}
 
     def with_overrides(self, overrides: Iterable[str]) -> "Config":
         raw = copy.deepcopy(self.to_dict())
-        return Config(_validate(_apply_sets(raw, overrides, Path.cwd()), Path.cwd()), self.source)
+        return _build(_validate(_apply_sets(raw, overrides, Path.cwd()), Path.cwd()), self.source)
+
+
+def _build(values: dict[str, dict[str, Any]], source: Path | None) -> Config:
+    return Config(**{name: cls(**values[name]) for name, cls in SECTIONS.items()}, source=source)
 
 
 def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
@@ -188,17 +259,29 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     if "extends" in data:
         parent = Path(str(data.pop("extends"))).expanduser()
         merged = _read_yaml(parent if parent.is_absolute() else path.parent / parent, seen + (path,))
+    mine: dict[str, dict[str, Any]] = {}
     for section, values in data.items():
-        if section not in SCHEMA:
+        if section not in SCHEMA and section not in OLD_SECTIONS:
             raise ConfigError(f"unknown config key '{section}' in {path}")
         if not isinstance(values, dict):
             raise ConfigError(f"config key '{section}' in {path} must be a mapping")
-        target = merged.setdefault(section, {})
-        for key, value in values.items():
-            if SCHEMA[section].get(key) == PATH and isinstance(value, str):
+        for name, value in values.items():
+            if f"{section}.{name}" in RENAMED:
+                new_section, new_name, value = _renamed(f"{section}.{name}", value, str(path))
+                if new_name in data.get(new_section, {}) or new_name in mine.get(new_section, {}):
+                    raise ConfigError(f"{path} sets both '{section}.{name}' and '{new_section}.{new_name}'; "
+                                      f"keep only '{new_section}.{new_name}'")
+                section_out, name = new_section, new_name
+            elif section not in SCHEMA:
+                raise ConfigError(f"unknown config key '{section}.{name}' in {path}")
+            else:
+                section_out = section
+            if SCHEMA.get(section_out, {}).get(name) == PATH and isinstance(value, str):
                 p = Path(value).expanduser()
                 value = str(p if p.is_absolute() else (path.parent / p).resolve())
-            target[key] = value
+            mine.setdefault(section_out, {})[name] = value
+    for section, values in mine.items():
+        merged.setdefault(section, {}).update(values)
     return merged
 
 
@@ -206,17 +289,22 @@ def _apply_sets(raw: dict[str, Any], overrides: Iterable[str], base: Path) -> di
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"--set expects dotted.key=value, got {item!r}")
-        key, text = item.split("=", 1)
-        parts = key.strip().split(".")
-        if len(parts) != 2 or parts[0] not in SCHEMA or parts[1] not in SCHEMA[parts[0]]:
-            raise ConfigError(f"unknown config key '{key.strip()}' in --set")
+        dotted, text = item.split("=", 1)
+        dotted = dotted.strip()
         try:
             value = yaml.safe_load(text) if text.strip() else text
         except yaml.YAMLError:
             value = text
-        if SCHEMA[parts[0]][parts[1]] == PATH:
+        parts = dotted.split(".")
+        if dotted in RENAMED:
+            section, name, value = _renamed(dotted, value, "--set")
+        elif len(parts) == 2 and parts[0] in SCHEMA and parts[1] in SCHEMA[parts[0]]:
+            section, name = parts
+        else:
+            raise ConfigError(f"unknown config key '{dotted}' in --set")
+        if SCHEMA[section][name] == PATH:
             value = str((base / Path(text).expanduser()).resolve())
-        raw.setdefault(parts[0], {})[parts[1]] = value
+        raw.setdefault(section, {})[name] = value
     return raw
 
 
@@ -224,14 +312,14 @@ def _validate(raw: dict[str, Any], base: Path) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
     for section, spec in SCHEMA.items():
         given = raw.get(section, {})
-        for key in given:
-            if key not in spec:
-                raise ConfigError(f"unknown config key '{section}.{key}'")
+        for name in given:
+            if name not in spec:
+                raise ConfigError(f"unknown config key '{section}.{name}'")
         out[section] = {}
-        for key, kind in spec.items():
-            if key not in given:
-                raise ConfigError(f"config key '{section}.{key}' is missing")
-            out[section][key] = _check(f"{section}.{key}", kind, given[key], base)
+        for name, kind in spec.items():
+            if name not in given:
+                raise ConfigError(f"config key '{section}.{name}' is missing")
+            out[section][name] = _check(f"{section}.{name}", kind, given[name], base)
     return out
 
 
@@ -239,7 +327,7 @@ def load_config(path: str | Path = "config.yaml", overrides: Iterable[str] = ())
     """Read ``path``, apply ``--set`` overrides, validate everything; raise ConfigError on any problem."""
     path = Path(path)
     raw = _apply_sets(_read_yaml(path), overrides, Path.cwd())
-    return Config(_validate(raw, path.resolve().parent), path.resolve())
+    return _build(_validate(raw, path.resolve().parent), path.resolve())
 
 
 def require_file(path: Path, what: str = "required file") -> Path:

@@ -1,21 +1,192 @@
-"""The shard format contract between the shard builder (writer) and the loaders (readers).
+"""The shard format: the one module that writes it and reads it back.
 
-A split's shards are ``<split>-NNNNNN.tar`` with a DALI index ``<split>-NNNNNN.idx``
-beside each; ``manifest.json`` lists them with their sample counts. Each sample is
-``<id>.jpg`` (RGB baseline JPEG), ``<id>.labels`` (class indices, little-endian int32)
-and ``<id>.json`` (``{"image_id": ..., "labels": [label codes]}``).
+A split's shards are ``<split>-NNNNNN.tar`` with a DALI index ``<split>-NNNNNN.idx`` beside
+each; ``manifest.json`` lists them with their sample counts, sizes and sha256. Each sample
+is ``<id>.jpg`` (RGB baseline JPEG), ``<id>.labels`` (class indices, little-endian int32)
+and ``<id>.json`` (``{"image_id": ..., "labels": [label codes]}``). A shard is written under
+a temporary name and renamed only once complete; its tar headers carry fixed metadata, so
+its bytes depend only on its samples.
 """
 from __future__ import annotations
 
+import hashlib
 import json
-from dataclasses import dataclass
+import os
+import tarfile
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Iterator
 
+import numpy as np
+
+from common.atomic import atomic_write_text, tmp_name
 from common.errors import UserError
 
 MANIFEST = "manifest.json"
 EXTENSIONS = ("jpg", "labels", "json")
 SPLITS = ("train", "val", "tune")
+SHARD_GLOB = "*-[0-9]*.tar"
+INDEX_GLOB = "*-[0-9]*.idx"
+LABEL_DTYPE = "<i4"
+TAR_BLOCK = 512
+
+
+def shard_name(split: str, number: int) -> str:
+    return f"{split}-{number:06d}.tar"
+
+
+def index_name(tar_name: str) -> str:
+    return tar_name[: -len(".tar")] + ".idx"
+
+
+def encode_sample(image_id: str, jpeg: bytes, classes, codes: list[str]) -> dict:
+    """The three files of one sample: image, raw little-endian int32 classes, JSON metadata."""
+    return {
+        "__key__": image_id,
+        "jpg": jpeg,
+        "labels": np.asarray(classes, dtype=LABEL_DTYPE).tobytes(),
+        "json": json.dumps({"image_id": image_id, "labels": codes}, separators=(",", ":")).encode(),
+    }
+
+
+def decode_labels(raw: bytes) -> np.ndarray:
+    """A ``.labels`` file's class indices; ValueError when it is not a whole number of int32."""
+    if len(raw) % 4:
+        raise ValueError(f".labels holds {len(raw)} bytes, not a whole number of int32")
+    return np.frombuffer(raw, dtype=LABEL_DTYPE)
+
+
+def decode_meta(raw: bytes) -> dict:
+    """A ``.json`` file's metadata (DALI hands it over zero-padded: the padding is dropped)."""
+    return json.loads(bytes(raw).rstrip(b"\0"))
+
+
+def iter_samples(tar_path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, {extension: bytes}) per sample in file order; a sample's files are adjacent, so one sample
+    is held at a time. Raises tarfile.TarError or OSError when the tar cannot be read."""
+    with tarfile.open(tar_path) as tar:
+        key, files = None, {}
+        for member in tar:
+            if not member.isfile():
+                continue
+            k, _, ext = member.name.partition(".")
+            if k != key and files:
+                yield key, files
+                files = {}
+            key = k
+            files[ext] = tar.extractfile(member).read()
+        if files:
+            yield key, files
+
+
+def tar_size(sample: dict) -> int:
+    """Bytes a sample takes in the tar: a header block per file plus its padded data."""
+    return sum(TAR_BLOCK + -(-len(sample[e]) // TAR_BLOCK) * TAR_BLOCK for e in EXTENSIONS)
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_index(tar_path: Path, idx_path: Path) -> None:
+    """DALI's own ``wds2idx`` index, written atomically."""
+    from wds2idx import IndexCreator  # shipped with DALI
+
+    tmp = tmp_name(idx_path)
+    with IndexCreator(str(tar_path), str(tmp), verbose=False) as creator:
+        creator.create_index()
+    os.replace(tmp, idx_path)
+
+
+def index_samples(idx_path: Path) -> int:
+    """The sample count in a DALI index's header line (``v1.2 <samples>``)."""
+    return int(Path(idx_path).read_text().split(maxsplit=2)[1])
+
+
+@dataclass
+class ShardRecord:
+    """One shard as the manifest lists it."""
+    name: str
+    split: str
+    samples: int
+    bytes: int
+    sha256: str
+    index: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class ShardWriter:
+    """Packs samples into ``<split>-NNNNNN.tar`` until a sample or byte limit would be passed."""
+
+    END_OF_ARCHIVE = 2 * TAR_BLOCK
+    RECORD = 20 * TAR_BLOCK  # tarfile pads a stream to whole 10 KiB records
+
+    def __init__(self, folder: Path, split: str, first_number: int, max_samples: int, max_bytes: int):
+        self.folder, self.split = Path(folder), split
+        self.number = first_number
+        self.max_samples, self.max_bytes = max_samples, max_bytes
+        self._file = self._tar = None
+        self.samples = self.bytes = 0
+
+    def would_overflow(self, sample: dict) -> bool:
+        size = self.bytes + tar_size(sample) + self.END_OF_ARCHIVE
+        size = -(-size // self.RECORD) * self.RECORD
+        return self.samples > 0 and (self.samples >= self.max_samples or size > self.max_bytes)
+
+    def add(self, sample: dict) -> None:
+        if self._tar is None:
+            import webdataset as wds  # imported here: it imports torch, which only writing needs
+
+            self._file = open(tmp_name(self.folder / shard_name(self.split, self.number)), "wb")
+            # int mtime: no PAX header; no encoder: the sample is bytes already
+            self._tar = wds.TarWriter(self._file, user="", group="", mode=0o444, mtime=0, encoder=False)
+        self._tar.write(sample)
+        self.samples += 1
+        self.bytes += tar_size(sample)
+
+    @property
+    def is_open(self) -> bool:
+        return self._tar is not None
+
+    def close(self) -> ShardRecord:
+        """Finish the current shard: flush, fsync, rename, index. Returns its record."""
+        name = shard_name(self.split, self.number)
+        final = self.folder / name
+        self._tar.close()  # closes the tar stream, not our file
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        os.replace(tmp_name(final), final)
+        write_index(final, self.folder / index_name(name))
+        record = ShardRecord(name, self.split, self.samples, final.stat().st_size, file_sha256(final),
+                             index_name(name))
+        self._file = self._tar = None
+        self.samples = self.bytes = 0
+        self.number += 1
+        return record
+
+    def abandon(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            tmp_name(self.folder / shard_name(self.split, self.number)).unlink(missing_ok=True)
+        self._file = self._tar = None
+
+
+def read_manifest(shards_dir: Path) -> dict:
+    path = Path(shards_dir) / MANIFEST
+    if not path.is_file():
+        raise UserError(f"no manifest at {path}: run preprocessing.build_shards first")
+    return json.loads(path.read_text())
+
+
+def write_manifest(shards_dir: Path, manifest: dict) -> None:
+    atomic_write_text(Path(shards_dir) / MANIFEST, json.dumps(manifest, indent=1) + "\n")
 
 
 @dataclass(frozen=True)
@@ -25,13 +196,6 @@ class SplitShards:
     samples: int
     shortest_side: int
     num_classes: int
-
-
-def read_manifest(shards_dir: Path) -> dict:
-    path = Path(shards_dir) / MANIFEST
-    if not path.is_file():
-        raise UserError(f"no manifest at {path}: run preprocessing.build_shards first")
-    return json.loads(path.read_text())
 
 
 def split_shards(shards_dir: Path, split: str) -> SplitShards:

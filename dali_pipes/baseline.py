@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import os
 
-import numpy as np
 import torch
 import webdataset as wds
 from torch.utils.data import DataLoader
 from torchvision import transforms
 
 from common.config import Config
-from common.shard_format import SplitShards, split_shards
+from common.shard_format import SplitShards, decode_labels, split_shards
 from dali_pipes.loader import multi_hot
 
 
@@ -32,7 +31,7 @@ def eval_transform(resize_shorter: int, crop: int, mean, std):
 
 def _collate(samples):
     images = torch.stack([s[0] for s in samples])
-    lists = [np.frombuffer(s[1], dtype="<i4") for s in samples]
+    lists = [decode_labels(s[1]) for s in samples]
     padded = torch.full((len(lists), max(len(x) for x in lists)), -1, dtype=torch.int32)
     for i, x in enumerate(lists):
         padded[i, :len(x)] = torch.from_numpy(x.copy())

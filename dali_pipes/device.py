@@ -1,12 +1,15 @@
 """Pick where the pipelines run: ``pipeline.device`` is auto, gpu or cpu."""
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 
 import torch
 
 from common.errors import UserError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -30,5 +33,5 @@ def resolve_device(choice: str, local_rank: int | None = None, announce: bool = 
     device = PipeDevice(kind, local_rank if kind == "gpu" else None)
     if announce:
         where = f"GPU {local_rank} ({torch.cuda.get_device_name(local_rank)})" if kind == "gpu" else "the CPU"
-        print(f"DALI pipelines run on {where} (pipeline.device={choice})")
+        log.info("DALI pipelines run on %s (pipeline.device=%s)", where, choice)
     return device

@@ -4,13 +4,14 @@
     for images, targets, image_ids in eval_loader(cfg, "val", rank, world_size): ...
     for images, positions in ImageFileLoader(cfg, files): ...
 
-Images arrive on the pipeline's device (the GPU, with no copy through the host, or the
-CPU), targets as a multi-hot float matrix ``[batch, num_classes]`` on the same device.
+Images arrive on the pipeline's device in one of two forms: normalised float from a GPU
+pipeline (with no copy through the host), or uint8 HWC crops from a CPU pipeline;
+``prepare_input`` turns either into the model's input. Targets arrive as a multi-hot float
+matrix ``[batch, num_classes]`` on the same device.
 """
 from __future__ import annotations
 
 import functools
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +21,8 @@ from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
 from common.config import Config
 from common.errors import UserError
-from common.shard_format import SplitShards, split_shards
+from common.seeds import int_seed
+from common.shard_format import SplitShards, decode_meta, split_shards
 from dali_pipes.device import PipeDevice, resolve_device
 from dali_pipes.pipelines import READER, Output, eval_pipeline, image_file_pipeline, train_pipeline
 
@@ -36,8 +38,7 @@ def multi_hot(padded: torch.Tensor, num_classes: int) -> torch.Tensor:
 
 def decode_ids(padded_json: torch.Tensor) -> list[str]:
     """Image ids from the zero-padded ``.json`` bytes of an eval batch."""
-    rows = padded_json.cpu().numpy()
-    return [json.loads(bytes(r).rstrip(b"\0"))["image_id"] for r in rows]
+    return [decode_meta(row)["image_id"] for row in padded_json.cpu().numpy()]
 
 
 def output_dtype(choice: str, device: PipeDevice) -> str:
@@ -50,7 +51,7 @@ def output_dtype(choice: str, device: PipeDevice) -> str:
 
 def _pipe_args(cfg: Config, device: PipeDevice, batch_size: int, seed: int) -> dict:
     p = cfg.pipeline
-    out = Output(p.crop_size, output_dtype(p.dtype, device), p.layout, tuple(p.mean), tuple(p.std))
+    out = Output(p.crop_size, output_dtype(p.dtype, device), cfg.model.channels_last, tuple(p.mean), tuple(p.std))
     return dict(batch_size=batch_size, num_threads=p.num_threads, device_id=device.device_id,
                 prefetch_queue_depth=p.prefetch_queue_depth, seed=seed, on_gpu=device.kind == "gpu", out=out)
 
@@ -63,30 +64,18 @@ def _normalisation(mean: tuple, std: tuple, device: torch.device) -> tuple[torch
 
 
 def prepare_input(images: torch.Tensor, cfg: Config) -> torch.Tensor:
-    """A loader's images -> the model's input: normalised float, NCHW-shaped, on the images' device.
+    """The one adapter from a loader's images to the model's input: normalised float, NCHW-shaped,
+    channels-last in memory exactly when ``model.channels_last``, on the images' device.
 
-    Float batches from DALI pass through (NHWC ones become channels-last NCHW views); uint8
-    crops (``[..., H, W, C]``) are normalised here, where the model runs.
+    uint8 crops (``[..., H, W, C]``, from a CPU pipeline) are normalised here, where the model runs;
+    float batches (normalised by DALI) pass through, HWC ones as channels-last views (no copy).
     """
-    p = cfg.pipeline
+    channels_last = cfg.model.channels_last
     if images.dtype == torch.uint8:
-        mean, scale = _normalisation(tuple(p.mean), tuple(p.std), images.device)
-        dtype = torch.float16 if p.dtype == "float16" else torch.float32
-        images = ((images.float() - mean) * scale).to(dtype).movedim(-1, -3)
-        return images.contiguous() if p.layout == "NCHW" else images
-    if p.layout == "NHWC":
-        return images.movedim(-1, -3)  # a channels-last view, no copy
-    return images
-
-
-@torch.no_grad()
-def view_averaged_logits(model, images: torch.Tensor, cfg: Config, amp_dtype=None) -> torch.Tensor:
-    """The model's logits per image, averaged over test-time views (``[B, V, ...]`` batches)."""
-    x = prepare_input(images, cfg)
-    views = x.shape[1] if x.dim() == 5 else 1
-    with torch.autocast("cuda", dtype=amp_dtype, enabled=amp_dtype is not None):
-        logits = model(x.flatten(0, 1) if views > 1 else x).float()
-    return logits.view(-1, views, logits.shape[-1]).mean(1)
+        mean, scale = _normalisation(tuple(cfg.pipeline.mean), tuple(cfg.pipeline.std), images.device)
+        images = ((images.float() - mean) * scale).movedim(-1, -3)
+        return images if channels_last else images.contiguous()
+    return images.movedim(-1, -3) if channels_last else images
 
 
 def eval_resize(cfg: Config, shards: SplitShards) -> int | None:
@@ -126,7 +115,7 @@ def build_train_pipeline(cfg: Config, shards: SplitShards, rank: int, world_size
     Seeding by epoch makes a pass's order independent of the passes before it in this process,
     so a resumed training run sees exactly the data of an uninterrupted one.
     """
-    seed = (cfg.data.seed + 1_000_003 * epoch + 7919 * rank) & 0x7FFFFFFF
+    seed = int_seed(cfg.data.seed, "train_reader", epoch, rank)
     pipe = train_pipeline(shards.tars, shards.indexes, augmentation=cfg.pipeline.augmentation,
                           initial_fill=cfg.pipeline.shuffle_buffer, shard_id=rank, num_shards=world_size,
                           reader_seed=seed, **_pipe_args(cfg, device, batch_size, seed))
@@ -156,7 +145,7 @@ def eval_loader(cfg: Config, split: str = "val", rank: int = 0, world_size: int 
     """Every sample of this rank's part exactly once per pass, the last partial batch included."""
     shards = shards or split_shards(cfg.paths.shards, split)
     device = device or resolve_device(cfg.pipeline.device)
-    batch_size = batch_size or cfg.submit.batch_size
+    batch_size = batch_size or cfg.predict.batch_size
     pipe = eval_pipeline(shards.tars, shards.indexes, resize_shorter=eval_resize(cfg, shards), tta=tta,
                          shard_id=rank, num_shards=world_size, **_pipe_args(cfg, device, batch_size, 0))
     pipe.build()
@@ -171,7 +160,7 @@ class ImageFileLoader:
     def __init__(self, cfg: Config, files: list[Path], tta: str = "none", batch_size: int | None = None,
                  device: PipeDevice | None = None, rank: int = 0, world_size: int = 1):
         device = device or resolve_device(cfg.pipeline.device)
-        batch_size = batch_size or cfg.submit.batch_size
+        batch_size = batch_size or cfg.predict.batch_size
         pipe = image_file_pipeline(files, resize_shorter=cfg.data.shortest_side, tta=tta, shard_id=rank,
                                    num_shards=world_size, **_pipe_args(cfg, device, batch_size, 0))
         pipe.build()

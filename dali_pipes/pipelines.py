@@ -3,8 +3,8 @@
 Every graph runs on the GPU (``device="mixed"`` decoding, the rest on the device) or, with
 ``device_id=None``, entirely on the CPU. Crops are taken before any per-pixel float work,
 and the train crop is decoded alone (ROI decoding). With ``dtype="uint8"`` the graphs stop
-at flipped uint8 crops (HWC) and ``dali_pipes.loader.prepare_input`` normalises them on the
-training device: on a CPU, normalising costs as much as decoding, and on a GPU it is free.
+at flipped uint8 crops (HWC) and ``dali_pipes.loader.prepare_input`` normalises them where the
+model runs: on a CPU, normalising in DALI costs as much as decoding, and on a GPU it is free.
 """
 from __future__ import annotations
 
@@ -24,10 +24,11 @@ GPU_DECODER_ARGS = dict(hw_decoder_load=0.65, device_memory_padding=64 << 20, ho
 
 @dataclass(frozen=True)
 class Output:
-    """What a graph hands over: ``dtype`` float16/float32 (normalised) or uint8 (raw crops, HWC)."""
+    """What a graph hands over: ``dtype`` float16/float32 (normalised; HWC when ``channels_last``, else CHW)
+    or uint8 (raw crops, always HWC)."""
     crop: int
     dtype: str
-    layout: str  # NCHW or NHWC; uint8 output is always HWC
+    channels_last: bool
     mean: tuple
     std: tuple
 
@@ -63,7 +64,7 @@ def finish(images, out: Output, crop: bool = True, crop_pos_x=0.5, crop_pos_y=0.
             images = fn.crop(images, **window)
         return fn.flip(images, horizontal=mirror)
     return fn.crop_mirror_normalize(
-        images, mirror=mirror, dtype=DALI_TYPES[out.dtype], output_layout="CHW" if out.layout == "NCHW" else "HWC",
+        images, mirror=mirror, dtype=DALI_TYPES[out.dtype], output_layout="HWC" if out.channels_last else "CHW",
         mean=[255 * m for m in out.mean], std=[255 * s for s in out.std], **window)
 
 

@@ -12,6 +12,7 @@ which is the challenge in miniature.
 from __future__ import annotations
 
 import argparse
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +20,9 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from common.atomic import atomic_write_csv
+from common.cli import command
+
+log = logging.getLogger(__name__)
 
 SHAPES = ("circle", "square", "triangle", "cross")
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 70, 220),
@@ -143,6 +147,7 @@ def generate_demo_data(root: Path, n_train: int = 2000, n_stage1: int = 600, n_s
     return layout
 
 
+@command
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m demo.data", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -154,7 +159,7 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     layout = generate_demo_data(args.out, args.train, args.stage1, args.stage2, args.tune, args.seed)
-    print(f"demo data in {layout.competition_data} and {layout.original_images}")
+    log.info("demo data in %s and %s", layout.competition_data, layout.original_images)
 
 
 if __name__ == "__main__":

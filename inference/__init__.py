@@ -1,1 +1,2 @@
-"""Kaggle submissions from a tuned checkpoint through the dali_pipes test-image pipeline, and a scorer."""
+"""Kaggle submissions through the dali_pipes test-image pipeline, and a scorer.
+May import common, dali_pipes and model."""

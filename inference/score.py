@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import argparse
 import csv
-import sys
+import logging
 from pathlib import Path
 
 from common.cli import command
 from common.errors import UserError
-from training.metrics import f2_per_image
+from model.metrics import f2_per_image
+
+log = logging.getLogger(__name__)
 
 
 def read_labels(path: Path) -> dict[str, list[str]]:
@@ -49,10 +51,10 @@ def main(argv=None):
     args = parser.parse_args(argv)
     value, missing, unknown = score(read_labels(args.submission), read_labels(args.solution))
     if missing:
-        print(f"warning: {missing} images of the solution are not in the submission (scored 0)", file=sys.stderr)
+        log.warning("%d images of the solution are not in the submission (scored 0)", missing)
     if unknown:
-        print(f"warning: {len(unknown)} submission ids are not in the solution, e.g. {unknown[:3]}", file=sys.stderr)
-    print(f"mean F2: {value:.5f}")
+        log.warning("%d submission ids are not in the solution, e.g. %s", len(unknown), unknown[:3])
+    log.info(f"mean F2: {value:.5f}")
 
 
 if __name__ == "__main__":

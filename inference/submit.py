@@ -11,6 +11,7 @@ gets the most frequent training labels and a row in ``submission_stageN_problems
 """
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 
@@ -24,9 +25,11 @@ from common.errors import UserError
 from common.ids import image_path, is_plain_id
 from dali_pipes.device import resolve_device
 from inference.predict import predict_files, screen
-from training.checkpoint import load_checkpoint
-from training.decision import DecisionRule
-from training.model import autocast_for, create_model
+from model.checkpoint import load_checkpoint, model_from_checkpoint
+from model.decision import DecisionRule
+from model.network import autocast_dtype
+
+log = logging.getLogger(__name__)
 
 
 def default_checkpoint(cfg: Config) -> Path:
@@ -51,8 +54,7 @@ def fallback_labels(counts: list[int] | None, n: int) -> list[int]:
     return [int(c) for c in np.argsort(-np.asarray(counts), kind="stable")[:n]]
 
 
-def submit(cfg: Config, stage: int, checkpoint: Path | None = None, save_scores: Path | None = None,
-           quiet: bool = False) -> dict:
+def submit(cfg: Config, stage: int, checkpoint: Path | None = None, save_scores: Path | None = None) -> dict:
     comp = cfg.paths.competition_data
     ids = read_sample_ids(comp / f"stage_{stage}_sample_submission.csv")
     folder = comp / f"stage_{stage}_test_images"
@@ -62,11 +64,9 @@ def submit(cfg: Config, stage: int, checkpoint: Path | None = None, save_scores:
     state = load_checkpoint(checkpoint)
     codes = state["classes"]
     rule = DecisionRule.from_dict(state["decision_rule"]) if state.get("decision_rule") else \
-        DecisionRule.from_config(cfg.submit)
-    device = resolve_device(cfg.pipeline.device, announce=not quiet)
-    model = create_model(state["model_name"], len(codes), cfg.model.channels_last)
-    model.load_state_dict(state["model"])
-    model.to(device.torch_device).eval()
+        DecisionRule.from_config(cfg)
+    device = resolve_device(cfg.pipeline.device, announce=True)
+    model = model_from_checkpoint(state, cfg.model.channels_last).to(device.torch_device).eval()
     started = time.time()
 
     problems: dict[int, str] = {}
@@ -78,11 +78,11 @@ def submit(cfg: Config, stage: int, checkpoint: Path | None = None, save_scores:
             files.append(None)
             problems[i] = "bad id"
     candidates = [i for i, f in enumerate(files) if f is not None]
-    reasons = screen([files[i] for i in candidates], show_progress=not quiet)
+    reasons = screen([files[i] for i in candidates])
     problems.update({i: r for i, r in zip(candidates, reasons) if r})
     good = [i for i in candidates if i not in problems]
-    pred = predict_files(model, [files[i] for i in good], cfg, device, autocast_for(device, cfg.train.amp),
-                         show_progress=not quiet)
+    pred = predict_files(model, [files[i] for i in good], cfg, device,
+                         autocast_dtype(device.kind == "gpu", cfg.model.amp))
     problems.update({good[p]: r for p, r in pred.failed.items()})
 
     k = pred.indices.shape[1]
@@ -105,9 +105,8 @@ def submit(cfg: Config, stage: int, checkpoint: Path | None = None, save_scores:
                                 predicted=np.isin(np.arange(len(ids)), predicted_rows))
     summary = {"images": len(ids), "predicted": len(predicted_rows), "fallback": len(problems),
                "seconds": round(time.time() - started, 1), "submission": str(submission), "checkpoint": str(checkpoint)}
-    if not quiet:
-        print(f"stage {stage}: {summary['predicted']} images predicted, {summary['fallback']} given fallback labels "
-              f"(see {out / f'submission_stage{stage}_problems.csv'}), {summary['seconds']} s; wrote {submission}")
+    log.info(f"stage {stage}: {summary['predicted']} images predicted, {summary['fallback']} given fallback labels "
+             f"(see {out / f'submission_stage{stage}_problems.csv'}), {summary['seconds']} s; wrote {submission}")
     return summary
 
 

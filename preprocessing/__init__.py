@@ -1,1 +1,2 @@
-"""Kaggle CSVs + images -> globally shuffled WebDataset shards with DALI indexes, a manifest and a skip report."""
+"""Kaggle CSVs + images -> globally shuffled WebDataset shards with DALI indexes, a manifest and a skip report.
+May import common only; nothing imports preprocessing."""

@@ -11,27 +11,30 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import multiprocessing as mp
 import os
-import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from common.atomic import atomic_write_csv, atomic_write_text
 from common.cli import command, config_from_args, config_parser
 from common.config import Config, ConfigError, require_file
 from common.errors import UserError
-from common.shard_format import MANIFEST, SPLITS
+from common.images import ImageProblem, read_image_file
+from common.log import progress
+from common.shard_format import (INDEX_GLOB, MANIFEST, SHARD_GLOB, SPLITS, ShardWriter, encode_sample,
+                                 read_manifest, write_manifest)
 from common.vocab import Vocabulary
-from preprocessing.images import ImageProblem, prepare_image
+from preprocessing.images import prepare_image
 from preprocessing.labels import LabelProblems, LabelTable, read_human_labels, read_tuning_labels
-from preprocessing.shards import ShardWriter, encode_sample
 from preprocessing.splits import permutation, split_train_val
+
+log = logging.getLogger(__name__)
 
 SKIPPED = "skipped.csv"
 STATE = ".build_state.json"
@@ -130,17 +133,11 @@ def fingerprint(cfg: Config, plan: Plan) -> str:
     return h.hexdigest()
 
 
-def _prepare_one(task: tuple[str, str, int, int, bool]) -> tuple[bytes | None, str | None, bool]:
+def _prepare_one(task: tuple[str, int, int, bool]) -> tuple[bytes | None, str | None, bool]:
     """Worker: read and convert one image. Returns (jpeg, skip_reason, packed_as_is)."""
-    path, _, side, quality, reduced = task
+    path, side, quality, reduced = task
     try:
-        data = Path(path).read_bytes()
-    except FileNotFoundError:
-        return None, "missing file", False
-    except OSError as exc:
-        return None, f"unreadable file ({exc.strerror or exc})", False
-    try:
-        jpeg, as_is = prepare_image(data, side, quality, reduced)
+        jpeg, as_is = prepare_image(read_image_file(path), side, quality, reduced)
     except ImageProblem as exc:
         return None, str(exc), False
     return jpeg, None, as_is
@@ -148,9 +145,8 @@ def _prepare_one(task: tuple[str, str, int, int, bool]) -> tuple[bytes | None, s
 
 def _tasks(split: SplitPlan, start: int, cfg: Config):
     for i in split.order[start:]:
-        image_id = split.table.image_ids[i]
         # ids were checked against PLAIN_ID when the labels were read
-        yield (str(split.image_dir / f"{image_id}.jpg"), image_id,
+        yield (str(split.image_dir / f"{split.table.image_ids[i]}.jpg"),
                cfg.data.shortest_side, cfg.data.jpeg_quality, cfg.data.reduced_decode)
 
 
@@ -231,7 +227,7 @@ def write_reports(cfg: Config, plan: Plan, state: BuildState, seconds: float) ->
         "class_counts": {"train": class_counts(plan.splits[0], len(plan.vocab))},
         "build_seconds": round(seconds, 1),
     }
-    atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=1) + "\n")
+    write_manifest(out, manifest)
     return manifest
 
 
@@ -240,48 +236,46 @@ def cleanup_temporaries(folder: Path) -> None:
         f.unlink()
 
 
-def print_summary(manifest: dict, out: Path) -> None:
-    print(f"shards in {out}:")
+def log_summary(manifest: dict, out: Path) -> None:
+    log.info("shards in %s:", out)
     for name, s in manifest["splits"].items():
-        print(f"  {name:5s} {s['samples']:>9,d} images in {s['shards']:>4d} shards, {s['bytes'] / 1e9:.2f} GB")
+        log.info(f"  {name:5s} {s['samples']:>9,d} images in {s['shards']:>4d} shards, {s['bytes'] / 1e9:.2f} GB")
     skipped = manifest["skipped"]
     total = sum(skipped.values())
     detail = ", ".join(f"{k}: {v}" for k, v in skipped.items())
-    print(f"  skipped {total:,d} labeled images{f' ({detail})' if detail else ''}; see {out / SKIPPED}")
+    log.info(f"  skipped {total:,d} labeled images{f' ({detail})' if detail else ''}; see {out / SKIPPED}")
     bad_rows = sum(len(v["malformed_rows"]) for v in manifest["labels"].values())
     if bad_rows:
-        print(f"  {bad_rows} malformed label rows were skipped; see 'labels' in {out / MANIFEST}")
+        log.info(f"  {bad_rows} malformed label rows were skipped; see 'labels' in {out / MANIFEST}")
 
 
 def report_malformed(reports: dict[str, LabelProblems], files: dict[str, Path]) -> None:
     sources = {"train": files["train_human_labels.csv"], "tune": files["tuning_labels.csv"]}
     for split, report in reports.items():
         for line, reason in report.malformed_rows[:20]:
-            print(f"warning: {sources[split]} line {line}: {reason}; row skipped", file=sys.stderr)
+            log.warning("%s line %d: %s; row skipped", sources[split], line, reason)
         if len(report.malformed_rows) > 20:
-            print(f"warning: ... and {len(report.malformed_rows) - 20} more malformed rows", file=sys.stderr)
+            log.warning("... and %d more malformed rows", len(report.malformed_rows) - 20)
 
 
-def build_shards(cfg: Config, workers: int | None = None, restart: bool = False, quiet: bool = False) -> dict:
+def build_shards(cfg: Config, workers: int | None = None, restart: bool = False) -> dict:
     """The whole job; returns the manifest. Safe to call again after a crash."""
     files = data_files(cfg)
     started = time.time()
     out = cfg.paths.shards
     out.mkdir(parents=True, exist_ok=True)
     plan = make_plan(cfg, files)
-    if not quiet:
-        report_malformed(plan.label_reports, files)
+    report_malformed(plan.label_reports, files)
     manifest_path = out / MANIFEST
     if manifest_path.exists() and not restart:
-        manifest = json.loads(manifest_path.read_text())
+        manifest = read_manifest(out)
         if manifest.get("fingerprint") == plan.fingerprint:
-            if not quiet:
-                print(f"{out} is already complete and up to date")
+            log.info("%s is already complete and up to date", out)
             return manifest
         raise UserError(f"{out} holds shards built from other settings or input; "
                         "run again with --restart to rebuild them")
     if restart:
-        for f in [*out.glob("*-[0-9]*.tar"), *out.glob("*-[0-9]*.idx"), manifest_path, out / SKIPPED,
+        for f in [*out.glob(SHARD_GLOB), *out.glob(INDEX_GLOB), manifest_path, out / SKIPPED,
                   out / STATE]:
             f.unlink(missing_ok=True)
     cleanup_temporaries(out)
@@ -291,8 +285,7 @@ def build_shards(cfg: Config, workers: int | None = None, restart: bool = False,
     workers = workers or os.cpu_count() or 1
     pool = mp.get_context("fork").Pool(workers) if workers > 1 else None
     try:
-        with tqdm(total=remaining, unit="img", desc="building shards", disable=quiet,
-                  smoothing=0.05, dynamic_ncols=True) as bar:
+        with progress(log, total=remaining, unit="img", desc="building shards", smoothing=0.05) as bar:
             for split in plan.splits:
                 build_split(cfg, plan, split, state, pool, bar)
     finally:
@@ -301,8 +294,7 @@ def build_shards(cfg: Config, workers: int | None = None, restart: bool = False,
             pool.join()
     manifest = write_reports(cfg, plan, state, time.time() - started)
     (out / STATE).unlink(missing_ok=True)
-    if not quiet:
-        print_summary(manifest, out)
+    log_summary(manifest, out)
     return manifest
 
 

@@ -5,19 +5,14 @@ worker ran them.
 """
 from __future__ import annotations
 
-import contextlib
 import io
 import math
-import warnings
 
-from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
 
-ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file must fail, not come out half grey
-Image.MAX_IMAGE_PIXELS = 16384 * 16384
+from common.images import ImageProblem, decoding
 
-
-class ImageProblem(Exception):
-    """The input cannot become a training sample; ``str(exc)`` is the skip reason."""
+__all__ = ["ImageProblem", "prepare_image", "resized_size"]
 
 
 def _is_packable_as_is(im: Image.Image, shortest_side: int) -> bool:
@@ -44,31 +39,6 @@ def resized_size(width: int, height: int, shortest_side: int) -> tuple[int, int]
     if width <= height:
         return shortest_side, max(1, round(height * shortest_side / width))
     return max(1, round(width * shortest_side / height)), shortest_side
-
-
-@contextlib.contextmanager
-def decoding():
-    """Turn whatever a decoder raises into an ImageProblem with a short reason."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # PIL warns on odd EXIF; the pixels are what counts
-            yield
-    except UnidentifiedImageError:
-        raise ImageProblem("not an image") from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise ImageProblem("truncated" if "truncated" in str(exc).lower() else "cannot decode") from None
-
-
-def verify_image(data: bytes) -> None:
-    """Raise ImageProblem unless ``data`` decodes completely. A JPEG is decoded at 1/8 scale: the whole
-    compressed stream is still read and checked, at a fraction of the cost."""
-    if not data:
-        raise ImageProblem("zero-byte file")
-    with decoding():
-        im = Image.open(io.BytesIO(data))
-        if im.format == "JPEG":
-            im.draft("RGB", (max(1, im.width // 8), max(1, im.height // 8)))
-        im.load()
 
 
 def prepare_image(data: bytes, shortest_side: int, quality: int, reduced_decode: bool = True) -> tuple[bytes, bool]:

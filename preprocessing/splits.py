@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import numpy as np
 
-SPLIT_SALT = {"train": 0, "val": 0, "tune": 1}  # train and val come from one permutation
+from common.seeds import rng
+
+SPLIT_PURPOSE = {"train": "train_val_split", "val": "train_val_split", "tune": "tune_order"}  # train and val: one permutation
 
 
 def permutation(n: int, seed: int, split: str) -> np.ndarray:
-    return np.random.default_rng([seed & 0xFFFFFFFF, SPLIT_SALT[split]]).permutation(n)
+    return rng(seed, SPLIT_PURPOSE[split]).permutation(n)
 
 
 def split_train_val(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

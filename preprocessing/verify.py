@@ -9,34 +9,20 @@ makes of its tar. Prints each problem; exits 1 if there is any.
 from __future__ import annotations
 
 import io
+import logging
 import sys
 import tarfile
 import tempfile
 from pathlib import Path
 
-import numpy as np
 from PIL import Image
-from tqdm import tqdm
 
 from common.cli import command, config_from_args, config_parser
-from common.shard_format import EXTENSIONS, read_manifest
-from preprocessing.shards import file_sha256, write_index
+from common.log import progress
+from common.shard_format import (EXTENSIONS, SHARD_GLOB, decode_labels, file_sha256, iter_samples, read_manifest,
+                                 write_index)
 
-
-def _samples(tar: tarfile.TarFile):
-    """(key, {ext: bytes}) per sample; a sample's files are adjacent, so one sample is held at a time."""
-    key, files = None, {}
-    for member in tar:
-        if not member.isfile():
-            continue
-        k, _, ext = member.name.partition(".")
-        if k != key and files:
-            yield key, files
-            files = {}
-        key = k
-        files[ext] = tar.extractfile(member).read()
-    if files:
-        yield key, files
+log = logging.getLogger(__name__)
 
 
 def check_sample(where: str, files: dict[str, bytes], num_classes: int) -> list[str]:
@@ -53,8 +39,10 @@ def check_sample(where: str, files: dict[str, bytes], num_classes: int) -> list[
         except Exception as exc:  # any decoder failure is a finding, not a crash
             problems.append(f"{where}: image does not decode ({exc})")
     if "labels" in files:
-        raw = files["labels"]
-        classes = np.frombuffer(raw, dtype="<i4") if len(raw) % 4 == 0 else None
+        try:
+            classes = decode_labels(files["labels"])
+        except ValueError:
+            classes = None
         if classes is None or classes.size == 0:
             problems.append(f"{where}: .labels is not a non-empty int32 list")
         elif classes.min() < 0 or classes.max() >= num_classes:
@@ -67,13 +55,12 @@ def check_samples(tar_path: Path, num_classes: int) -> tuple[int, list[str]]:
     problems: list[str] = []
     seen: set[str] = set()
     try:
-        with tarfile.open(tar_path) as tar:
-            for key, files in _samples(tar):
-                where = f"{tar_path.name}: sample {key}"
-                if key in seen:
-                    problems.append(f"{where} appears twice")
-                seen.add(key)
-                problems += check_sample(where, files, num_classes)
+        for key, files in iter_samples(tar_path):
+            where = f"{tar_path.name}: sample {key}"
+            if key in seen:
+                problems.append(f"{where} appears twice")
+            seen.add(key)
+            problems += check_sample(where, files, num_classes)
     except (tarfile.TarError, OSError) as exc:
         return len(seen), problems + [f"{tar_path.name}: cannot read tar ({exc})"]
     return len(seen), problems
@@ -90,15 +77,15 @@ def check_index(tar_path: Path, idx_path: Path) -> list[str]:
     return []
 
 
-def verify(shards_dir: Path, show_progress: bool = True) -> list[str]:
+def verify(shards_dir: Path) -> list[str]:
     """Return the list of problems found (empty when all is well)."""
     manifest = read_manifest(shards_dir)
     num_classes = manifest["settings"]["num_classes"]
     problems: list[str] = []
     listed = {s["name"] for s in manifest["shards"]}
-    for extra in sorted(p.name for p in shards_dir.glob("*-[0-9]*.tar") if p.name not in listed):
+    for extra in sorted(p.name for p in shards_dir.glob(SHARD_GLOB) if p.name not in listed):
         problems.append(f"{extra}: shard not in the manifest")
-    for shard in tqdm(manifest["shards"], unit="shard", desc="verifying", disable=not show_progress):
+    for shard in progress(log, iterable=manifest["shards"], unit="shard", desc="verifying"):
         tar_path = shards_dir / shard["name"]
         if not tar_path.is_file():
             problems.append(f"{shard['name']}: missing")
@@ -121,11 +108,11 @@ def main(argv=None):
     cfg = config_from_args(parser.parse_args(argv))
     problems = verify(cfg.paths.shards)
     for p in problems:
-        print(p)
+        log.info(p)
     if problems:
-        print(f"{len(problems)} problem(s) found", file=sys.stderr)
+        log.error("%d problem(s) found", len(problems))
         sys.exit(1)
-    print(f"all shards in {cfg.paths.shards} verified")
+    log.info("all shards in %s verified", cfg.paths.shards)
 
 
 if __name__ == "__main__":

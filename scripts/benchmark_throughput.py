@@ -98,7 +98,7 @@ def make_shards(work: Path, images: int) -> Path:
                                              f"paths.competition_data={layout.competition_data}",
                                              f"paths.shards={work / 'shards'}", "data.shard_max_samples=250",
                                              "data.val_fraction=0.1"])
-    build_shards(cfg, quiet=True)
+    build_shards(cfg)
     return work / "shards"
 
 
@@ -106,7 +106,7 @@ def training_step_fn(model_name: str, num_classes: int, device: torch.device, cf
     import timm
     from training.losses import per_positive_softmax_loss
     model = timm.create_model(model_name, pretrained=False, num_classes=num_classes).to(device)
-    if cfg.pipeline.layout == "NHWC":
+    if cfg.model.channels_last:
         model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True)
 
@@ -187,7 +187,7 @@ def main():
         results["ratios"]["train_steps_dali_vs_baseline"] = round(
             results["train_steps_dali"]["images_per_s"] / results["train_steps_baseline"]["images_per_s"], 2)
     results["setup"] = {"device": args.device, "batch_size": bs, "threads": args.threads, "images": shards.samples,
-                        "model": args.model, "dtype": output_dtype(cfg.pipeline.dtype, device), "layout": cfg.pipeline.layout,
+                        "model": args.model, "dtype": output_dtype(cfg.pipeline.dtype, device), "channels_last": cfg.model.channels_last,
                         "cpu_count": os.cpu_count(),
                         "gpu": torch.cuda.get_device_name(0) if device.kind == "gpu" else None}
 

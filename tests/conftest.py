@@ -4,9 +4,7 @@ import pytest
 
 from common.config import load_config
 from preprocessing.build_shards import build_shards
-from tests.fixtures import make_kaggle_fixture, write_config
-
-SMALL_SHARDS = "data:\n  shard_max_samples: 7\n"
+from tests.fixtures import SMALL_SHARDS, make_kaggle_fixture, write_config
 
 
 @pytest.fixture(scope="session")
@@ -22,7 +20,7 @@ def built(kaggle, tmp_path_factory):
     root = tmp_path_factory.mktemp("built")
     cfg_path = write_config(root / "config.yaml", layout, root / "shards", SMALL_SHARDS)
     cfg = load_config(cfg_path)
-    manifest = build_shards(cfg, workers=2, quiet=True)
+    manifest = build_shards(cfg, workers=2)
     return cfg, manifest
 
 

@@ -13,10 +13,12 @@ from torchvision import transforms
 
 from common.shard_format import split_shards
 from demo.data import generate_demo_data, render_image
+from model.metrics import f2_per_image
 from preprocessing.images import resized_size
 
 REPO = Path(__file__).resolve().parent.parent
 SIDE = 64  # data.shortest_side of the demo config
+SMALL_SHARDS = "data:\n  shard_max_samples: 7\n"  # many shards from the small fixture
 
 
 def jpeg_bytes(im: Image.Image, **kw) -> bytes:
@@ -141,3 +143,8 @@ def centre_crop_reference(cfg, image: Image.Image, dy: int = 0, dx: int = 0) -> 
     y0, x0 = (int(np.floor((n - c) / 2 + 0.5)) for n in full.shape[1:])
     y0, x0 = y0 + dy, x0 + dx  # (dy, dx): a window shifted from the centre, to test placement
     return full[:, y0:y0 + c, x0:x0 + c]
+
+
+def mean_f2(predicted: list[list[int]], targets: list[list[int]]) -> float:
+    """The metric's mean over images (the project itself needs only the per-image values)."""
+    return float(f2_per_image(predicted, targets).mean()) if targets else 0.0

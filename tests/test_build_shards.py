@@ -17,10 +17,9 @@ from common.config import load_config
 from common.errors import UserError
 from preprocessing.build_shards import STATE, build_shards
 from preprocessing.images import prepare_image
-from preprocessing.shards import ShardWriter
+from common.shard_format import ShardWriter
 from preprocessing.verify import main as verify_main, verify
-from tests.conftest import SMALL_SHARDS
-from tests.fixtures import REPO, corrupt_huffman_table, write_config
+from tests.fixtures import REPO, SMALL_SHARDS, corrupt_huffman_table, write_config
 
 
 def read_shards(folder: Path, split: str | None = None) -> dict[str, dict]:
@@ -105,7 +104,7 @@ def test_splits_limits_and_manifest(built):
 
 def test_byte_limit_closes_shards(kaggle, tmp_path):
     cfg = load_config(write_config(tmp_path / "c.yaml", kaggle[0], tmp_path / "s", "data:\n  shard_max_bytes: 40000\n"))
-    manifest = build_shards(cfg, workers=1, quiet=True)
+    manifest = build_shards(cfg, workers=1)
     assert manifest["splits"]["train"]["shards"] > 3
     assert all(s["bytes"] <= 40000 for s in manifest["shards"])
 
@@ -129,7 +128,7 @@ def test_every_packed_sample_is_its_own_source_image_prepared(built, kaggle):
 def test_output_is_byte_identical_whatever_the_worker_count(built, kaggle, tmp_path, workers):
     cfg2, _ = built  # built with 2 workers
     cfg1 = load_config(write_config(tmp_path / "c.yaml", kaggle[0], tmp_path / "s", SMALL_SHARDS))
-    build_shards(cfg1, workers=workers, quiet=True)
+    build_shards(cfg1, workers=workers)
     names = sorted(p.name for p in cfg2.paths.shards.iterdir())
     assert names == sorted(p.name for p in cfg1.paths.shards.iterdir())
     for name in names:
@@ -179,22 +178,22 @@ def test_killed_runs_resume_to_the_same_result(built, kaggle, tmp_path):
 def test_second_run_is_a_no_op_and_other_settings_need_restart(built, kaggle, tmp_path):
     cfg, manifest = built
     before = {p.name: p.stat().st_mtime_ns for p in cfg.paths.shards.iterdir()}
-    assert build_shards(cfg, workers=1, quiet=True)["shards"] == manifest["shards"]
+    assert build_shards(cfg, workers=1)["shards"] == manifest["shards"]
     assert before == {p.name: p.stat().st_mtime_ns for p in cfg.paths.shards.iterdir()}
     changed = cfg.with_overrides(["data.jpeg_quality=50"])
     with pytest.raises(UserError, match="--restart"):
-        build_shards(changed, workers=1, quiet=True)
+        build_shards(changed, workers=1)
 
 
 def test_verify_passes_clean_shards_and_catches_damage(built_copy):
     shards, manifest = built_copy
-    assert verify(shards, show_progress=False) == []
+    assert verify(shards) == []
     first = shards / manifest["shards"][0]["name"]
     data = bytearray(first.read_bytes())
     data[2000] ^= 0xFF  # inside the first image
     first.write_bytes(bytes(data))
     (shards / manifest["shards"][1]["index"]).write_text("v1.2 0\n")
-    problems = verify(shards, show_progress=False)
+    problems = verify(shards)
     assert any("sha256" in p and first.name in p for p in problems)
     assert any(manifest["shards"][1]["index"] in p and "does not match" in p for p in problems)
 
@@ -270,22 +269,22 @@ def break_labels(samples):
 def test_verify_finds_an_image_that_does_not_decode(built_copy):
     shards, _ = built_copy
     name, _ = rewrite_shard(shards, 0, break_image)
-    problems = verify(shards, show_progress=False)
+    problems = verify(shards)
     assert len(problems) == 1 and problems[0].startswith(f"{name}: sample") and "does not decode" in problems[0]
 
 
 def test_verify_finds_a_class_index_out_of_range(built_copy):
     shards, _ = built_copy
     name, _ = rewrite_shard(shards, 1, break_labels)
-    problems = verify(shards, show_progress=False)
+    problems = verify(shards)
     assert len(problems) == 1 and name in problems[0] and "class index out of range 0..21" in problems[0]
 
 
 def test_verify_finds_a_sample_count_that_differs_from_the_manifest(built_copy):
     shards, _ = built_copy
     _, manifest = rewrite_shard(shards, 2, lambda samples: None)
-    assert verify(shards, show_progress=False) == []  # repacked as is: consistent
+    assert verify(shards) == []  # repacked as is: consistent
     manifest["shards"][2]["samples"] += 1
     (shards / "manifest.json").write_text(json.dumps(manifest))
     n = manifest["shards"][2]["samples"]
-    assert verify(shards, show_progress=False) == [f"{manifest['shards'][2]['name']}: {n - 1} samples, manifest says {n}"]
+    assert verify(shards) == [f"{manifest['shards'][2]['name']}: {n - 1} samples, manifest says {n}"]

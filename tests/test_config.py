@@ -1,3 +1,4 @@
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +18,8 @@ def test_repo_config_holds_the_original_solution_values():
     assert (cfg.train.lr, cfg.train.epochs, cfg.train.batch_size, cfg.train.momentum) == (0.01, 25, 32, 0.9)
     assert cfg.train.nesterov and cfg.train.weight_decay == 1e-4
     assert (cfg.tune.lr, cfg.tune.epochs) == (1e-4, 80)
-    assert (cfg.submit.threshold, cfg.submit.max_labels, cfg.submit.min_labels, cfg.submit.tta) == (0.55, 5, 2, "tencrop")
+    assert (cfg.submit.threshold, cfg.predict.max_labels, cfg.submit.min_labels, cfg.predict.tta) == (0.55, 5, 2, "tencrop")
+    assert cfg.predict.top_k == 150
     assert cfg.model.name == "seresnet101"
     assert set(vars(cfg.paths)) - {"_name"} == {"original_images", "competition_data", "shards", "artifacts", "output"}
 
@@ -80,3 +82,43 @@ def test_command_names_a_missing_competition_file(tmp_path, capsys):
     assert exit_.value.code == 2
     assert capsys.readouterr().err.strip() == f"error: competition file not found: {tmp_path / 'classes-trainable.csv'}"
     assert not list(tmp_path.glob("*.tar"))
+
+
+def test_sections_are_typed_frozen_dataclasses():
+    cfg = load_config(REPO / "config.yaml")
+    assert dataclasses.is_dataclass(cfg.train) and isinstance(cfg.train.lr, float)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.train.lr = 1.0
+    with pytest.raises(AttributeError):
+        cfg.train.learning_rate  # noqa: B018 - a typo in code fails, it does not read a default
+
+
+@pytest.mark.parametrize("old, new, value, expected", [
+    ("submit.tta", "predict.tta", "flip", "flip"),
+    ("submit.top_k", "predict.top_k", "7", 7),
+    ("validation.top_k", "predict.top_k", "9", 9),
+    ("submit.batch_size", "predict.batch_size", "3", 3),
+    ("submit.max_labels", "predict.max_labels", "4", 4),
+    ("train.amp", "model.amp", "false", False),
+    ("pipeline.layout", "model.channels_last", "NHWC", True),
+])
+def test_renamed_keys_still_work_with_a_one_line_warning(old, new, value, expected, tmp_path, caplog):
+    section, name = new.split(".")
+    cfg = load_config(REPO / "config.yaml", [f"{old}={value}"])
+    assert getattr(getattr(cfg, section), name) == expected
+    assert [r.getMessage() for r in caplog.records] == [
+        f"config key '{old}' (--set) is now '{new}'; the old name still works but will go"]
+    old_section, old_name = old.split(".")
+    (tmp_path / "old.yaml").write_text(f"extends: {REPO / 'config.yaml'}\n{old_section}:\n  {old_name}: {value}\n")
+    assert getattr(getattr(load_config(tmp_path / "old.yaml"), section), name) == expected
+    (tmp_path / "both.yaml").write_text(f"extends: {REPO / 'config.yaml'}\n{old_section}:\n  {old_name}: {value}\n"
+                                        f"{section}:\n  {name}: {value if section != 'model' else 'true'}\n")
+    with pytest.raises(ConfigError, match=f"sets both '{old}' and '{new}'"):
+        load_config(tmp_path / "both.yaml")
+
+
+def test_a_renamed_key_keeps_its_checks():
+    with pytest.raises(ConfigError, match="'pipeline.layout' must be one of NCHW, NHWC"):
+        load_config(REPO / "config.yaml", ["pipeline.layout=CHWN"])
+    with pytest.raises(ConfigError, match="'predict.tta' must be one of none, flip, tencrop"):
+        load_config(REPO / "config.yaml", ["submit.tta=twelvecrop"])

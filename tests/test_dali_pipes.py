@@ -15,7 +15,7 @@ from dali_pipes.device import resolve_device
 from dali_pipes.loader import ImageFileLoader, eval_loader, multi_hot, prepare_input, train_loader
 from demo.photos import photo_jpegs
 from preprocessing.images import resized_size
-from preprocessing.shards import ShardWriter, encode_sample
+from common.shard_format import ShardWriter, encode_sample
 from tests.fixtures import centre_crop_reference, jpeg_bytes, shard_samples
 
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU; this machine has none")

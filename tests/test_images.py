@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from preprocessing.images import ImageProblem, prepare_image
+from common.images import ImageProblem
+from preprocessing.images import prepare_image
 from tests.fixtures import SIDE, jpeg_bytes, photo, png_bytes, special_images
 
 

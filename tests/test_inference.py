@@ -17,10 +17,10 @@ from inference.predict import predict_files
 from inference.score import read_labels, score
 from inference.submit import main as submit_main, submit
 from tests.fixtures import REPO, centre_crop_reference, corrupt_huffman_table, jpeg_bytes, photo, write_config
-from training.checkpoint import save_checkpoint
-from training.decision import DecisionRule
-from training.metrics import topk_rescore
-from training.model import create_model
+from model.checkpoint import save_checkpoint
+from model.decision import DecisionRule
+from model.metrics import topk_rescore
+from model.network import create_model
 
 BAD = {"missing00000000000000000": "missing file", "corrupt00000000000000000": "cannot decode",
        "truncated000000000000000": "truncated", "../../etc/passwd": "bad id"}
@@ -52,13 +52,13 @@ def setup(built, kaggle, tmp_path_factory):
                            "class_counts": counts, "decision_rule": DecisionRule(0.3, 2, 4).to_dict()})
     cfg_path = write_config(root / "c.yaml", type("L", (), {"original_images": layout.original_images,
                                                            "competition_data": comp}),
-                            cfg.paths.shards, "submit:\n  tta: flip\n  batch_size: 8\n", output=root / "out")
+                            cfg.paths.shards, "predict:\n  tta: flip\n  batch_size: 8\n", output=root / "out")
     return load_config(cfg_path), ckpt, [r[0] for r in rows[1:]], vocab, counts
 
 
 def test_submission_has_every_row_in_order_and_fallbacks_for_bad_images(setup, tmp_path):
     cfg, ckpt, ids, vocab, counts = setup
-    summary = submit(cfg, 2, ckpt, save_scores=tmp_path / "s.npz", quiet=True)
+    summary = submit(cfg, 2, ckpt, save_scores=tmp_path / "s.npz")
     with open(cfg.paths.output / "submission_stage2.csv", newline="") as f:
         rows = list(csv.reader(f))
     assert rows[0] == ["image_id", "labels"]
@@ -77,7 +77,7 @@ def test_submission_has_every_row_in_order_and_fallbacks_for_bad_images(setup, t
             assert 2 <= len(codes) <= 4  # the checkpoint's rule
     assert summary["predicted"] == len(ids) - len(BAD) and summary["fallback"] == len(BAD)
     saved = np.load(tmp_path / "s.npz")
-    assert list(saved["image_ids"]) == ids and saved["scores"].shape == (len(ids), cfg.submit.top_k)
+    assert list(saved["image_ids"]) == ids and saved["scores"].shape == (len(ids), cfg.predict.top_k)
     assert saved["predicted"].sum() == len(ids) - len(BAD)
 
 
@@ -88,8 +88,8 @@ def test_a_batch_that_fails_inside_dali_costs_only_the_bad_image(setup, monkeypa
     files = sorted(folder.glob("*.jpg"))
     files.remove(folder / "truncated000000000000000.jpg")  # libjpeg may decode a truncated file partially
     model = create_model("test_resnet", len(vocab)).eval()
-    cfg = cfg.with_overrides(["submit.tta=none"])
-    pred = predict_files(model, files, cfg, resolve_device("cpu"), show_progress=False)
+    cfg = cfg.with_overrides(["predict.tta=none"])
+    pred = predict_files(model, files, cfg, resolve_device("cpu"))
     bad = files.index(folder / "corrupt00000000000000000.jpg")
     assert pred.failed == {bad: "cannot decode (DALI)"}
     assert (pred.indices[[i for i in range(len(files)) if i != bad], 0] >= 0).all()
@@ -99,13 +99,13 @@ def test_dali_predictions_equal_a_pil_torchvision_reference(setup):
     """Same model, same images: every input the model is given is the reference's window (no other
     window 1 or 2 pixels away is closer), and rescored top-5 scores agree within 0.01."""
     cfg, _, _, vocab, _ = setup
-    cfg = cfg.with_overrides(["submit.tta=none", "submit.top_k=5"])
+    cfg = cfg.with_overrides(["predict.tta=none", "predict.top_k=5"])
     files = sorted((cfg.paths.competition_data / "stage_2_test_images").glob("[0-9a-f]*.jpg"))[:10]
     torch.manual_seed(1)
     model = create_model("test_resnet", len(vocab)).eval()
     inputs = []
     hook = model.register_forward_pre_hook(lambda _, args: inputs.append(args[0].detach().clone()))
-    pred = predict_files(model, files, cfg, resolve_device("cpu"), show_progress=False)
+    pred = predict_files(model, files, cfg, resolve_device("cpu"))
     hook.remove()
     inputs = torch.cat(inputs)
     assert len(inputs) == len(files)

@@ -3,9 +3,10 @@ import pytest
 import torch
 from sklearn.metrics import fbeta_score
 
-from training.decision import DecisionRule, choose_rule
+from model.decision import DecisionRule, choose_rule
 from training.losses import bce_loss, per_positive_softmax_loss
-from training.metrics import f2_per_image, global_average_precision, mean_f2, topk_rescore
+from model.metrics import f2_per_image, global_average_precision, topk_rescore
+from tests.fixtures import mean_f2
 
 
 def literal_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,7 @@ import torch
 
 from common.config import load_config
 from common.errors import UserError
-from training.checkpoint import load_checkpoint
+from model.checkpoint import load_checkpoint
 from training.train import TrainingDiverged, main as train_main, train
 from tests.fixtures import REPO, write_config
 
@@ -139,5 +139,5 @@ def test_a_diverging_loss_stops_with_a_clear_message(built, kaggle, tmp_path):
     cfg, _ = built
     cfg_path = write_config(tmp_path / "c.yaml", kaggle[0], cfg.paths.shards, FAST, artifacts=tmp_path / "a")
     with pytest.raises(TrainingDiverged, match=r"the loss is (nan|inf) at epoch 1, step \d+"):
-        train(load_config(cfg_path, ["train.lr=1e12", "train.epochs=1"]), "train", quiet=True)
+        train(load_config(cfg_path, ["train.lr=1e12", "train.epochs=1"]), "train")
     assert not (tmp_path / "a" / "train" / "checkpoints" / "last.pt").exists()

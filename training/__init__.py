@@ -1,1 +1,2 @@
-"""Model, loss, metrics, the train/tune loop and checkpoints."""
+"""The train and tune stages: loss, loop, checkpoint saver, DDP, the tune stage's data.
+May import common, dali_pipes and model."""

@@ -8,12 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
-import webdataset as wds
-
-from common.shard_format import SplitShards, split_shards
-from preprocessing.shards import ShardWriter
-
+from common.seeds import rng
+from common.shard_format import ShardWriter, SplitShards, index_samples, iter_samples, split_shards
 
 PARTS = ("fit", "holdout")
 
@@ -24,22 +20,21 @@ def tune_parts(shards_dir: Path, out_dir: Path) -> tuple[SplitShards, SplitShard
     parts = []
     for name in PARTS:
         tar, idx = out_dir / f"{name}-000000.tar", out_dir / f"{name}-000000.idx"
-        samples = int(idx.read_text().split(maxsplit=2)[1])  # DALI index header: "v1.2 <samples>"
-        parts.append(SplitShards([tar], [idx], samples, source.shortest_side, source.num_classes))
+        parts.append(SplitShards([tar], [idx], index_samples(idx), source.shortest_side, source.num_classes))
     return parts[0], parts[1]
 
 
 def split_tune_shards(shards_dir: Path, out_dir: Path, holdout_fraction: float, seed: int) -> tuple[SplitShards, SplitShards]:
     """(fit, holdout), deterministic from the seed; rewritten on every call (it is cheap)."""
     source = split_shards(shards_dir, "tune")
-    samples = sorted((s for tar in source.tars for s in wds.WebDataset(str(tar), shardshuffle=False, empty_check=False)),
+    samples = sorted(({"__key__": key, **files} for tar in source.tars for key, files in iter_samples(tar)),
                      key=lambda s: s["__key__"])
-    order = np.random.default_rng([seed & 0xFFFFFFFF, 2]).permutation(len(samples))
+    order = rng(seed, "tune_holdout").permutation(len(samples))
     n_hold = min(len(samples) - 1, max(1, round(len(samples) * holdout_fraction)))
     out_dir.mkdir(parents=True, exist_ok=True)
     for name, picked in zip(PARTS, (order[n_hold:], order[:n_hold])):
         writer = ShardWriter(out_dir, name, 0, max_samples=1 << 30, max_bytes=1 << 40)
         for i in picked:
-            writer.add({k: samples[i][k] for k in ("__key__", "jpg", "labels", "json")})
+            writer.add(samples[i])
         writer.close()
     return tune_parts(shards_dir, out_dir)

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from training.metrics import f2_per_image
+from model.metrics import f2_per_image
 
 THRESHOLDS = np.round(np.arange(0.05, 0.96, 0.05), 2)
 
@@ -34,8 +34,9 @@ class DecisionRule:
                    {int(k): float(v) for k, v in d.get("class_thresholds", {}).items()})
 
     @classmethod
-    def from_config(cls, submit) -> "DecisionRule":
-        return cls(submit.threshold, submit.min_labels, submit.max_labels)
+    def from_config(cls, cfg) -> "DecisionRule":
+        """The configured rule (the original's), for a checkpoint that holds none."""
+        return cls(cfg.submit.threshold, cfg.submit.min_labels, cfg.predict.max_labels)
 
     def thresholds_for(self, indices: np.ndarray) -> np.ndarray:
         t = np.full(indices.shape, self.threshold, dtype=np.float64)

@@ -15,8 +15,20 @@ def create_model(name: str, num_classes: int, channels_last: bool = False, drop_
     return model.to(memory_format=torch.channels_last) if channels_last else model
 
 
-def autocast_for(device, enabled: bool):
+def autocast_dtype(on_gpu: bool, enabled: bool) -> torch.dtype | None:
     """Mixed precision on the GPU: bf16 where supported, else fp16 (with a GradScaler); None (fp32) on the CPU."""
-    if device.kind != "gpu" or not enabled:
+    if not on_gpu or not enabled:
         return None
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The plain module inside DistributedDataParallel and torch.compile wrappers, whose state dict keys
+    carry no ``module.`` or ``_orig_mod.`` prefix."""
+    while True:
+        if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model

@@ -56,7 +56,3 @@ def f2_per_image(predicted: list[list[int]], targets: list[list[int]]) -> np.nda
         denominator = 5 * tp + 4 * (len(truth) - tp) + (len(pred) - tp)
         out[i] = 5 * tp / denominator if denominator else 0.0
     return out
-
-
-def mean_f2(predicted: list[list[int]], targets: list[list[int]]) -> float:
-    return float(f2_per_image(predicted, targets).mean()) if targets else 0.0

@@ -1,4 +1,12 @@
-"""Checkpoints: written atomically, read with ``weights_only=True`` (a checkpoint never runs code)."""
+"""Checkpoints: the payload's one home; written atomically, read with ``weights_only=True`` (a checkpoint
+never runs code).
+
+A payload is a dict of tensors and plain data: ``model`` (the weights, plain keys), ``model_name``,
+``classes`` (label codes in class-index order), ``class_counts`` (positives per class in the train
+split: inference's fallback labels), ``decision_rule`` (the tune stage's, or None), ``stage``,
+``epoch``, ``step``, ``metric``, ``best_metric``, ``config``; and, to resume training exactly,
+``optimizer``, ``scheduler``, ``scaler`` and ``rng``.
+"""
 from __future__ import annotations
 
 import pickle
@@ -11,6 +19,7 @@ import torch
 
 from common.atomic import atomic_write
 from common.errors import UserError
+from model.network import create_model, unwrap
 
 
 def rng_state() -> dict:
@@ -50,3 +59,21 @@ def load_checkpoint(path: Path, map_location="cpu") -> dict:
     if not isinstance(payload, dict) or "model" not in payload:
         raise UserError(f"checkpoint {path} holds no model weights")
     return payload
+
+
+def training_payload(*, model, optimizer, scheduler, scaler, stage: str, epoch: int, step: int, metric: float,
+                     best_metric: float, model_name: str, classes: list[str], class_counts: list[int] | None,
+                     decision_rule: dict | None, config: dict) -> dict:
+    """The payload as the train and tune stages save it (see the module docstring)."""
+    return {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": rng_state(),
+            "stage": stage, "epoch": epoch, "step": step, "metric": metric, "best_metric": best_metric,
+            "model_name": model_name, "classes": classes, "class_counts": class_counts,
+            "decision_rule": decision_rule, "config": config}
+
+
+def model_from_checkpoint(state: dict, channels_last: bool = False) -> torch.nn.Module:
+    """The classifier a payload describes, with its weights."""
+    model = create_model(state["model_name"], len(state["classes"]), channels_last)
+    model.load_state_dict(state["model"])
+    return model
