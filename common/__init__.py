@@ -1,2 +1,2 @@
 """What every stage shares: the config schema, the shard format, image checks, labels, seeds, logging, the CLI frame.
-Imports nothing of the project's other packages; every other package may import it."""
+May import nothing of the project's other packages; every other package may import it."""

@@ -4,18 +4,14 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
-import webdataset as wds
 from PIL import Image
-from torchvision import transforms
 
 from common.errors import UserError
-from common.shard_format import SplitShards, split_shards
+from common.shard_format import ShardWriter, SplitShards, encode_sample
 from dali_pipes.baseline import baseline_loader
 from dali_pipes.device import resolve_device
 from dali_pipes.loader import ImageFileLoader, eval_loader, multi_hot, prepare_input, train_loader
 from demo.photos import photo_jpegs
-from preprocessing.images import resized_size
-from common.shard_format import ShardWriter, encode_sample
 from tests.fixtures import centre_crop_reference, jpeg_bytes, shard_samples
 
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU; this machine has none")
@@ -44,7 +40,7 @@ def test_device_choice():
                                            ("NCHW", "uint8"), ("NHWC", "uint8")])
 def test_train_batches_shapes_dtypes_and_ranges(built, layout, dtype):
     cfg, _ = built
-    cfg = cfg.with_overrides([f"pipeline.layout={layout}", f"pipeline.dtype={dtype}"])
+    cfg = cfg.with_overrides([f"model.channels_last={layout == 'NHWC'}", f"pipeline.dtype={dtype}"])
     loader = train_loader(cfg, batch_size=8)
     images, targets = next(iter(loader))
     c = cfg.pipeline.crop_size

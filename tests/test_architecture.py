@@ -1,0 +1,42 @@
+"""Data flows one way: each package imports only the packages its __init__ docstring allows."""
+import ast
+
+import pytest
+
+from tests.fixtures import REPO
+
+ALLOWED = {
+    "common": set(),
+    "preprocessing": {"common"},
+    "dali_pipes": {"common"},
+    "model": {"common"},
+    "training": {"common", "dali_pipes", "model"},
+    "inference": {"common", "dali_pipes", "model"},
+    "demo": {"common"},
+}
+
+
+def project_imports(package: str) -> dict[str, set[str]]:
+    """module path -> the project's packages it imports (other than its own)."""
+    out = {}
+    for path in (REPO / package).glob("*.py"):
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module] if isinstance(node, ast.ImportFrom) and node.module and not node.level else []
+            found |= {n.split(".")[0] for n in names} & set(ALLOWED)
+        out[f"{package}/{path.name}"] = found - {package}
+    return out
+
+
+@pytest.mark.parametrize("package", sorted(ALLOWED))
+def test_packages_import_only_what_the_data_flow_allows(package):
+    for module, imported in project_imports(package).items():
+        assert imported <= ALLOWED[package], f"{module} imports {sorted(imported - ALLOWED[package])}"
+    assert "May import" in (REPO / package / "__init__.py").read_text()
+
+
+def test_dali_pipes_never_runs_a_model():
+    for path in (REPO / "dali_pipes").glob("*.py"):
+        text = path.read_text()
+        assert "autocast" not in text and "timm" not in text, path.name
