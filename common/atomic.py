@@ -6,6 +6,8 @@ import csv
 import os
 from pathlib import Path
 
+from common.errors import writing
+
 
 def tmp_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp")
@@ -17,7 +19,7 @@ def atomic_write(path: str | Path, mode: str = "w", **kwargs):
     tmp = tmp_name(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        with open(tmp, mode, **kwargs) as f:
+        with writing(path), open(tmp, mode, **kwargs) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())

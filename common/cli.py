@@ -1,16 +1,30 @@
-"""The frame every command shares: --config/--set parsing, logging, and one-line errors with exit code 2."""
+"""The frame every command shares: --config/--set parsing, logging, and one-line errors.
+
+Every fault a user or the machine causes becomes one line on stderr and exit code 2: a
+UserError, a full disk or read-only folder (``common.errors.describe_os_error``), running out
+of GPU memory, and a model given input of the wrong type or device. Anything else is a bug
+and keeps its traceback.
+"""
 from __future__ import annotations
 
 import argparse
 import functools
 import logging
+import re
 import sys
 
 from common.config import Config, load_config
-from common.errors import UserError
+from common.errors import UserError, describe_os_error
 from common.log import setup_logging
 
 log = logging.getLogger(__name__)
+
+# What PyTorch says when a batch does not suit the model (dtype or device), e.g. float16 on a CPU model
+INPUT_MISMATCH = re.compile(r"Input type \(.*\) and weight type \(.*\) should be the same|"
+                            r"Expected all tensors to be on the same device|"
+                            r"expected scalar type \w+ but found \w+|"
+                            r"expected (mat1 and mat2|input and weight) to have the same dtype|"
+                            r"mat1 and mat2 must have the same dtype")
 
 
 def config_parser(prog: str, description: str) -> argparse.ArgumentParser:
@@ -27,17 +41,42 @@ def config_from_args(args: argparse.Namespace) -> Config:
     return load_config(args.config, args.overrides)
 
 
-def command(main):
-    """Run ``main`` with logging set up; a UserError becomes ``error: <message>`` on stderr and exit code 2."""
-    @functools.wraps(main)
-    def wrapper(argv=None):
-        setup_logging()
-        try:
-            return main(argv)
-        except UserError as exc:
-            log.error("%s", exc)
-            sys.exit(2)
-        except KeyboardInterrupt:
-            log.error("interrupted")
-            sys.exit(130)
-    return wrapper
+def first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def describe(exc: BaseException, batch_keys: str) -> str | None:
+    """The one-line message for a fault that is not a bug, or None."""
+    if isinstance(exc, UserError):
+        return str(exc)
+    if isinstance(exc, OSError):
+        return describe_os_error(exc)
+    if type(exc).__name__ == "OutOfMemoryError" or "CUDA out of memory" in str(exc):
+        return f"out of GPU memory ({first_line(exc)}): lower {batch_keys}"
+    if isinstance(exc, RuntimeError) and INPUT_MISMATCH.search(str(exc)):
+        return (f"the batches do not suit the model ({first_line(exc)}): check pipeline.dtype (auto follows the "
+                f"device), pipeline.device and model.amp")
+    return None
+
+
+def command(main=None, *, batch_keys: str = "the batch size"):
+    """Run ``main(argv)`` with logging set up; a fault that is not a bug becomes ``error: <one line>`` on
+    stderr and exit code 2. ``batch_keys`` names the config keys that lower memory use, for the hint."""
+    def decorate(main):
+        @functools.wraps(main)
+        def wrapper(argv=None):
+            setup_logging()
+            try:
+                return main(argv)
+            except KeyboardInterrupt:
+                log.error("interrupted")
+                sys.exit(130)
+            except Exception as exc:
+                message = describe(exc, batch_keys)
+                if message is None:
+                    raise
+                log.error("%s", message)
+                sys.exit(2)
+        return wrapper
+    return decorate(main) if main is not None else decorate

@@ -34,6 +34,7 @@ POS_INT = "positive int"
 NONNEG_INT = "non-negative int"
 FLOAT = "number"
 FRACTION = "number in [0, 1)"
+SHARE = "number in [0, 1]"
 BOOL = "bool"
 FLOAT_LIST = "list of numbers"
 STR = "str"
@@ -127,6 +128,7 @@ class Predict:
 class Submit:
     threshold: float = key(FLOAT)
     min_labels: int = key(POS_INT)
+    max_fallback_fraction: float = key(SHARE)
 
 
 SECTIONS: dict[str, type] = {"paths": Paths, "data": Data, "pipeline": Pipeline, "model": Model, "train": Train,
@@ -167,7 +169,7 @@ def _check(key: str, spec: Any, value: Any, base: Path) -> Any:
     def bad(expected: str):
         return ConfigError(f"config key '{key}' must be {expected}, got {value!r}")
 
-    if spec in (FLOAT, FRACTION) and isinstance(value, str):
+    if spec in (FLOAT, FRACTION, SHARE) and isinstance(value, str):
         try:  # YAML 1.1 reads 1e-4 (no dot) as a string
             value = float(value)
         except ValueError:
@@ -199,6 +201,10 @@ def _check(key: str, spec: Any, value: Any, base: Path) -> Any:
     elif spec == FRACTION:
         if not is_num or not 0 <= value < 1:
             raise bad("a number in [0, 1)")
+        return float(value)
+    elif spec == SHARE:
+        if not is_num or not 0 <= value <= 1:
+            raise bad("a number in [0, 1]")
         return float(value)
     elif spec == BOOL:
         if not isinstance(value, bool):

@@ -1,5 +1,36 @@
-"""The one exception type that commands turn into a one-line message and exit code 2."""
+"""The faults a user or the machine causes, reported in one line (see ``common.cli.command``)."""
+from __future__ import annotations
+
+import contextlib
+import errno
+from pathlib import Path
 
 
 class UserError(Exception):
     """Bad input from the user (config, CLI, data files): reported in one line, no traceback."""
+
+
+@contextlib.contextmanager
+def writing(path: str | Path):
+    """Name ``path`` in an OSError raised while writing it: a failed ``write()`` carries no file name,
+    and "no space left" is only useful with the place it happened."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename is None:
+            exc.filename = str(path)
+        raise
+
+
+def describe_os_error(exc: OSError) -> str | None:
+    """One line for a fault of the machine (full disk, read-only or forbidden folder), else None."""
+    where = exc.filename or "a file"
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"no space left on the device while writing {where}: free space and run the same command again"
+    if exc.errno == errno.EROFS:
+        return f"cannot write {where}: the file system is read-only; choose another folder in the config's paths"
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return f"cannot access {where}: permission denied"
+    if exc.errno == errno.EIO:
+        return f"input/output error on {where}: the disk or its connection is failing"
+    return None

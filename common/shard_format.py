@@ -20,7 +20,7 @@ from typing import Iterator
 import numpy as np
 
 from common.atomic import atomic_write_text, tmp_name
-from common.errors import UserError
+from common.errors import UserError, writing
 
 MANIFEST = "manifest.json"
 EXTENSIONS = ("jpg", "labels", "json")
@@ -97,8 +97,12 @@ def write_index(tar_path: Path, idx_path: Path) -> None:
     from wds2idx import IndexCreator  # shipped with DALI
 
     tmp = tmp_name(idx_path)
-    with IndexCreator(str(tar_path), str(tmp), verbose=False) as creator:
-        creator.create_index()
+    try:
+        with writing(idx_path), IndexCreator(str(tar_path), str(tmp), verbose=False) as creator:
+            creator.create_index()
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, idx_path)
 
 
@@ -146,7 +150,8 @@ class ShardWriter:
             self._file = open(tmp_name(self.folder / shard_name(self.split, self.number)), "wb")
             # int mtime: no PAX header; no encoder: the sample is bytes already
             self._tar = wds.TarWriter(self._file, user="", group="", mode=0o444, mtime=0, encoder=False)
-        self._tar.write(sample)
+        with writing(self.folder / shard_name(self.split, self.number)):
+            self._tar.write(sample)
         self.samples += 1
         self.bytes += tar_size(sample)
 
@@ -158,10 +163,11 @@ class ShardWriter:
         """Finish the current shard: flush, fsync, rename, index. Returns its record."""
         name = shard_name(self.split, self.number)
         final = self.folder / name
-        self._tar.close()  # closes the tar stream, not our file
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
+        with writing(final):
+            self._tar.close()  # closes the tar stream, not our file
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
         os.replace(tmp_name(final), final)
         write_index(final, self.folder / index_name(name))
         record = ShardRecord(name, self.split, self.samples, final.stat().st_size, file_sha256(final),

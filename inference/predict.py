@@ -3,7 +3,8 @@
 DALI cannot skip an image that fails to decode: the whole batch fails. So the files are
 screened first (a fast full-stream decode in worker processes), and should a batch still
 fail inside DALI, its images are retried one at a time, so that one bad file costs only
-itself and every good image is predicted by the model.
+itself and every good image is predicted by the model. Only the loader's failures are
+treated so: an error of the model (out of memory, a batch of the wrong type) stops the run.
 """
 from __future__ import annotations
 
@@ -34,6 +35,27 @@ def screen(files: list[Path], workers: int | None = None) -> list[str | None]:
                              unit="img", desc="checking images"))
 
 
+class DecodeFailed(Exception):
+    """The test-image pipeline stopped on an image it could not decode."""
+
+
+def guarded(make_loader):
+    """The loader's batches; a DALI failure while building or reading it becomes DecodeFailed, so that it
+    cannot be mistaken for an error of the model that consumes the batches."""
+    try:
+        batches = iter(make_loader())  # DALI decodes its first batches as soon as the loader is built
+        while True:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                return
+            yield batch
+    except RuntimeError as exc:
+        if "memory" in str(exc).lower():  # out of (device or host) memory is no image's fault
+            raise
+        raise DecodeFailed(str(exc)) from exc
+
+
 @dataclass
 class Predictions:
     indices: np.ndarray  # [N, k] class indices, best first (rows of failed files are -1)
@@ -42,38 +64,34 @@ class Predictions:
 
 
 def predict_files(model, files: list[Path], cfg: Config, device: PipeDevice, amp_dtype=None) -> Predictions:
-    k = cfg.predict.top_k
-    n = len(files)
-    indices = np.full((n, k), -1, dtype=np.int64)
-    scores = np.zeros((n, k), dtype=np.float32)
-    failed: dict[int, str] = {}
-    bar = progress(log, total=n, unit="img", desc="predicting")
+    k, step = cfg.predict.top_k, cfg.predict.batch_size
+    pred = Predictions(np.full((len(files), k), -1, dtype=np.int64), np.zeros((len(files), k), dtype=np.float32), {})
 
     def run(positions: list[int], batch_size: int) -> int:
         """Predict ``positions``; returns how many were done before DALI failed (all, if it did not)."""
         done = 0
-        try:  # the loader decodes its first batches as soon as it is built
-            loader = ImageFileLoader(cfg, [files[p] for p in positions], tta=cfg.predict.tta, batch_size=batch_size,
-                                     device=device)
-            for idx, sc, (local,) in predict_topk(model, loader, k, lambda x: prepare_input(x, cfg), amp_dtype):
+        batches = guarded(lambda: ImageFileLoader(cfg, [files[p] for p in positions], tta=cfg.predict.tta,
+                                                  batch_size=batch_size, device=device))
+        try:
+            for idx, sc, (local,) in predict_topk(model, batches, k, lambda x: prepare_input(x, cfg), amp_dtype):
                 rows = [positions[i] for i in local.tolist()]
-                indices[rows, : idx.shape[1]] = idx
-                scores[rows, : sc.shape[1]] = sc
+                pred.indices[rows, : idx.shape[1]] = idx
+                pred.scores[rows, : sc.shape[1]] = sc
                 done += len(rows)
                 bar.update(len(rows))
-        except RuntimeError:  # DALI stops the whole pipeline on one undecodable image
-            return done
+        except DecodeFailed:  # DALI stops the whole pipeline on one undecodable image
+            pass
         return done
 
-    pending = list(range(n))
-    while pending:  # (nothing to do for an empty list)
-        done = run(pending, cfg.predict.batch_size)
-        if done == len(pending):
-            break
-        suspects, pending = pending[done: done + cfg.predict.batch_size], pending[done + cfg.predict.batch_size:]
-        for p in suspects:  # one at a time: only the bad file itself is lost
-            if run([p], 1) == 0:
-                failed[p] = "cannot decode (DALI)"
-                bar.update(1)
-    bar.close()
-    return Predictions(indices, scores, failed)
+    with progress(log, total=len(files), unit="img", desc="predicting") as bar:
+        pending = list(range(len(files)))
+        while pending:
+            done = run(pending, step)
+            if done == len(pending):
+                break
+            suspects, pending = pending[done: done + step], pending[done + step:]
+            for p in suspects:  # one at a time: only the bad file itself is lost
+                if run([p], 1) == 0:
+                    pred.failed[p] = "cannot decode (DALI)"
+                    bar.update(1)
+    return pred

@@ -7,12 +7,15 @@ with the checkpoint's model through the dali_pipes test-image pipeline (``submit
 none, flip or tencrop), applies top-k rescoring and the decision rule chosen by the tune
 stage (else the config's), and writes ``paths.output/submission_stageN.csv``: one row per
 row of the sample submission, in its order. An image that is missing or does not decode
-gets the most frequent training labels and a row in ``submission_stageN_problems.csv``.
+gets the most frequent training labels and a row in ``submission_stageN_problems.csv``;
+when more than ``submit.max_fallback_fraction`` of the images would, nothing is written.
+A run that fails for any reason leaves an earlier submission as it was.
 """
 from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -54,6 +57,18 @@ def fallback_labels(counts: list[int] | None, n: int) -> list[int]:
     return [int(c) for c in np.argsort(-np.asarray(counts), kind="stable")[:n]]
 
 
+def refuse_mostly_fallback(problems: dict[int, str], ids: list[str], max_fraction: float, folder: Path) -> None:
+    """A submission made mostly of fallback labels is not one: stop before anything is written."""
+    if len(problems) <= max_fraction * len(ids):
+        return
+    reasons = Counter(problems.values()).most_common(3)
+    examples = ", ".join(f"{ids[i]}: {problems[i]}" for i in sorted(problems)[:3])
+    raise UserError(f"{len(problems)} of {len(ids)} images cannot be predicted (more than "
+                    f"submit.max_fallback_fraction = {max_fraction:g}; "
+                    f"{', '.join(f'{n} {r}' for r, n in reasons)}; e.g. {examples}): is {folder} complete? "
+                    "Nothing was written")
+
+
 def submit(cfg: Config, stage: int, checkpoint: Path | None = None, save_scores: Path | None = None) -> dict:
     comp = cfg.paths.competition_data
     ids = read_sample_ids(comp / f"stage_{stage}_sample_submission.csv")
@@ -85,6 +100,7 @@ def submit(cfg: Config, stage: int, checkpoint: Path | None = None, save_scores:
                          autocast_dtype(device.kind == "gpu", cfg.model.amp))
     problems.update({good[p]: r for p, r in pred.failed.items()})
 
+    refuse_mostly_fallback(problems, ids, cfg.submit.max_fallback_fraction, folder)
     k = pred.indices.shape[1]
     indices = np.full((len(ids), k), -1, dtype=np.int64)
     scores = np.zeros((len(ids), k), dtype=np.float32)
@@ -110,7 +126,7 @@ def submit(cfg: Config, stage: int, checkpoint: Path | None = None, save_scores:
     return summary
 
 
-@command
+@command(batch_keys="predict.batch_size")
 def main(argv=None):
     parser = config_parser("python -m inference.submit", __doc__)
     parser.add_argument("--stage", type=int, choices=[1, 2], required=True)

@@ -9,9 +9,7 @@ split: inference's fallback labels), ``decision_rule`` (the tune stage's, or Non
 """
 from __future__ import annotations
 
-import pickle
 import random
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -46,18 +44,27 @@ def save_checkpoint(path: Path, payload: dict) -> None:
         torch.save(payload, f)
 
 
-def load_checkpoint(path: Path, map_location="cpu") -> dict:
-    """Load with ``weights_only=True``; anything wrong is one clear UserError naming the file."""
+FOR_INFERENCE = ("model", "model_name", "classes")
+FOR_RESUME = FOR_INFERENCE + ("optimizer", "scheduler", "scaler", "rng", "epoch", "step", "best_metric")
+
+
+def load_checkpoint(path: Path, require: tuple[str, ...] = FOR_INFERENCE, map_location="cpu") -> dict:
+    """Load with ``weights_only=True``; a file that is not one of this project's checkpoints with the
+    ``require``d entries is one clear UserError naming the file."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint not found: {path}")
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, OSError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    except Exception as exc:  # whatever torch.load meets in a file that is not a checkpoint, it is not one
+        text = str(exc).strip()
+        first = text.splitlines()[0][:200] if text else type(exc).__name__
         raise UserError(f"checkpoint {path} is damaged or not a checkpoint of this project ({first})") from None
     if not isinstance(payload, dict) or "model" not in payload:
-        raise UserError(f"checkpoint {path} holds no model weights")
+        raise UserError(f"checkpoint {path} holds no model weights: not a checkpoint of this project")
+    missing = [k for k in require if k not in payload]
+    if missing:
+        raise UserError(f"checkpoint {path} lacks {', '.join(missing)}: not a checkpoint of this project's training")
     return payload
 
 
@@ -75,5 +82,15 @@ def training_payload(*, model, optimizer, scheduler, scaler, stage: str, epoch: 
 def model_from_checkpoint(state: dict, channels_last: bool = False) -> torch.nn.Module:
     """The classifier a payload describes, with its weights."""
     model = create_model(state["model_name"], len(state["classes"]), channels_last)
-    model.load_state_dict(state["model"])
+    load_weights(model, state)
     return model
+
+
+def load_weights(model: torch.nn.Module, state: dict) -> None:
+    """The payload's weights into ``model``; a UserError when they were saved from another architecture."""
+    try:
+        unwrap(model).load_state_dict(state["model"])
+    except RuntimeError as exc:
+        raise UserError(f"the checkpoint's weights ({state.get('model_name', 'unknown model')}, "
+                        f"{len(state.get('classes', []))} classes) do not fit this model "
+                        f"({str(exc).strip().splitlines()[0]}): check model.name") from None

@@ -1,4 +1,5 @@
 import csv
+import re
 import shutil
 import subprocess
 import sys
@@ -52,7 +53,7 @@ def setup(built, kaggle, tmp_path_factory):
                            "class_counts": counts, "decision_rule": DecisionRule(0.3, 2, 4).to_dict()})
     cfg_path = write_config(root / "c.yaml", type("L", (), {"original_images": layout.original_images,
                                                            "competition_data": comp}),
-                            cfg.paths.shards, "predict:\n  tta: flip\n  batch_size: 8\n", output=root / "out")
+                            cfg.paths.shards, "predict:\n  tta: flip\n  batch_size: 8\nsubmit:\n  max_fallback_fraction: 0.2\n", output=root / "out")
     return load_config(cfg_path), ckpt, [r[0] for r in rows[1:]], vocab, counts
 
 
@@ -150,3 +151,85 @@ def test_submit_without_a_checkpoint_is_a_clear_error(setup, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
         submit_main(["--config", str(cfg.source), "--stage", "2", "--set", f"paths.artifacts={tmp_path}"])
     assert exit_.value.code == 2 and capsys.readouterr().err.strip().startswith("error: no checkpoint in")
+
+
+def run_submit(args: list[str], capsys) -> tuple[int, str]:
+    """(exit code, stderr) of ``inference.submit`` run in-process through its command frame."""
+    try:
+        submit_main(args)
+        code = 0
+    except SystemExit as exc:
+        code = exc.code
+    return code, capsys.readouterr().err
+
+
+def test_a_model_error_fails_the_run_and_keeps_the_previous_submission(setup, capsys):
+    """float16 batches into a float32 model on the CPU: not a decode failure of every image."""
+    cfg, ckpt, *_ = setup
+    args = ["--config", str(cfg.source), "--stage", "2", "--checkpoint", str(ckpt)]
+    assert run_submit(args, capsys)[0] == 0
+    before = {p.name: p.read_bytes() for p in cfg.paths.output.iterdir()}
+    code, err = run_submit(args + ["--set", "pipeline.dtype=float16"], capsys)
+    assert code != 0 and "Traceback" not in err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith("error: the batches do not suit the model")
+    assert "pipeline.dtype" in errors[0]
+    assert {p.name: p.read_bytes() for p in cfg.paths.output.iterdir()} == before
+
+
+def test_a_mostly_missing_image_folder_is_refused(setup, tmp_path, capsys):
+    cfg, ckpt, ids, *_ = setup
+    comp = tmp_path / "inclusive"
+    shutil.copytree(cfg.paths.competition_data, comp)
+    for image in sorted((comp / "stage_2_test_images").glob("*.jpg"))[3:]:  # a half-unzipped folder
+        image.unlink()
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "submission_stage2.csv").write_text("an earlier submission\n")
+    code, err = run_submit(["--config", str(cfg.source), "--stage", "2", "--checkpoint", str(ckpt),
+                            "--set", f"paths.competition_data={comp}", "--set", f"paths.output={out}"], capsys)
+    assert code == 2
+    line = err.strip().splitlines()[-1]
+    refused = re.match(rf"error: (\d+) of {len(ids)} images cannot be predicted \(more than ", line)
+    assert refused and int(refused.group(1)) >= len(ids) - 3 and "missing file" in line
+    assert (out / "submission_stage2.csv").read_text() == "an earlier submission\n"
+    assert sorted(p.name for p in out.iterdir()) == ["submission_stage2.csv"]
+
+
+def test_exactly_the_damaged_and_missing_images_fall_back(setup, tmp_path):
+    cfg, ckpt, *_ = setup
+    comp = tmp_path / "inclusive"
+    shutil.copytree(cfg.paths.competition_data, comp)
+    for bad in ("corrupt", "truncated"):  # only the three below are broken
+        (comp / "stage_2_test_images" / f"{bad}000000000000000{'00' if bad == 'corrupt' else ''}.jpg").unlink()
+    images = sorted((comp / "stage_2_test_images").glob("*.jpg"))
+    good = jpeg_bytes(photo(np.random.default_rng(5)))
+    images[0].write_bytes(corrupt_huffman_table(good))
+    images[1].write_bytes(good[: len(good) // 3])
+    images[2].unlink()
+    broken = {images[0].stem: "cannot decode", images[1].stem: "truncated", images[2].stem: "missing file"}
+    rows = [["image_id", "labels"]] + [[p.stem, ""] for p in images]
+    with open(comp / "stage_2_sample_submission.csv", "w", newline="") as f:
+        csv.writer(f, lineterminator="\n").writerows(rows)
+    cfg = cfg.with_overrides([f"paths.competition_data={comp}", f"paths.output={tmp_path / 'out'}"])
+    summary = submit(cfg, 2, ckpt)
+    with open(tmp_path / "out" / "submission_stage2_problems.csv", newline="") as f:
+        assert {r["image_id"]: r["reason"] for r in csv.DictReader(f)} == broken
+    assert summary["fallback"] == 3 and summary["predicted"] == len(images) - 3
+
+
+@pytest.mark.parametrize("make", [
+    lambda p: p.write_text("not a checkpoint\n"),
+    lambda p: p.write_bytes(b""),
+    lambda p: torch.save(torch.zeros(3), p),
+    lambda p: torch.save({"model": {}}, p),
+    lambda p: shutil.copy(REPO / "docs" / "benchmark_cpu.png", p),
+])
+def test_a_file_that_is_not_a_checkpoint_is_one_line(setup, tmp_path, capsys, make):
+    cfg, *_ = setup
+    make(tmp_path / "x.pt")
+    code, err = run_submit(["--config", str(cfg.source), "--stage", "2", "--checkpoint", str(tmp_path / "x.pt")],
+                           capsys)
+    assert code == 2 and "Traceback" not in err
+    assert err.strip().splitlines() == [err.strip().splitlines()[-1]]
+    assert err.startswith(f"error: checkpoint {tmp_path / 'x.pt'} ") and "checkpoint of this project" in err

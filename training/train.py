@@ -24,14 +24,15 @@ from torch.nn.parallel import DistributedDataParallel
 
 from common.cli import command, config_from_args, config_parser
 from common.config import Config
-from common.errors import UserError
+from common.errors import UserError, writing
 from common.log import progress
 from common.seeds import int_seed
 from common.shard_format import SplitShards, read_manifest, split_shards
 from common.vocab import Vocabulary
 from dali_pipes.device import PipeDevice, resolve_device
 from dali_pipes.loader import eval_loader, prepare_input, train_loader
-from model.checkpoint import load_checkpoint, save_checkpoint, set_rng_state, training_payload
+from model.checkpoint import (FOR_RESUME, load_checkpoint, load_weights, save_checkpoint, set_rng_state,
+                              training_payload)
 from model.decision import best_global_threshold, choose_rule
 from model.metrics import global_average_precision
 from model.network import autocast_dtype, create_model
@@ -137,8 +138,8 @@ def initial_weights(cfg: Config, stage: Stage, init: str | None) -> Path | None:
 def resume_or_init(state: TrainState, saver: CheckpointSaver, cfg: Config, stage: Stage, init: str | None) -> None:
     """Resume exactly from ``last.pt`` if there is one; else start from ``--init`` (or, for tune, train's best)."""
     if saver.last.is_file():
-        saved = load_checkpoint(saver.last)
-        state.model.load_state_dict(saved["model"])
+        saved = load_checkpoint(saver.last, require=FOR_RESUME)
+        load_weights(state.model, saved)
         state.optimizer.load_state_dict(saved["optimizer"])
         state.scheduler.load_state_dict(saved["scheduler"])
         state.scaler.load_state_dict(saved["scaler"])
@@ -148,9 +149,9 @@ def resume_or_init(state: TrainState, saver: CheckpointSaver, cfg: Config, stage
                  else f"{stage.name} already finished its {stage.epochs} epochs ({saver.last}); nothing to do")
     elif (source := initial_weights(cfg, stage, init)) is not None:
         saved = load_checkpoint(source)
-        if saved.get("classes") != saver.classes:
+        if saved["classes"] != saver.classes:
             raise UserError(f"{source} was trained on another class list than {cfg.paths.shards}")
-        state.model.load_state_dict(saved["model"])
+        load_weights(state.model, saved)
         log.info("%s: starting from %s", stage.name, source)
 
 
@@ -169,7 +170,7 @@ class MetricsLog:
     def write(self, record: dict, step: int) -> None:
         if not self.enabled:
             return
-        with open(self.path, "a") as f:
+        with writing(self.path), open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
         for k, v in record.items():
             if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("epoch", "step"):
@@ -306,7 +307,7 @@ def _run(cfg: Config, stage_name: str, init: str | None, device: PipeDevice, d: 
     return record
 
 
-@command
+@command(batch_keys="train.batch_size (per process), or predict.batch_size for validation")
 def main(argv=None):
     parser = config_parser("python -m training.train", __doc__)
     parser.add_argument("--stage", choices=["train", "tune"], required=True)
