@@ -10,16 +10,32 @@ class UserError(Exception):
     """Bad input from the user (config, CLI, data files): reported in one line, no traceback."""
 
 
+def _os_error_in(exc: BaseException) -> OSError | None:
+    """The OSError that ``exc`` is, or that it was raised while handling (torch.save, for one, turns a full
+    disk into a RuntimeError about its zip stream while it cleans up)."""
+    seen = 0
+    while exc is not None and seen < 10:
+        if isinstance(exc, OSError):
+            return exc
+        exc, seen = exc.__context__, seen + 1
+    return None
+
+
 @contextlib.contextmanager
 def writing(path: str | Path):
     """Name ``path`` in an OSError raised while writing it: a failed ``write()`` carries no file name,
     and "no space left" is only useful with the place it happened."""
     try:
         yield
-    except OSError as exc:
-        if exc.filename is None:
-            exc.filename = str(path)
-        raise
+    except Exception as exc:
+        os_error = _os_error_in(exc)
+        if os_error is None:
+            raise
+        if os_error.filename is None:
+            os_error.filename = str(path)
+        if os_error is exc:
+            raise
+        raise os_error from None
 
 
 def describe_os_error(exc: OSError) -> str | None:

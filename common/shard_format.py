@@ -9,6 +9,7 @@ its bytes depend only on its samples.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -113,16 +114,23 @@ def index_samples(idx_path: Path) -> int:
 
 @dataclass
 class ShardRecord:
-    """One shard as the manifest lists it."""
+    """One shard as the manifest lists it. ``positions``: the shard holds the images at positions
+    [start, end) of its split's shuffled order, less the skipped ones (so it can be rebuilt alone)."""
     name: str
     split: str
     samples: int
     bytes: int
     sha256: str
     index: str
+    positions: tuple[int, int] | None = None
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if self.positions is None:
+            del d["positions"]
+        else:
+            d["positions"] = [int(p) for p in self.positions]
+        return d
 
 
 class ShardWriter:
@@ -159,7 +167,7 @@ class ShardWriter:
     def is_open(self) -> bool:
         return self._tar is not None
 
-    def close(self) -> ShardRecord:
+    def close(self, positions: tuple[int, int] | None = None) -> ShardRecord:
         """Finish the current shard: flush, fsync, rename, index. Returns its record."""
         name = shard_name(self.split, self.number)
         final = self.folder / name
@@ -171,15 +179,20 @@ class ShardWriter:
         os.replace(tmp_name(final), final)
         write_index(final, self.folder / index_name(name))
         record = ShardRecord(name, self.split, self.samples, final.stat().st_size, file_sha256(final),
-                             index_name(name))
+                             index_name(name), positions)
         self._file = self._tar = None
         self.samples = self.bytes = 0
         self.number += 1
         return record
 
     def abandon(self) -> None:
+        """Drop an unfinished shard. Closing may fail as writing did (a full disk): the file goes anyway, and
+        the error that brought us here is the one to report."""
         if self._file is not None:
-            self._file.close()
+            with contextlib.suppress(Exception):
+                self._tar.close()
+            with contextlib.suppress(OSError):
+                self._file.close()
             tmp_name(self.folder / shard_name(self.split, self.number)).unlink(missing_ok=True)
         self._file = self._tar = None
 

@@ -11,7 +11,9 @@ matrix ``[batch, num_classes]`` on the same device.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -89,18 +91,51 @@ class DaliLoader:
     iterator: DALIGenericIterator
     num_classes: int
     with_ids: bool
+    config_source: Path | None  # for the repair command in the error a damaged shard causes
 
     def __len__(self) -> int:
         return len(self.iterator)  # DALI's count: equal on every rank, as lockstep training needs
 
     def __iter__(self):
-        for batch in self.iterator:
-            out = batch[0]
-            targets = multi_hot(out["labels"], self.num_classes)
-            if self.with_ids:
-                yield out["images"], targets, decode_ids(out["meta"])
-            else:
-                yield out["images"], targets
+        with shard_errors(self.config_source):
+            for batch in self.iterator:
+                out = batch[0]
+                targets = multi_hot(out["labels"], self.num_classes)
+                if self.with_ids:
+                    yield out["images"], targets, decode_ids(out["meta"])
+                else:
+                    yield out["images"], targets
+
+
+class DamagedShard(UserError):
+    """A shard that DALI cannot read: one line naming it, its sample and the cure."""
+
+
+# DALI names the sample it failed on as "<tar path>:<offset>:<key>.<extension>"
+SAMPLE_SOURCE = re.compile(r"(\S+\.tar):\d+:(\S+?)\.\w+\b")
+
+
+def damaged_shard(exc: RuntimeError, config_source: Path | None) -> DamagedShard | None:
+    """The one-line error for a DALI failure on a shard's sample, or None when DALI failed for another reason."""
+    found = SAMPLE_SOURCE.search(str(exc))
+    if not found:
+        return None
+    why = "does not decode" if "decode" in str(exc) else "cannot be read"
+    config = f" --config {config_source}" if config_source else ""
+    return DamagedShard(f"{found.group(1)}: sample {found.group(2)} {why} (a damaged shard); run "
+                        f"python -m preprocessing.verify{config} --repair, then the same command again")
+
+
+@contextlib.contextmanager
+def shard_errors(config_source: Path | None):
+    """A DALI failure on a damaged shard becomes a DamagedShard error; any other failure stays as it is."""
+    try:
+        yield
+    except RuntimeError as exc:
+        error = damaged_shard(exc, config_source)
+        if error is None:
+            raise
+        raise error from None
 
 
 def _rank_samples(total: int, rank: int, world_size: int) -> int:
@@ -134,9 +169,10 @@ def train_loader(cfg: Config, split: str = "train", rank: int = 0, world_size: i
         raise UserError(f"the '{split}' data has {shards.samples} images for {world_size} process(es), fewer than "
                         f"one batch of {batch_size} each; lower train.batch_size")
     pipe = build_train_pipeline(cfg, shards, rank, world_size, batch_size, device, epoch)
-    it = DALIGenericIterator(pipe, ["images", "labels"], reader_name=READER, auto_reset=True,
-                             last_batch_policy=LastBatchPolicy.DROP)
-    return DaliLoader(it, shards.num_classes, with_ids=False)
+    with shard_errors(cfg.source):  # DALI reads and decodes its first batches while the iterator is built
+        it = DALIGenericIterator(pipe, ["images", "labels"], reader_name=READER, auto_reset=True,
+                                 last_batch_policy=LastBatchPolicy.DROP)
+    return DaliLoader(it, shards.num_classes, with_ids=False, config_source=cfg.source)
 
 
 def eval_loader(cfg: Config, split: str = "val", rank: int = 0, world_size: int = 1,
@@ -149,9 +185,10 @@ def eval_loader(cfg: Config, split: str = "val", rank: int = 0, world_size: int 
     pipe = eval_pipeline(shards.tars, shards.indexes, resize_shorter=eval_resize(cfg, shards), tta=tta,
                          shard_id=rank, num_shards=world_size, **_pipe_args(cfg, device, batch_size, 0))
     pipe.build()
-    it = DALIGenericIterator(pipe, ["images", "labels", "meta"], reader_name=READER, auto_reset=True,
-                             last_batch_policy=LastBatchPolicy.PARTIAL)
-    return DaliLoader(it, shards.num_classes, with_ids=True)
+    with shard_errors(cfg.source):
+        it = DALIGenericIterator(pipe, ["images", "labels", "meta"], reader_name=READER, auto_reset=True,
+                                 last_batch_policy=LastBatchPolicy.PARTIAL)
+    return DaliLoader(it, shards.num_classes, with_ids=True, config_source=cfg.source)
 
 
 class ImageFileLoader:

@@ -143,11 +143,22 @@ def _prepare_one(task: tuple[str, int, int, bool]) -> tuple[bytes | None, str | 
     return jpeg, None, as_is
 
 
-def _tasks(split: SplitPlan, start: int, cfg: Config):
-    for i in split.order[start:]:
-        # ids were checked against PLAIN_ID when the labels were read
-        yield (str(split.image_dir / f"{split.table.image_ids[i]}.jpg"),
-               cfg.data.shortest_side, cfg.data.jpeg_quality, cfg.data.reduced_decode)
+def prepared_samples(cfg: Config, plan: Plan, split: SplitPlan, start: int, end: int, pool):
+    """``(image_id, sample or None, skip reason or None, packed_as_is)`` for the images at positions
+    ``start:end`` of the split's order, in that order whatever the number of workers."""
+    positions = range(start, end)
+    # ids were checked against PLAIN_ID when the labels were read
+    tasks = ((str(split.image_dir / f"{split.table.image_ids[split.order[p]]}.jpg"), cfg.data.shortest_side,
+              cfg.data.jpeg_quality, cfg.data.reduced_decode) for p in positions)
+    results = pool.imap(_prepare_one, tasks, chunksize=8) if pool else map(_prepare_one, tasks)
+    for position, (jpeg, reason, as_is) in zip(positions, results):
+        i = split.order[position]
+        image_id = split.table.image_ids[i]
+        if reason is not None:
+            yield image_id, None, reason, False
+        else:
+            classes = split.table.labels(i)
+            yield image_id, encode_sample(image_id, jpeg, classes, plan.vocab.decode(classes)), None, as_is
 
 
 def build_split(cfg: Config, plan: Plan, split: SplitPlan, state: BuildState, pool, bar) -> None:
@@ -157,32 +168,27 @@ def build_split(cfg: Config, plan: Plan, split: SplitPlan, state: BuildState, po
     writer = ShardWriter(out, split.name, done_shards, cfg.data.shard_max_samples, cfg.data.shard_max_bytes)
     pending_skips: list[list[str]] = []
     pending_counts: Counter = Counter()
-    tasks = _tasks(split, start, cfg)
-    results = pool.imap(_prepare_one, tasks, chunksize=8) if pool else map(_prepare_one, tasks)
 
-    def finish_shard(position: int):
-        record = writer.close()
+    def finish_shard(end: int):
+        """Close the shard that holds the images at positions [its start, end) of the split's order."""
+        record = writer.close(positions=(state.position.get(split.name, 0), end))
         state.shards.append(record.to_dict())
         state.skipped.extend(pending_skips)
-        state.position[split.name] = position
+        state.position[split.name] = end
         for k, v in pending_counts.items():
             state.counts[k] = state.counts.get(k, 0) + v
         state.save(out)
         pending_skips.clear()
         pending_counts.clear()
 
-    position = start
     try:
-        for position, (jpeg, reason, as_is) in enumerate(results, start=start):
-            i = split.order[position]
-            image_id = split.table.image_ids[i]
+        samples = prepared_samples(cfg, plan, split, start, len(split.order), pool)
+        for position, (image_id, sample, reason, as_is) in enumerate(samples, start=start):
             bar.update(1)
             if reason is not None:
                 pending_skips.append([image_id, split.name, reason])
                 bar.set_postfix(skipped=len(state.skipped) + len(pending_skips), refresh=False)
                 continue
-            classes = split.table.labels(i)
-            sample = encode_sample(image_id, jpeg, classes, plan.vocab.decode(classes))
             if writer.would_overflow(sample):
                 finish_shard(position)
             writer.add(sample)

@@ -1,4 +1,6 @@
 import shutil
+import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -30,3 +32,24 @@ def built_copy(built, tmp_path):
     cfg, manifest = built
     shutil.copytree(cfg.paths.shards, tmp_path / "shards")
     return tmp_path / "shards", manifest
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """``mount(size, read_only=False) -> folder``: a small tmpfs of our own, so a test can fill a real disk
+    (remount it larger to free space). Skips where this machine lets no test mount one."""
+    mounted = []
+
+    def mount(size: str, read_only: bool = False) -> Path:
+        folder = tmp_path / f"disk{len(mounted)}"
+        folder.mkdir()
+        options = f"size={size}" + (",ro" if read_only else "")
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], capture_output=True)
+        if r.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here ({r.stderr.decode().strip()}); the injected-fault tests cover this")
+        mounted.append(folder)
+        return folder
+
+    yield mount
+    for folder in mounted:
+        subprocess.run(["umount", "-l", str(folder)], capture_output=True)

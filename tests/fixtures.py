@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import io
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,7 @@ from preprocessing.images import resized_size
 REPO = Path(__file__).resolve().parent.parent
 SIDE = 64  # data.shortest_side of the demo config
 SMALL_SHARDS = "data:\n  shard_max_samples: 7\n"  # many shards from the small fixture
+FAST_TRAIN = "train:\n  batch_size: 8\n"  # a few steps per epoch on the fixture
 
 
 def jpeg_bytes(im: Image.Image, **kw) -> bytes:
@@ -148,3 +150,32 @@ def centre_crop_reference(cfg, image: Image.Image, dy: int = 0, dx: int = 0) -> 
 def mean_f2(predicted: list[list[int]], targets: list[list[int]]) -> float:
     """The metric's mean over images (the project itself needs only the per-image values)."""
     return float(f2_per_image(predicted, targets).mean()) if targets else 0.0
+
+
+def break_image_in_place(tar_path: Path) -> str:
+    """Give the first image of a shard a bogus Huffman table without moving a byte of the tar; returns its key."""
+    import tarfile
+
+    with tarfile.open(tar_path) as tar:
+        member = next(m for m in tar if m.name.endswith(".jpg"))
+        data = tar.extractfile(member).read()
+    with open(tar_path, "r+b") as f:
+        f.seek(member.offset_data)
+        f.write(corrupt_huffman_table(data))
+    return member.name[: -len(".jpg")]
+
+
+def resize(folder: Path, size: str) -> None:
+    """Grow (or shrink) a tmpfs mounted by the ``tmpfs`` fixture."""
+    subprocess.run(["mount", "-o", f"remount,size={size}", str(folder)], check=True)
+
+
+def run_main(main, args: list[str], capsys) -> tuple[int, str, str]:
+    """(exit code, stdout, stderr) of a command run in-process through its frame."""
+    try:
+        main(args)
+        code = 0
+    except SystemExit as exc:
+        code = exc.code
+    out, err = capsys.readouterr()
+    return code, out, err

@@ -1,4 +1,5 @@
 import csv
+import shutil
 import json
 import signal
 import subprocess
@@ -17,9 +18,9 @@ from common.config import load_config
 from common.errors import UserError
 from preprocessing.build_shards import STATE, build_shards
 from preprocessing.images import prepare_image
-from common.shard_format import ShardWriter
+from common.shard_format import ShardWriter, file_sha256, iter_samples
 from preprocessing.verify import main as verify_main, verify
-from tests.fixtures import REPO, SMALL_SHARDS, corrupt_huffman_table, write_config
+from tests.fixtures import REPO, SMALL_SHARDS, corrupt_huffman_table, jpeg_bytes, photo, run_main, write_config
 
 
 def read_shards(folder: Path, split: str | None = None) -> dict[str, dict]:
@@ -288,3 +289,55 @@ def test_verify_finds_a_sample_count_that_differs_from_the_manifest(built_copy):
     (shards / "manifest.json").write_text(json.dumps(manifest))
     n = manifest["shards"][2]["samples"]
     assert verify(shards) == [f"{manifest['shards'][2]['name']}: {n - 1} samples, manifest says {n}"]
+
+
+def flip_byte(path: Path, at: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[at] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_repair_rebuilds_exactly_the_damaged_shards_and_indexes(built_copy, kaggle, tmp_path, capsys):
+    shards, manifest = built_copy
+    cfg = write_config(tmp_path / "c.yaml", kaggle[0], shards, SMALL_SHARDS)
+    recorded = {s["name"]: s["sha256"] for s in manifest["shards"]}
+    indexes = {s["index"]: (shards / s["index"]).read_bytes() for s in manifest["shards"]}
+    tune = next(s for s in manifest["shards"] if s["split"] == "tune")
+    flip_byte(shards / manifest["shards"][0]["name"], 3000)
+    flip_byte(shards / tune["name"], 700)  # a tar header
+    (shards / manifest["shards"][2]["index"]).unlink()
+    untouched = {s["name"]: (shards / s["name"]).stat().st_mtime_ns for s in manifest["shards"][3:] if s != tune}
+
+    code, out, _ = run_main(verify_main, ["--config", str(cfg), "--workers", "2"], capsys)
+    assert code == 1 and f"{manifest['shards'][2]['index']}: index missing" in out
+    code, out, err = run_main(verify_main, ["--config", str(cfg), "--workers", "2", "--repair"], capsys)
+    assert code == 0, err
+    assert "repaired 3 shard(s)" in out
+    assert {s["name"]: file_sha256(shards / s["name"]) for s in manifest["shards"]} == recorded
+    assert {name: (shards / name).read_bytes() for name in indexes} == indexes
+    assert {n: (shards / n).stat().st_mtime_ns for n in untouched} == untouched  # nothing else rewritten
+    assert verify(shards) == [] and not [p for p in shards.iterdir() if p.name.startswith(".")]
+
+
+def test_repair_refuses_a_shard_whose_original_changed(kaggle, tmp_path, capsys):
+    root = tmp_path / "kaggle"
+    shutil.copytree(kaggle[0].original_images.parent, root)
+    layout = type("L", (), {"original_images": root / kaggle[0].original_images.name,
+                            "competition_data": root / kaggle[0].competition_data.name})
+    cfg_path = write_config(tmp_path / "c.yaml", layout, tmp_path / "shards", SMALL_SHARDS)
+    manifest = build_shards(load_config(cfg_path), workers=1)
+    first, second = manifest["shards"][0], manifest["shards"][1]
+    shards = tmp_path / "shards"
+    changed = next(iter_samples(shards / first["name"]))[0]
+    image = layout.original_images / "train" / f"{changed}.jpg"
+    image.write_bytes(jpeg_bytes(photo(np.random.default_rng(9))))
+    flip_byte(shards / first["name"], 3000)
+    flip_byte(shards / second["name"], 3000)
+    code, out, err = run_main(verify_main, ["--config", str(cfg_path), "--repair", "--workers", "1"], capsys)
+    assert code == 1
+    assert f"error: {first['name']}: cannot be rebuilt as recorded" in err
+    assert file_sha256(shards / second["name"]) == second["sha256"]  # the other one was repaired
+    image.unlink()  # gone altogether: the reason names the image
+    code, _, err = run_main(verify_main, ["--config", str(cfg_path), "--repair", "--workers", "1"], capsys)
+    assert code == 1 and f"error: {first['name']}: cannot be rebuilt as recorded: its image {changed} is now " \
+                         f"'missing file'" in err

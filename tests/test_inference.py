@@ -17,7 +17,7 @@ from dali_pipes.device import resolve_device
 from inference.predict import predict_files
 from inference.score import read_labels, score
 from inference.submit import main as submit_main, submit
-from tests.fixtures import REPO, centre_crop_reference, corrupt_huffman_table, jpeg_bytes, photo, write_config
+from tests.fixtures import REPO, centre_crop_reference, corrupt_huffman_table, jpeg_bytes, photo, run_main, write_config
 from model.checkpoint import save_checkpoint
 from model.decision import DecisionRule
 from model.metrics import topk_rescore
@@ -153,23 +153,13 @@ def test_submit_without_a_checkpoint_is_a_clear_error(setup, tmp_path, capsys):
     assert exit_.value.code == 2 and capsys.readouterr().err.strip().startswith("error: no checkpoint in")
 
 
-def run_submit(args: list[str], capsys) -> tuple[int, str]:
-    """(exit code, stderr) of ``inference.submit`` run in-process through its command frame."""
-    try:
-        submit_main(args)
-        code = 0
-    except SystemExit as exc:
-        code = exc.code
-    return code, capsys.readouterr().err
-
-
 def test_a_model_error_fails_the_run_and_keeps_the_previous_submission(setup, capsys):
     """float16 batches into a float32 model on the CPU: not a decode failure of every image."""
     cfg, ckpt, *_ = setup
     args = ["--config", str(cfg.source), "--stage", "2", "--checkpoint", str(ckpt)]
-    assert run_submit(args, capsys)[0] == 0
+    assert run_main(submit_main, args, capsys)[0] == 0
     before = {p.name: p.read_bytes() for p in cfg.paths.output.iterdir()}
-    code, err = run_submit(args + ["--set", "pipeline.dtype=float16"], capsys)
+    code, _, err = run_main(submit_main, args + ["--set", "pipeline.dtype=float16"], capsys)
     assert code != 0 and "Traceback" not in err
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and errors[0].startswith("error: the batches do not suit the model")
@@ -186,7 +176,7 @@ def test_a_mostly_missing_image_folder_is_refused(setup, tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()
     (out / "submission_stage2.csv").write_text("an earlier submission\n")
-    code, err = run_submit(["--config", str(cfg.source), "--stage", "2", "--checkpoint", str(ckpt),
+    code, _, err = run_main(submit_main, ["--config", str(cfg.source), "--stage", "2", "--checkpoint", str(ckpt),
                             "--set", f"paths.competition_data={comp}", "--set", f"paths.output={out}"], capsys)
     assert code == 2
     line = err.strip().splitlines()[-1]
@@ -228,7 +218,7 @@ def test_exactly_the_damaged_and_missing_images_fall_back(setup, tmp_path):
 def test_a_file_that_is_not_a_checkpoint_is_one_line(setup, tmp_path, capsys, make):
     cfg, *_ = setup
     make(tmp_path / "x.pt")
-    code, err = run_submit(["--config", str(cfg.source), "--stage", "2", "--checkpoint", str(tmp_path / "x.pt")],
+    code, _, err = run_main(submit_main, ["--config", str(cfg.source), "--stage", "2", "--checkpoint", str(tmp_path / "x.pt")],
                            capsys)
     assert code == 2 and "Traceback" not in err
     assert err.strip().splitlines() == [err.strip().splitlines()[-1]]

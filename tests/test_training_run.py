@@ -1,4 +1,5 @@
 import json
+import shutil
 import os
 import signal
 import subprocess
@@ -13,7 +14,8 @@ from common.config import load_config
 from common.errors import UserError
 from model.checkpoint import load_checkpoint
 from training.train import TrainingDiverged, main as train_main, train
-from tests.fixtures import REPO, write_config
+from preprocessing.verify import main as verify_main
+from tests.fixtures import REPO, SMALL_SHARDS, break_image_in_place, run_main, write_config
 
 # small and quick: the demo config (timm test_resnet on 56-px crops), a few steps per epoch; the
 # learning rate steps after epoch 2 and dropout draws random numbers every step, so that a resume
@@ -141,3 +143,27 @@ def test_a_diverging_loss_stops_with_a_clear_message(built, kaggle, tmp_path):
     with pytest.raises(TrainingDiverged, match=r"the loss is (nan|inf) at epoch 1, step \d+"):
         train(load_config(cfg_path, ["train.lr=1e12", "train.epochs=1"]), "train")
     assert not (tmp_path / "a" / "train" / "checkpoints" / "last.pt").exists()
+
+
+def test_a_damaged_shard_stops_training_in_one_line_and_the_repaired_run_resumes(built, kaggle, tmp_path, capsys):
+    cfg, manifest = built
+    shards = tmp_path / "shards"
+    shutil.copytree(cfg.paths.shards, shards)
+    cfg_path = write_config(tmp_path / "c.yaml", kaggle[0], shards, FAST + SMALL_SHARDS, artifacts=tmp_path / "a")
+    args = ["--config", str(cfg_path), "--stage", "train", "--set", "train.epochs=1"]
+    assert run_main(train_main, args, capsys)[0] == 0
+    last = tmp_path / "a" / "train" / "checkpoints" / "last.pt"
+    before = last.read_bytes()
+    tar = shards / next(s["name"] for s in manifest["shards"] if s["split"] == "train")
+    key = break_image_in_place(tar)
+
+    code, _, err = run_main(train_main, args[:-1] + ["train.epochs=2"], capsys)
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 2 and "Traceback" not in err and len(errors) == 1, (code, err[-3000:])
+    assert errors[0].startswith(f"error: {tar}: sample {key} does not decode")
+    assert f"python -m preprocessing.verify --config {cfg_path} --repair" in errors[0]
+    assert last.read_bytes() == before  # the last good state is kept
+
+    assert run_main(verify_main, ["--config", str(cfg_path), "--repair"], capsys)[0] == 0
+    code, _, _ = run_main(train_main, args[:-1] + ["train.epochs=2"], capsys)
+    assert code == 0 and load_checkpoint(last)["epoch"] == 2

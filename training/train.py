@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
+from common.atomic import atomic_write_text
 from common.cli import command, config_from_args, config_parser
 from common.config import Config
 from common.errors import UserError, writing
@@ -156,16 +157,21 @@ def resume_or_init(state: TrainState, saver: CheckpointSaver, cfg: Config, stage
 
 
 class MetricsLog:
-    """metrics.jsonl and TensorBoard, on rank 0 only."""
+    """metrics.jsonl and TensorBoard, on rank 0 only. Records after ``resumed_step`` (written by a run that
+    stopped before its next checkpoint) are dropped, so a resumed run's file reads like an uninterrupted one's."""
 
-    def __init__(self, out: Path, enabled: bool):
+    def __init__(self, out: Path, enabled: bool, resumed_step: int):
         self.enabled = enabled
         self.path = out / "metrics.jsonl"
         self.tb = None
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
             out.mkdir(parents=True, exist_ok=True)
-            self.tb = SummaryWriter(str(out / "tb"))
+            if self.path.exists():
+                kept = [line for line in self.path.read_text().splitlines(keepends=True)
+                        if line.strip() and json.loads(line)["step"] <= resumed_step]
+                atomic_write_text(self.path, "".join(kept))
+            self.tb = SummaryWriter(str(out / "tb"), purge_step=resumed_step + 1)
 
     def write(self, record: dict, step: int) -> None:
         if not self.enabled:
@@ -190,34 +196,33 @@ def train_one_epoch(net, state: TrainState, stage: Stage, cfg: Config, device: P
     steps = len(loader) if not cfg.train.max_steps_per_epoch else min(len(loader), cfg.train.max_steps_per_epoch)
     loss_fn = LOSSES[cfg.train.loss]
     losses, seen, wait, started = [], 0, 0.0, time.perf_counter()
-    bar = progress(log, total=steps, desc=f"{stage.name} epoch {state.epoch + 1}/{stage.epochs}", unit="step")
-    batches = iter(loader)
-    for step in range(steps):
-        t_wait = time.perf_counter()
-        images, targets = next(batches)
-        wait += time.perf_counter() - t_wait
-        with torch.autocast("cuda", dtype=amp_dtype, enabled=amp_dtype is not None):
-            logits = net(prepare_input(images, cfg))
-        loss = loss_fn(logits, targets)
-        if distributed.any_rank(d, not torch.isfinite(loss).item(), device.torch_device):
-            raise TrainingDiverged(
-                f"{stage.name}: the loss is {loss.item()} at epoch {state.epoch + 1}, step {step + 1}; stopped. "
-                f"The last good checkpoint is {saver.last if saver.last.exists() else 'none yet'}; "
-                f"lower the learning rate ({'train.lr' if stage.name == 'train' else 'tune.lr'})")
-        state.optimizer.zero_grad(set_to_none=True)
-        state.scaler.scale(loss).backward()
-        state.scaler.step(state.optimizer)
-        state.scaler.update()
-        losses.append(loss.item())
-        seen += len(images)
-        state.step += 1
-        bar.update(1)
-        bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}", refresh=False)
-        if state.step % cfg.train.log_every == 0:
-            metrics.write({"stage": stage.name, "epoch": state.epoch + 1, "step": state.step,
-                           "loss": float(np.mean(losses[-cfg.train.log_every:])),
-                           "lr": state.optimizer.param_groups[0]["lr"]}, state.step)
-    bar.close()
+    with progress(log, total=steps, desc=f"{stage.name} epoch {state.epoch + 1}/{stage.epochs}", unit="step") as bar:
+        batches = iter(loader)
+        for step in range(steps):
+            t_wait = time.perf_counter()
+            images, targets = next(batches)
+            wait += time.perf_counter() - t_wait
+            with torch.autocast("cuda", dtype=amp_dtype, enabled=amp_dtype is not None):
+                logits = net(prepare_input(images, cfg))
+            loss = loss_fn(logits, targets)
+            if distributed.any_rank(d, not torch.isfinite(loss).item(), device.torch_device):
+                raise TrainingDiverged(
+                    f"{stage.name}: the loss is {loss.item()} at epoch {state.epoch + 1}, step {step + 1}; stopped. "
+                    f"The last good checkpoint is {saver.last if saver.last.exists() else 'none yet'}; "
+                    f"lower the learning rate ({'train.lr' if stage.name == 'train' else 'tune.lr'})")
+            state.optimizer.zero_grad(set_to_none=True)
+            state.scaler.scale(loss).backward()
+            state.scaler.step(state.optimizer)
+            state.scaler.update()
+            losses.append(loss.item())
+            seen += len(images)
+            state.step += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}", refresh=False)
+            if state.step % cfg.train.log_every == 0:
+                metrics.write({"stage": stage.name, "epoch": state.epoch + 1, "step": state.step,
+                               "loss": float(np.mean(losses[-cfg.train.log_every:])),
+                               "lr": state.optimizer.param_groups[0]["lr"]}, state.step)
     del batches, loader
     gc.collect()  # the DALI pipeline (and its buffers) goes before validation builds its own
     return {"loss": float(np.mean(losses)), "seen": seen, "seconds": time.perf_counter() - started, "wait": wait}
@@ -282,7 +287,7 @@ def _run(cfg: Config, stage_name: str, init: str | None, device: PipeDevice, d: 
     net = torch.compile(state.model) if cfg.model.compile else state.model
     if d.active:
         net = DistributedDataParallel(net, device_ids=[d.local_rank] if device.kind == "gpu" else None)
-    metrics = MetricsLog(stage.out, d.is_main)
+    metrics = MetricsLog(stage.out, d.is_main, state.step)
     record: dict = {}
     try:
         while state.epoch < stage.epochs:

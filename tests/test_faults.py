@@ -1,0 +1,127 @@
+"""Faults the machine causes: a full disk, a read-only folder. One line, exit code 2, nothing lost,
+and the same command run again completes with the result of a run that never failed."""
+import errno
+import json
+
+import pytest
+import torch
+import webdataset
+
+from common.config import load_config
+from common.vocab import Vocabulary
+from inference.submit import main as submit_main
+from model.checkpoint import load_checkpoint, save_checkpoint
+from model.network import create_model
+from preprocessing.build_shards import main as build_main
+from tests.fixtures import FAST_TRAIN, SMALL_SHARDS, resize, run_main, write_config
+from training.train import main as train_main, train
+
+FULL_DISK = "no space left on the device while writing {}"
+AGAIN = "free space and run the same command again"
+
+
+def one_error(err: str) -> str:
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in err, err[-2000:]
+    return errors[0]
+
+
+def assert_same_build(shards, built) -> None:
+    cfg, manifest = built
+    rebuilt = json.loads((shards / "manifest.json").read_text())
+    assert rebuilt["shards"] == manifest["shards"]
+    assert (shards / "skipped.csv").read_bytes() == (cfg.paths.shards / "skipped.csv").read_bytes()
+
+
+def test_a_full_disk_while_building_shards_on_a_real_tmpfs(built, kaggle, tmpfs, tmp_path, capsys):
+    disk = tmpfs("200k")  # the built shards take about 450 KB
+    cfg = write_config(tmp_path / "c.yaml", kaggle[0], disk / "shards", SMALL_SHARDS)
+    code, _, err = run_main(build_main, ["--config", str(cfg), "--workers", "2"], capsys)
+    line = one_error(err)
+    assert code == 2 and line.startswith("error: " + FULL_DISK.format(disk / "shards")) and line.endswith(AGAIN)
+    resize(disk, "8m")
+    assert run_main(build_main, ["--config", str(cfg), "--workers", "2"], capsys)[0] == 0
+    assert_same_build(disk / "shards", built)
+
+
+def test_a_full_disk_while_building_shards_injected(built, kaggle, tmp_path, capsys, monkeypatch):
+    """The same fault where no tmpfs can be mounted: the tar writer's 12th sample meets a full disk."""
+    write = webdataset.TarWriter.write
+    calls = []
+
+    def full_after_eleven(self, sample):
+        calls.append(1)
+        if len(calls) == 12:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return write(self, sample)
+
+    monkeypatch.setattr(webdataset.TarWriter, "write", full_after_eleven)
+    cfg = write_config(tmp_path / "c.yaml", kaggle[0], tmp_path / "shards", SMALL_SHARDS)
+    code, _, err = run_main(build_main, ["--config", str(cfg), "--workers", "1"], capsys)
+    assert code == 2 and one_error(err).startswith("error: " + FULL_DISK.format(tmp_path / "shards" / "train-000001"))
+    assert run_main(build_main, ["--config", str(cfg), "--workers", "1"], capsys)[0] == 0
+    assert_same_build(tmp_path / "shards", built)
+
+
+@pytest.fixture(scope="module")
+def one_epoch(built, kaggle, tmp_path_factory):
+    """The weights of an uninterrupted one-epoch run."""
+    cfg, _ = built
+    root = tmp_path_factory.mktemp("clean")
+    cfg_path = write_config(root / "c.yaml", kaggle[0], cfg.paths.shards, FAST_TRAIN, artifacts=root / "a")
+    train(load_config(cfg_path, ["train.epochs=1"]), "train")
+    return load_checkpoint(root / "a" / "train" / "checkpoints" / "last.pt")["model"]
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_a_full_disk_while_saving_a_checkpoint_on_a_real_tmpfs(built, kaggle, tmpfs, tmp_path, capsys, one_epoch):
+    cfg, _ = built
+    disk = tmpfs("1m")  # a test_resnet checkpoint with its optimiser state is about 3 MB
+    cfg_path = write_config(tmp_path / "c.yaml", kaggle[0], cfg.paths.shards, FAST_TRAIN, artifacts=disk)
+    args = ["--config", str(cfg_path), "--stage", "train", "--set", "train.epochs=1"]
+    code, _, err = run_main(train_main, args, capsys)
+    last = disk / "train" / "checkpoints" / "last.pt"
+    line = one_error(err)
+    assert code == 2 and line.startswith("error: " + FULL_DISK.format(last)) and line.endswith(AGAIN)
+    assert not last.exists() and not list(last.parent.glob(".*.tmp"))
+    resize(disk, "32m")
+    assert run_main(train_main, args, capsys)[0] == 0
+    assert_same_weights(load_checkpoint(last)["model"], one_epoch)
+    steps = [json.loads(line)["step"] for line in (disk / "train" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(steps) and len(steps) == len(set(steps))  # the failed run's records are not repeated
+
+
+def test_a_full_disk_while_saving_a_checkpoint_injected(built, kaggle, tmp_path, capsys, monkeypatch, one_epoch):
+    cfg, _ = built
+    cfg_path = write_config(tmp_path / "c.yaml", kaggle[0], cfg.paths.shards, FAST_TRAIN, artifacts=tmp_path / "a")
+    args = ["--config", str(cfg_path), "--stage", "train", "--set", "train.epochs=1"]
+    save = torch.save
+
+    def full(obj, f, *a, **kw):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full)
+    code, _, err = run_main(train_main, args, capsys)
+    last = tmp_path / "a" / "train" / "checkpoints" / "last.pt"
+    assert code == 2 and one_error(err).startswith("error: " + FULL_DISK.format(last))
+    monkeypatch.setattr(torch, "save", save)
+    assert run_main(train_main, args, capsys)[0] == 0
+    assert_same_weights(load_checkpoint(last)["model"], one_epoch)
+
+
+def test_a_read_only_output_folder_is_one_line(built, kaggle, tmpfs, tmp_path, capsys):
+    cfg, _ = built
+    out = tmpfs("1m", read_only=True)
+    cfg_path = write_config(tmp_path / "c.yaml", kaggle[0], cfg.paths.shards, "", output=out)
+    vocab = Vocabulary.load(cfg.paths.shards)
+    save_checkpoint(tmp_path / "m.pt", {"model": create_model("test_resnet", len(vocab)).state_dict(),
+                                        "model_name": "test_resnet", "classes": vocab.codes})
+    code, _, err = run_main(submit_main, ["--config", str(cfg_path), "--stage", "2", "--checkpoint",
+                                          str(tmp_path / "m.pt"), "--set", "submit.max_fallback_fraction=1"], capsys)
+    line = one_error(err)
+    assert code == 2 and line.startswith(f"error: cannot write {out}/") and "read-only" in line
