@@ -112,13 +112,14 @@ def submit(cfg: Config, stage: int, checkpoint: Path | None = None, save_scores:
     out.mkdir(parents=True, exist_ok=True)
     rows = [(image_id, " ".join(codes[c] for c in chosen.get(i, fallback))) for i, image_id in enumerate(ids)]
     submission = out / f"submission_stage{stage}.csv"
-    atomic_write_csv(submission, ["image_id", "labels"], rows)
+    # the submission last: a write that fails before it (a full disk) leaves the earlier one as it was
     atomic_write_csv(out / f"submission_stage{stage}_problems.csv", ["image_id", "reason"],
-              [(ids[i], problems[i]) for i in sorted(problems)])
+                     [(ids[i], problems[i]) for i in sorted(problems)])
     if save_scores:
         with atomic_write(save_scores, "wb") as f:
             np.savez_compressed(f, image_ids=np.array(ids), indices=indices, scores=scores, classes=np.array(codes),
                                 predicted=np.isin(np.arange(len(ids)), predicted_rows))
+    atomic_write_csv(submission, ["image_id", "labels"], rows)
     summary = {"images": len(ids), "predicted": len(predicted_rows), "fallback": len(problems),
                "seconds": round(time.time() - started, 1), "submission": str(submission), "checkpoint": str(checkpoint)}
     log.info(f"stage {stage}: {summary['predicted']} images predicted, {summary['fallback']} given fallback labels "
