@@ -103,8 +103,11 @@ class Train:
     momentum: float = key(FLOAT)
     nesterov: bool = key(BOOL)
     weight_decay: float = key(FLOAT)
+    lr_scaling: str = key(("none", "linear"))
+    warmup_epochs: int = key(NONNEG_INT)
     max_steps_per_epoch: int = key(NONNEG_INT)
     log_every: int = key(POS_INT)
+    checkpoint_every_steps: int = key(NONNEG_INT)
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,18 +44,29 @@ def decode_ids(padded_json: torch.Tensor) -> list[str]:
     return [decode_meta(row)["image_id"] for row in padded_json.cpu().numpy()]
 
 
-def output_dtype(choice: str, device: PipeDevice) -> str:
-    """``auto``: float16 normalised in DALI on the GPU; uint8 crops on the CPU, normalised by
-    ``prepare_input`` (DALI's CPU normalisation costs as much as the decode; see docs/BENCHMARKS.md)."""
+def output_dtype(choice: str, device: PipeDevice, amp_dtype: torch.dtype | None = None) -> str:
+    """``auto`` follows where the model runs and its autocast dtype: on the GPU float16 normalised in DALI under
+    autocast (fp16 or bf16: autocast casts the input; DALI has no bfloat16), float32 for an fp32 model; on the
+    CPU uint8 crops, normalised by ``prepare_input`` (DALI's CPU normalisation costs as much as the decode;
+    see docs/BENCHMARKS.md)."""
     if choice != "auto":
         return choice
-    return "float16" if device.kind == "gpu" else "uint8"
+    if device.kind != "gpu":
+        return "uint8"
+    return "float16" if amp_dtype is not None else "float32"
 
 
-def _pipe_args(cfg: Config, device: PipeDevice, batch_size: int, seed: int) -> dict:
+def pipeline_threads(requested: int) -> int:
+    """DALI threads, at most one per core: each thread holds its own decoder buffers (pinned host memory
+    on the GPU path), so more threads than cores cost memory and gain nothing."""
+    return max(1, min(requested, os.cpu_count() or 1))
+
+
+def _pipe_args(cfg: Config, device: PipeDevice, batch_size: int, seed: int, amp_dtype=None) -> dict:
     p = cfg.pipeline
-    out = Output(p.crop_size, output_dtype(p.dtype, device), cfg.model.channels_last, tuple(p.mean), tuple(p.std))
-    return dict(batch_size=batch_size, num_threads=p.num_threads, device_id=device.device_id,
+    out = Output(p.crop_size, output_dtype(p.dtype, device, amp_dtype), cfg.model.channels_last, tuple(p.mean),
+                 tuple(p.std))
+    return dict(batch_size=batch_size, num_threads=pipeline_threads(p.num_threads), device_id=device.device_id,
                 prefetch_queue_depth=p.prefetch_queue_depth, seed=seed, on_gpu=device.kind == "gpu", out=out)
 
 
@@ -95,6 +107,16 @@ class DaliLoader:
 
     def __len__(self) -> int:
         return len(self.iterator)  # DALI's count: equal on every rank, as lockstep training needs
+
+    def checkpoint(self) -> str:
+        """DALI's state after the batches handed over so far (prefetched ones are not counted)."""
+        return self.iterator.checkpoints()[0]
+
+    def stream(self):
+        """Batches without end, pass after pass: a training run takes every epoch's steps from one stream, so
+        stopping a pass early (``train.max_steps_per_epoch``) never restarts or rebuilds the pipeline."""
+        while True:
+            yield from self
 
     def __iter__(self):
         with shard_errors(self.config_source):
@@ -144,31 +166,32 @@ def _rank_samples(total: int, rank: int, world_size: int) -> int:
 
 
 def build_train_pipeline(cfg: Config, shards: SplitShards, rank: int, world_size: int, batch_size: int,
-                         device: PipeDevice, epoch: int = 0):
-    """The built train graph; each rank and epoch shuffles with its own seed derived from ``data.seed``.
-
-    Seeding by epoch makes a pass's order independent of the passes before it in this process,
-    so a resumed training run sees exactly the data of an uninterrupted one.
-    """
+                         device: PipeDevice, epoch: int = 0, checkpoint: str | None = None, amp_dtype=None):
+    """The built train graph; each rank shuffles with its own seed derived from ``data.seed`` (and the epoch
+    the pipeline starts at). With ``checkpoint`` (``DaliLoader.checkpoint()`` of an earlier run) it resumes
+    exactly where that one stood: reader position, shuffle and augmentation random state."""
     seed = int_seed(cfg.data.seed, "train_reader", epoch, rank)
     pipe = train_pipeline(shards.tars, shards.indexes, augmentation=cfg.pipeline.augmentation,
                           initial_fill=cfg.pipeline.shuffle_buffer, shard_id=rank, num_shards=world_size,
-                          reader_seed=seed, **_pipe_args(cfg, device, batch_size, seed))
+                          reader_seed=seed, enable_checkpointing=True, checkpoint=checkpoint,
+                          **_pipe_args(cfg, device, batch_size, seed, amp_dtype))
     pipe.build()
     return pipe
 
 
 def train_loader(cfg: Config, split: str = "train", rank: int = 0, world_size: int = 1,
                  batch_size: int | None = None, device: PipeDevice | None = None,
-                 shards: SplitShards | None = None, epoch: int = 0) -> DaliLoader:
-    """Shuffled, augmented batches; a fresh order every pass, the same orders for the same seed and epoch."""
+                 shards: SplitShards | None = None, epoch: int = 0, checkpoint: str | None = None,
+                 amp_dtype=None) -> DaliLoader:
+    """Shuffled, augmented batches; a fresh order every pass, the same orders for the same seed. Build it once
+    per run: each pass (``iter()``) continues the same pipeline, and ``stream()`` runs across passes."""
     shards = shards or split_shards(cfg.paths.shards, split)
     device = device or resolve_device(cfg.pipeline.device)
     batch_size = batch_size or cfg.train.batch_size
     if _rank_samples(shards.samples, rank, world_size) < batch_size:
         raise UserError(f"the '{split}' data has {shards.samples} images for {world_size} process(es), fewer than "
                         f"one batch of {batch_size} each; lower train.batch_size")
-    pipe = build_train_pipeline(cfg, shards, rank, world_size, batch_size, device, epoch)
+    pipe = build_train_pipeline(cfg, shards, rank, world_size, batch_size, device, epoch, checkpoint, amp_dtype)
     with shard_errors(cfg.source):  # DALI reads and decodes its first batches while the iterator is built
         it = DALIGenericIterator(pipe, ["images", "labels"], reader_name=READER, auto_reset=True,
                                  last_batch_policy=LastBatchPolicy.DROP)
@@ -177,13 +200,13 @@ def train_loader(cfg: Config, split: str = "train", rank: int = 0, world_size: i
 
 def eval_loader(cfg: Config, split: str = "val", rank: int = 0, world_size: int = 1,
                 batch_size: int | None = None, device: PipeDevice | None = None, tta: str = "none",
-                shards: SplitShards | None = None) -> DaliLoader:
+                shards: SplitShards | None = None, amp_dtype=None) -> DaliLoader:
     """Every sample of this rank's part exactly once per pass, the last partial batch included."""
     shards = shards or split_shards(cfg.paths.shards, split)
     device = device or resolve_device(cfg.pipeline.device)
     batch_size = batch_size or cfg.predict.batch_size
     pipe = eval_pipeline(shards.tars, shards.indexes, resize_shorter=eval_resize(cfg, shards), tta=tta,
-                         shard_id=rank, num_shards=world_size, **_pipe_args(cfg, device, batch_size, 0))
+                         shard_id=rank, num_shards=world_size, **_pipe_args(cfg, device, batch_size, 0, amp_dtype))
     pipe.build()
     with shard_errors(cfg.source):
         it = DALIGenericIterator(pipe, ["images", "labels", "meta"], reader_name=READER, auto_reset=True,
@@ -195,11 +218,11 @@ class ImageFileLoader:
     """Batches of (images, positions) over a list of JPEG files; positions index that list."""
 
     def __init__(self, cfg: Config, files: list[Path], tta: str = "none", batch_size: int | None = None,
-                 device: PipeDevice | None = None, rank: int = 0, world_size: int = 1):
+                 device: PipeDevice | None = None, rank: int = 0, world_size: int = 1, amp_dtype=None):
         device = device or resolve_device(cfg.pipeline.device)
         batch_size = batch_size or cfg.predict.batch_size
         pipe = image_file_pipeline(files, resize_shorter=cfg.data.shortest_side, tta=tta, shard_id=rank,
-                                   num_shards=world_size, **_pipe_args(cfg, device, batch_size, 0))
+                                   num_shards=world_size, **_pipe_args(cfg, device, batch_size, 0, amp_dtype))
         pipe.build()
         self.iterator = DALIGenericIterator(pipe, ["images", "positions"], reader_name=READER, auto_reset=True,
                                             last_batch_policy=LastBatchPolicy.PARTIAL)

@@ -17,9 +17,12 @@ READER = "reader"
 FIVE_CROPS = ((0.0, 0.0), (1.0, 0.0), (0.0, 1.0), (1.0, 1.0), (0.5, 0.5))
 DALI_TYPES = {"float16": types.FLOAT16, "float32": types.FLOAT, "uint8": types.UINT8}
 
-# nvJPEG buffers sized for 256-px images, preallocated as DALI's docs advise to avoid regrowth
-GPU_DECODER_ARGS = dict(hw_decoder_load=0.65, device_memory_padding=64 << 20, host_memory_padding=64 << 20,
-                        preallocate_width_hint=1024, preallocate_height_hint=1024)
+# nvJPEG buffers sized for the shards' images (256 px on the short side, rarely over 1024 on the long one:
+# at most 3 MiB decoded), preallocated as DALI's docs advise so they do not regrow. The paddings are per
+# thread (host: pinned memory) and DALI's pools never shrink (DALI issues #5087, #5609): 64 MiB each, as
+# before, cost 256 MiB of device and 512 MiB of pinned memory per 4-thread pipeline for images under 1 MiB.
+GPU_DECODER_ARGS = dict(hw_decoder_load=0.65, device_memory_padding=4 << 20, host_memory_padding=4 << 20,
+                        preallocate_width_hint=512, preallocate_height_hint=512)
 
 
 @dataclass(frozen=True)

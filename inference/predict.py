@@ -71,7 +71,7 @@ def predict_files(model, files: list[Path], cfg: Config, device: PipeDevice, amp
         """Predict ``positions``; returns how many were done before DALI failed (all, if it did not)."""
         done = 0
         batches = guarded(lambda: ImageFileLoader(cfg, [files[p] for p in positions], tta=cfg.predict.tta,
-                                                  batch_size=batch_size, device=device))
+                                                  batch_size=batch_size, device=device, amp_dtype=amp_dtype))
         try:
             for idx, sc, (local,) in predict_topk(model, batches, k, lambda x: prepare_input(x, cfg), amp_dtype):
                 rows = [positions[i] for i in local.tolist()]

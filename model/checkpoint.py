@@ -4,8 +4,10 @@ never runs code).
 A payload is a dict of tensors and plain data: ``model`` (the weights, plain keys), ``model_name``,
 ``classes`` (label codes in class-index order), ``class_counts`` (positives per class in the train
 split: inference's fallback labels), ``decision_rule`` (the tune stage's, or None), ``stage``,
-``epoch``, ``step``, ``metric``, ``best_metric``, ``config``; and, to resume training exactly,
-``optimizer``, ``scheduler``, ``scaler`` and ``rng``.
+``epoch`` (finished epochs), ``step``, ``metric``, ``best_metric``, ``config``; and, to resume training
+exactly, ``optimizer``, ``scheduler``, ``scaler``, ``rng``, ``epoch_progress`` (how far into the next
+epoch a mid-epoch checkpoint stands, with the epoch's running sums) and ``dali`` (every rank's DALI
+pipeline checkpoint, in rank order, for a world of ``world_size`` processes).
 """
 from __future__ import annotations
 
@@ -31,12 +33,19 @@ def rng_state() -> dict:
     return state
 
 
+def cuda_states_to_restore(saved: list, visible: int) -> list[tuple[int, torch.Tensor]]:
+    """(device index, state) for the GPUs this process has: a checkpoint saved where 8 GPUs were visible
+    resumes where there is one (each process seeing only its own), and one saved on 1 GPU where there are 8."""
+    return [(i, saved[i]) for i in range(min(len(saved), visible))]
+
+
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate((state["python_version"], tuple(state["python"]), state["python_gauss"]))
     np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"], 0, 0.0))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if state.get("cuda") and torch.cuda.is_available():
+        for index, cuda_state in cuda_states_to_restore(state["cuda"], torch.cuda.device_count()):
+            torch.cuda.set_rng_state(cuda_state, index)
 
 
 def save_checkpoint(path: Path, payload: dict) -> None:
@@ -68,15 +77,17 @@ def load_checkpoint(path: Path, require: tuple[str, ...] = FOR_INFERENCE, map_lo
     return payload
 
 
-def training_payload(*, model, optimizer, scheduler, scaler, stage: str, epoch: int, step: int, metric: float,
+def training_payload(*, model, optimizer, scheduler, scaler, stage: str, epoch: int, step: int, metric: float | None,
                      best_metric: float, model_name: str, classes: list[str], class_counts: list[int] | None,
-                     decision_rule: dict | None, config: dict) -> dict:
+                     decision_rule: dict | None, config: dict, epoch_progress: dict, dali: list[str],
+                     world_size: int) -> dict:
     """The payload as the train and tune stages save it (see the module docstring)."""
     return {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": rng_state(),
             "stage": stage, "epoch": epoch, "step": step, "metric": metric, "best_metric": best_metric,
             "model_name": model_name, "classes": classes, "class_counts": class_counts,
-            "decision_rule": decision_rule, "config": config}
+            "decision_rule": decision_rule, "config": config, "epoch_progress": epoch_progress, "dali": dali,
+            "world_size": world_size}
 
 
 def model_from_checkpoint(state: dict, channels_last: bool = False) -> torch.nn.Module:
@@ -88,8 +99,10 @@ def model_from_checkpoint(state: dict, channels_last: bool = False) -> torch.nn.
 
 def load_weights(model: torch.nn.Module, state: dict) -> None:
     """The payload's weights into ``model``; a UserError when they were saved from another architecture."""
+    # weights saved through a torch.compile or DDP wrapper (older versions did) carry their prefixes
+    weights = {k.replace("_orig_mod.", "").removeprefix("module."): v for k, v in state["model"].items()}
     try:
-        unwrap(model).load_state_dict(state["model"])
+        unwrap(model).load_state_dict(weights)
     except RuntimeError as exc:
         raise UserError(f"the checkpoint's weights ({state.get('model_name', 'unknown model')}, "
                         f"{len(state.get('classes', []))} classes) do not fit this model "

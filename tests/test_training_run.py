@@ -167,3 +167,66 @@ def test_a_damaged_shard_stops_training_in_one_line_and_the_repaired_run_resumes
     assert run_main(verify_main, ["--config", str(cfg_path), "--repair"], capsys)[0] == 0
     code, _, _ = run_main(train_main, args[:-1] + ["train.epochs=2"], capsys)
     assert code == 0 and load_checkpoint(last)["epoch"] == 2
+
+
+MID_EPOCH = """model:
+  drop_rate: 0.3
+train:
+  epochs: 2
+  batch_size: 4
+  log_every: 2
+  lr_step_epochs: 1
+  checkpoint_every_steps: 3
+"""
+
+
+def comparable(rows: list[dict]) -> list[tuple]:
+    """metrics.jsonl without its timings."""
+    return [(r["step"], r["loss"], r["lr"], r.get("val_gap")) for r in rows]
+
+
+def test_a_run_killed_mid_epoch_resumes_to_exactly_the_weights_of_a_clean_run(built, kaggle, tmp_path):
+    cfg, _ = built
+    runs = {}
+    for name in ("clean", "killed"):
+        cfg_path = write_config(tmp_path / f"{name}.yaml", kaggle[0], cfg.paths.shards, MID_EPOCH,
+                                artifacts=tmp_path / name)
+        runs[name] = [sys.executable, "-m", "training.train", "--config", str(cfg_path), "--stage", "train"]
+    r = subprocess.run(runs["clean"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    last = tmp_path / "killed" / "train" / "checkpoints" / "last.pt"
+    proc = subprocess.Popen(runs["killed"], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while not last.exists() and proc.poll() is None:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    saved = load_checkpoint(last)
+    assert saved["epoch"] == 0 and saved["epoch_progress"]["step"] in (3, 6, 9)  # killed inside the first epoch
+    r = subprocess.run(runs["killed"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and "resuming train" in r.stdout and ", step " in r.stdout, r.stderr[-2000:]
+    clean = load_checkpoint(tmp_path / "clean" / "train" / "checkpoints" / "last.pt")
+    resumed = load_checkpoint(last)
+    assert resumed["step"] == clean["step"] == 2 * 11
+    for k in clean["model"]:
+        assert torch.equal(resumed["model"][k], clean["model"][k]), k  # bitwise
+    assert comparable(records(tmp_path / "killed" / "train" / "metrics.jsonl")) == \
+        comparable(records(tmp_path / "clean" / "train" / "metrics.jsonl"))
+
+
+def test_a_training_step_reads_nothing_back_from_the_device(built, kaggle, tmp_path, monkeypatch):
+    """Host syncs (item, tolist, cpu, numpy, bool of a tensor) per extra step, 5- against 45-step epochs."""
+    cfg, manifest = built
+    assert manifest["splits"]["train"]["samples"] >= 45
+    calls = []
+    for name in ("item", "tolist", "cpu", "numpy", "__bool__"):
+        original = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _f=original, **kw: (calls.append(1), _f(self, *a, **kw))[1])
+    counts = {}
+    for steps in (5, 45):
+        cfg_path = write_config(tmp_path / f"c{steps}.yaml", kaggle[0], cfg.paths.shards, "",
+                                artifacts=tmp_path / str(steps))
+        calls.clear()
+        train(load_config(cfg_path, ["train.epochs=1", "train.batch_size=1",
+                                     f"train.max_steps_per_epoch={steps}"]), "train")
+        counts[steps] = len(calls)
+    assert (counts[45] - counts[5]) / 40 < 0.1, counts

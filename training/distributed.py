@@ -23,14 +23,15 @@ class Dist:
         return self.world_size > 1
 
 
-def setup(on_gpu: bool) -> Dist:
+def setup(device) -> Dist:
     """Join the process group torchrun describes in the environment; a plain run is rank 0 of 1."""
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     if world_size == 1:
         return Dist()
+    on_gpu = device.kind == "gpu"
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if on_gpu:
-        torch.cuda.set_device(local_rank)
+        torch.cuda.set_device(device.device_id)  # not always local_rank: see dali_pipes.device.gpu_index
     if not dist.is_initialized():
         dist.init_process_group("nccl" if on_gpu else "gloo")
     return Dist(dist.get_rank(), world_size, local_rank)
@@ -45,13 +46,10 @@ def gather_objects(d: Dist, obj) -> list:
     return out
 
 
-def any_rank(d: Dist, flag: bool, device: torch.device) -> bool:
-    """True when ``flag`` is true on any rank (so all ranks stop together)."""
-    if not d.active:
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(t)
-    return bool(t.item() > 0)
+def all_reduce(d: Dist, tensor: torch.Tensor, op: str = "sum") -> None:
+    """In place, over every rank (nothing without a process group)."""
+    if d.active:
+        dist.all_reduce(tensor, op={"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN}[op])
 
 
 def barrier(d: Dist) -> None:

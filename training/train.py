@@ -11,11 +11,11 @@ starts from the train stage's ``best.pt`` unless ``--init`` names another checkp
 """
 from __future__ import annotations
 
-import gc
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +26,7 @@ from common.atomic import atomic_write_text
 from common.cli import command, config_from_args, config_parser
 from common.config import Config
 from common.errors import UserError, writing
-from common.log import progress
+from common.log import progress as progress_bar
 from common.seeds import int_seed
 from common.shard_format import SplitShards, read_manifest, split_shards
 from common.vocab import Vocabulary
@@ -80,6 +80,16 @@ def make_stage(cfg: Config, name: str, d: distributed.Dist) -> Stage:
 
 
 @dataclass
+class EpochProgress:
+    """How far into the current epoch a run stands, with the epoch's running sums (saved mid-epoch)."""
+    step: int = 0  # steps done in this epoch
+    loss_sum: float = 0.0
+    seen: int = 0  # images this rank trained on
+    seconds: float = 0.0
+    wait: float = 0.0  # of which waiting for data
+
+
+@dataclass
 class TrainState:
     """What a training step changes, and where the run stands."""
     model: torch.nn.Module
@@ -87,17 +97,30 @@ class TrainState:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler
     epoch: int = 0  # finished epochs
-    step: int = 0
+    step: int = 0  # steps of the stage so far
     best_metric: float = -1.0
+    progress: EpochProgress = field(default_factory=EpochProgress)
 
 
-def create_train_state(cfg: Config, stage: Stage, num_classes: int, device: torch.device, amp_dtype) -> TrainState:
+def lr_factor(cfg: Config, stage: Stage, steps_per_epoch: int, world_size: int):
+    """The learning rate's factor at each step: linear scaling with the global batch over the original 32
+    (``train.lr_scaling``) with its warm-up, and the step decay every ``lr_step_epochs`` epochs."""
+    scale = cfg.train.batch_size * world_size / 32 if cfg.train.lr_scaling == "linear" else 1.0
+    warmup = cfg.train.warmup_epochs * steps_per_epoch if cfg.train.lr_scaling == "linear" else 0
+
+    def factor(step: int) -> float:
+        decay = cfg.train.lr_gamma ** ((step // steps_per_epoch) // stage.step_epochs) if stage.step_epochs else 1.0
+        return scale * decay * (min(1.0, (step + 1) / warmup) if warmup else 1.0)
+    return factor
+
+
+def create_train_state(cfg: Config, stage: Stage, num_classes: int, device: torch.device, amp_dtype,
+                       steps_per_epoch: int, world_size: int) -> TrainState:
     torch.manual_seed(int_seed(cfg.data.seed, "model_init"))
     model = create_model(cfg.model.name, num_classes, cfg.model.channels_last, cfg.model.drop_rate).to(device)
     opt = torch.optim.SGD(model.parameters(), lr=stage.lr, momentum=cfg.train.momentum,
                           nesterov=cfg.train.nesterov, weight_decay=cfg.train.weight_decay)
-    sched = (torch.optim.lr_scheduler.StepLR(opt, stage.step_epochs, cfg.train.lr_gamma) if stage.step_epochs
-             else torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(cfg, stage, steps_per_epoch, world_size))  # per step
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
     return TrainState(model, opt, sched, scaler)
 
@@ -105,20 +128,27 @@ def create_train_state(cfg: Config, stage: Stage, num_classes: int, device: torc
 class CheckpointSaver:
     """Owns the checkpoint payload and the last/best paths (timm's CheckpointSaver, kept small)."""
 
-    def __init__(self, stage: Stage, cfg: Config, classes: list[str], class_counts: list[int] | None):
-        self.stage, self.cfg = stage, cfg
+    def __init__(self, stage: Stage, cfg: Config, classes: list[str], class_counts: list[int] | None,
+                 d: distributed.Dist):
+        self.stage, self.cfg, self.d = stage, cfg, d
         self.classes, self.class_counts = classes, class_counts
         self.last, self.best = stage.checkpoints / "last.pt", stage.checkpoints / "best.pt"
 
-    def save(self, state: TrainState, metric: float, decision_rule: dict | None) -> bool:
-        """Write ``last.pt``, and ``best.pt`` when ``metric`` beats every earlier epoch; True then."""
-        improved = metric > state.best_metric
-        state.best_metric = max(state.best_metric, metric)
+    def save(self, state: TrainState, loader, metric: float | None = None, decision_rule: dict | None = None) -> bool:
+        """Write ``last.pt`` (every rank takes part: each hands over its DALI state), and at an epoch's end
+        ``best.pt`` too when ``metric`` beats every earlier epoch; True then."""
+        dali = distributed.gather_objects(self.d, loader.checkpoint())
+        improved = metric is not None and metric > state.best_metric
+        if metric is not None:
+            state.best_metric = max(state.best_metric, metric)
+        if not self.d.is_main:
+            return improved
         payload = training_payload(
             model=state.model, optimizer=state.optimizer, scheduler=state.scheduler, scaler=state.scaler,
             stage=self.stage.name, epoch=state.epoch, step=state.step, metric=metric,
             best_metric=state.best_metric, model_name=self.cfg.model.name, classes=self.classes,
-            class_counts=self.class_counts, decision_rule=decision_rule, config=self.cfg.to_dict())
+            class_counts=self.class_counts, decision_rule=decision_rule, config=self.cfg.to_dict(),
+            epoch_progress=asdict(state.progress), dali=dali, world_size=self.d.world_size)
         save_checkpoint(self.last, payload)
         if improved:
             save_checkpoint(self.best, payload)
@@ -136,8 +166,10 @@ def initial_weights(cfg: Config, stage: Stage, init: str | None) -> Path | None:
     return None
 
 
-def resume_or_init(state: TrainState, saver: CheckpointSaver, cfg: Config, stage: Stage, init: str | None) -> None:
-    """Resume exactly from ``last.pt`` if there is one; else start from ``--init`` (or, for tune, train's best)."""
+def resume_or_init(state: TrainState, saver: CheckpointSaver, cfg: Config, stage: Stage, init: str | None,
+                   d: distributed.Dist) -> str | None:
+    """Resume exactly from ``last.pt`` if there is one (returning this rank's DALI checkpoint, if it can be
+    used); else start from ``--init`` (or, for tune, train's best)."""
     if saver.last.is_file():
         saved = load_checkpoint(saver.last, require=FOR_RESUME)
         load_weights(state.model, saved)
@@ -146,14 +178,24 @@ def resume_or_init(state: TrainState, saver: CheckpointSaver, cfg: Config, stage
         state.scaler.load_state_dict(saved["scaler"])
         set_rng_state(saved["rng"])
         state.epoch, state.step, state.best_metric = saved["epoch"], saved["step"], saved["best_metric"]
-        log.info(f"resuming {stage.name} from {saver.last} after epoch {state.epoch}" if state.epoch < stage.epochs
+        state.progress = EpochProgress(**saved.get("epoch_progress") or {})
+        where = f"epoch {state.epoch + 1}, step {state.progress.step}" if state.progress.step else \
+            f"the end of epoch {state.epoch}"
+        log.info(f"resuming {stage.name} from {saver.last} at {where}" if state.epoch < stage.epochs
                  else f"{stage.name} already finished its {stage.epochs} epochs ({saver.last}); nothing to do")
+        if saved.get("world_size") == d.world_size and saved.get("dali"):
+            return saved["dali"][d.rank]
+        if state.progress.step:
+            log.warning("last.pt was saved by %s process(es), this run has %d: the data of epoch %d starts afresh",
+                        saved.get("world_size"), d.world_size, state.epoch + 1)
+            state.progress = EpochProgress()
     elif (source := initial_weights(cfg, stage, init)) is not None:
         saved = load_checkpoint(source)
         if saved["classes"] != saver.classes:
             raise UserError(f"{source} was trained on another class list than {cfg.paths.shards}")
         load_weights(state.model, saved)
         log.info("%s: starting from %s", stage.name, source)
+    return None
 
 
 class MetricsLog:
@@ -188,44 +230,98 @@ class MetricsLog:
             self.tb.close()
 
 
-def train_one_epoch(net, state: TrainState, stage: Stage, cfg: Config, device: PipeDevice, d: distributed.Dist,
-                    amp_dtype, metrics: MetricsLog, saver: CheckpointSaver) -> dict:
-    """One pass over the stage's fit data; returns the epoch's loss, images seen, seconds and data wait."""
-    loader = train_loader(cfg, rank=d.rank, world_size=d.world_size, batch_size=cfg.train.batch_size,
-                          device=device, shards=stage.fit, epoch=state.epoch)
-    steps = len(loader) if not cfg.train.max_steps_per_epoch else min(len(loader), cfg.train.max_steps_per_epoch)
+class LossWatch:
+    """The loss summed on the device, read back only at a flush (every ``train.log_every`` steps, at a
+    checkpoint and at an epoch's end): a read is a host sync, and one per step would keep the CPU from
+    queueing the next step while the GPU works. The first non-finite loss is remembered on the device too,
+    so a divergence is still named by its step. Under DDP a flush is one all-reduce, so every rank takes the
+    same stop decision."""
+
+    NONE = 1 << 62
+
+    def __init__(self, device: torch.device):
+        self.sum = torch.zeros((), dtype=torch.float64, device=device)
+        self.count = 0
+        self.step = torch.zeros((), dtype=torch.int64, device=device)
+        self.bad_step = torch.full((), self.NONE, dtype=torch.int64, device=device)
+        self.bad_value = torch.zeros((), dtype=torch.float64, device=device)
+
+    def add(self, loss: torch.Tensor, step_in_epoch: int) -> None:
+        loss = loss.detach().double()
+        if self.count == 0:
+            self.step.fill_(step_in_epoch)
+        newly_bad = ~torch.isfinite(loss) & (self.bad_step == self.NONE)
+        self.bad_step = torch.where(newly_bad, self.step, self.bad_step)
+        self.bad_value = torch.where(newly_bad, loss, self.bad_value)
+        self.sum += torch.nan_to_num(loss, nan=0.0, posinf=0.0, neginf=0.0)
+        self.step += 1
+        self.count += 1
+
+    def flush(self, d: distributed.Dist) -> tuple[float, int, int | None, float]:
+        """(loss sum, steps, first non-finite step (1-based within the epoch) or None, its loss); resets."""
+        if self.count == 0:
+            return 0.0, 0, None, 0.0
+        packed = torch.stack([self.sum, self.bad_step.double(), self.bad_value])
+        if d.active:
+            sums = packed[:1].clone()
+            distributed.all_reduce(d, sums)  # the mean loss over ranks
+            first = packed[1:2].clone()
+            distributed.all_reduce(d, first, op="min")
+            packed = torch.cat([sums / d.world_size, first, packed[2:]])
+        total, bad, value = packed.tolist()
+        count = self.count
+        self.sum.zero_()
+        self.count = 0
+        return total, count, (int(bad) + 1 if bad < self.NONE else None), value
+
+
+def train_one_epoch(net, batches, loader, state: TrainState, stage: Stage, cfg: Config, device: PipeDevice,
+                    d: distributed.Dist, amp_dtype, steps: int, metrics: MetricsLog, saver: CheckpointSaver) -> None:
+    """The rest of the current epoch: from ``state.progress.step`` to ``steps``, with mid-epoch checkpoints."""
     loss_fn = LOSSES[cfg.train.loss]
-    losses, seen, wait, started = [], 0, 0.0, time.perf_counter()
-    with progress(log, total=steps, desc=f"{stage.name} epoch {state.epoch + 1}/{stage.epochs}", unit="step") as bar:
-        batches = iter(loader)
-        for step in range(steps):
+    progress = state.progress
+    watch = LossWatch(device.torch_device)
+
+    def flush() -> None:
+        total, count, bad_step, bad_value = watch.flush(d)
+        if bad_step is not None:
+            raise TrainingDiverged(
+                f"{stage.name}: the loss is {bad_value} at epoch {state.epoch + 1}, step {bad_step}; stopped. "
+                f"The last good checkpoint is {saver.last if saver.last.exists() else 'none yet'}; "
+                f"lower the learning rate ({'train.lr' if stage.name == 'train' else 'tune.lr'})")
+        progress.loss_sum += total
+        if count:
+            bar.set_postfix(loss=f"{total / count:.4f}", refresh=False)
+            metrics.write({"stage": stage.name, "epoch": state.epoch + 1, "step": state.step,
+                           "loss": total / count, "lr": state.optimizer.param_groups[0]["lr"]}, state.step)
+
+    started = time.perf_counter() - progress.seconds
+    with progress_bar(log, total=steps, initial=progress.step, unit="step",
+                      desc=f"{stage.name} epoch {state.epoch + 1}/{stage.epochs}") as bar:
+        while progress.step < steps:
             t_wait = time.perf_counter()
             images, targets = next(batches)
-            wait += time.perf_counter() - t_wait
+            progress.wait += time.perf_counter() - t_wait
             with torch.autocast("cuda", dtype=amp_dtype, enabled=amp_dtype is not None):
                 logits = net(prepare_input(images, cfg))
             loss = loss_fn(logits, targets)
-            if distributed.any_rank(d, not torch.isfinite(loss).item(), device.torch_device):
-                raise TrainingDiverged(
-                    f"{stage.name}: the loss is {loss.item()} at epoch {state.epoch + 1}, step {step + 1}; stopped. "
-                    f"The last good checkpoint is {saver.last if saver.last.exists() else 'none yet'}; "
-                    f"lower the learning rate ({'train.lr' if stage.name == 'train' else 'tune.lr'})")
             state.optimizer.zero_grad(set_to_none=True)
             state.scaler.scale(loss).backward()
             state.scaler.step(state.optimizer)
             state.scaler.update()
-            losses.append(loss.item())
-            seen += len(images)
+            state.scheduler.step()
+            watch.add(loss, progress.step)
+            progress.step += 1
+            progress.seen += len(images)
             state.step += 1
             bar.update(1)
-            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}", refresh=False)
-            if state.step % cfg.train.log_every == 0:
-                metrics.write({"stage": stage.name, "epoch": state.epoch + 1, "step": state.step,
-                               "loss": float(np.mean(losses[-cfg.train.log_every:])),
-                               "lr": state.optimizer.param_groups[0]["lr"]}, state.step)
-    del batches, loader
-    gc.collect()  # the DALI pipeline (and its buffers) goes before validation builds its own
-    return {"loss": float(np.mean(losses)), "seen": seen, "seconds": time.perf_counter() - started, "wait": wait}
+            at_checkpoint = cfg.train.checkpoint_every_steps and state.step % cfg.train.checkpoint_every_steps == 0
+            if state.step % cfg.train.log_every == 0 or at_checkpoint or progress.step == steps:
+                flush()  # before any checkpoint: a diverged state is never saved
+            if at_checkpoint and progress.step < steps:  # (the epoch's end saves after validation)
+                progress.seconds = time.perf_counter() - started
+                saver.save(state, loader)
+    progress.seconds = time.perf_counter() - started
 
 
 def validate(model, stage: Stage, cfg: Config, device: PipeDevice, d: distributed.Dist, amp_dtype) -> dict:
@@ -269,7 +365,7 @@ def log_epoch(record: dict, val: dict, stage: Stage, improved: bool) -> None:
 def train(cfg: Config, stage_name: str, init: str | None = None) -> dict:
     """Run (or resume) one stage to its last epoch; returns the last epoch's record."""
     device = resolve_device(cfg.pipeline.device, announce=True)
-    d = distributed.setup(device.kind == "gpu")
+    d = distributed.setup(device)
     try:
         return _run(cfg, stage_name, init, device, d)
     finally:
@@ -277,39 +373,62 @@ def train(cfg: Config, stage_name: str, init: str | None = None) -> dict:
 
 
 def _run(cfg: Config, stage_name: str, init: str | None, device: PipeDevice, d: distributed.Dist) -> dict:
+    if device.kind == "gpu":
+        torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick its fastest kernels once
     stage = make_stage(cfg, stage_name, d)
     vocab = Vocabulary.load(cfg.paths.shards)
     counts = read_manifest(cfg.paths.shards).get("class_counts", {}).get("train")  # inference's fallback labels
     amp_dtype = autocast_dtype(device.kind == "gpu", cfg.model.amp)
-    state = create_train_state(cfg, stage, len(vocab), device.torch_device, amp_dtype)
-    saver = CheckpointSaver(stage, cfg, vocab.codes, counts)
-    resume_or_init(state, saver, cfg, stage, init)
-    net = torch.compile(state.model) if cfg.model.compile else state.model
+    make_loader = partial(train_loader, cfg, rank=d.rank, world_size=d.world_size, batch_size=cfg.train.batch_size,
+                           device=device, shards=stage.fit, amp_dtype=amp_dtype)
+    steps = steps_per_epoch(cfg, stage, d)
+    state = create_train_state(cfg, stage, len(vocab), device.torch_device, amp_dtype, steps, d.world_size)
+    saver = CheckpointSaver(stage, cfg, vocab.codes, counts, d)
+    dali_checkpoint = resume_or_init(state, saver, cfg, stage, init, d)
+    if state.epoch >= stage.epochs:
+        return {}
+    # one pipeline for the whole run: built once, resumed from its own checkpoint where there is one
+    loader = make_loader(epoch=state.epoch, checkpoint=dali_checkpoint)
+    assert len(loader) >= steps, (len(loader), steps)  # the schedule was made for this many steps
+    batches = loader.stream()
+    net = state.model
     if d.active:
-        net = DistributedDataParallel(net, device_ids=[d.local_rank] if device.kind == "gpu" else None)
+        net = DistributedDataParallel(net, device_ids=[device.device_id] if device.kind == "gpu" else None)
+    if cfg.model.compile:
+        net = torch.compile(net)  # after DDP, so that the compiler sees DDP's buckets
     metrics = MetricsLog(stage.out, d.is_main, state.step)
     record: dict = {}
     try:
         while state.epoch < stage.epochs:
-            epoch = train_one_epoch(net, state, stage, cfg, device, d, amp_dtype, metrics, saver)
-            lr = state.optimizer.param_groups[0]["lr"]
-            state.scheduler.step()
-            state.epoch += 1
+            train_one_epoch(net, batches, loader, state, stage, cfg, device, d, amp_dtype, steps, metrics, saver)
+            epoch, lr = state.progress, state.optimizer.param_groups[0]["lr"]
             val = validate(state.model, stage, cfg, device, d, amp_dtype)
-            checks = distributed.gather_objects(d, (param_checksum(state.model), epoch["seen"]))
-            record = {"stage": stage.name, "epoch": state.epoch, "step": state.step, "loss": epoch["loss"], "lr": lr,
-                      "images_per_s": sum(c[1] for c in checks) / epoch["seconds"],
-                      "data_wait_share": epoch["wait"] / epoch["seconds"],
+            checks = distributed.gather_objects(d, (param_checksum(state.model), epoch.seen))
+            state.epoch += 1
+            record = {"stage": stage.name, "epoch": state.epoch, "step": state.step, "loss": epoch.loss_sum / steps,
+                      "lr": lr, "images_per_s": sum(c[1] for c in checks) / epoch.seconds,
+                      "data_wait_share": epoch.wait / epoch.seconds,
                       **{k: v for k, v in val.items() if k != "decision_rule"},
                       "rank_param_checksums": [c[0] for c in checks], "samples_per_rank": [c[1] for c in checks]}
+            state.progress = EpochProgress()
+            improved = saver.save(state, loader, val[stage.metric], val.get("decision_rule"))
             if d.is_main:
-                improved = saver.save(state, val[stage.metric], val.get("decision_rule"))
                 metrics.write(record, state.step)
                 log_epoch(record, val, stage, improved)
             distributed.barrier(d)
     finally:
         metrics.close()
     return record
+
+
+def steps_per_epoch(cfg: Config, stage: Stage, d: distributed.Dist) -> int:
+    """Steps each rank takes per epoch, known before the loader is built (the schedule needs it first):
+    DALI's count of whole batches for a dropped last batch, equal on every rank, or fewer."""
+    steps = stage.fit.samples // d.world_size // cfg.train.batch_size
+    if steps == 0:
+        raise UserError(f"the '{stage.name}' data has {stage.fit.samples} images for {d.world_size} process(es), "
+                        f"fewer than one batch of {cfg.train.batch_size} each; lower train.batch_size")
+    return min(steps, cfg.train.max_steps_per_epoch) if cfg.train.max_steps_per_epoch else steps
 
 
 @command(batch_keys="train.batch_size (per process), or predict.batch_size for validation")
