@@ -87,6 +87,8 @@ class EpochProgress:
     seen: int = 0  # images this rank trained on
     seconds: float = 0.0
     wait: float = 0.0  # of which waiting for data
+    log_sum: float = 0.0  # loss sum and steps since the last metrics record
+    log_steps: int = 0
 
 
 @dataclass
@@ -282,7 +284,7 @@ def train_one_epoch(net, batches, loader, state: TrainState, stage: Stage, cfg: 
     progress = state.progress
     watch = LossWatch(device.torch_device)
 
-    def flush() -> None:
+    def flush(log_now: bool) -> None:
         total, count, bad_step, bad_value = watch.flush(d)
         if bad_step is not None:
             raise TrainingDiverged(
@@ -290,10 +292,14 @@ def train_one_epoch(net, batches, loader, state: TrainState, stage: Stage, cfg: 
                 f"The last good checkpoint is {saver.last if saver.last.exists() else 'none yet'}; "
                 f"lower the learning rate ({'train.lr' if stage.name == 'train' else 'tune.lr'})")
         progress.loss_sum += total
-        if count:
-            bar.set_postfix(loss=f"{total / count:.4f}", refresh=False)
-            metrics.write({"stage": stage.name, "epoch": state.epoch + 1, "step": state.step,
-                           "loss": total / count, "lr": state.optimizer.param_groups[0]["lr"]}, state.step)
+        progress.log_sum += total
+        progress.log_steps += count
+        if log_now and progress.log_steps:
+            loss = progress.log_sum / progress.log_steps
+            bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+            metrics.write({"stage": stage.name, "epoch": state.epoch + 1, "step": state.step, "loss": loss,
+                           "lr": state.optimizer.param_groups[0]["lr"]}, state.step)
+            progress.log_sum, progress.log_steps = 0.0, 0
 
     started = time.perf_counter() - progress.seconds
     with progress_bar(log, total=steps, initial=progress.step, unit="step",
@@ -315,9 +321,10 @@ def train_one_epoch(net, batches, loader, state: TrainState, stage: Stage, cfg: 
             progress.seen += len(images)
             state.step += 1
             bar.update(1)
+            at_log = state.step % cfg.train.log_every == 0
             at_checkpoint = cfg.train.checkpoint_every_steps and state.step % cfg.train.checkpoint_every_steps == 0
-            if state.step % cfg.train.log_every == 0 or at_checkpoint or progress.step == steps:
-                flush()  # before any checkpoint: a diverged state is never saved
+            if at_log or at_checkpoint or progress.step == steps:
+                flush(at_log)  # before any checkpoint: a diverged state is never saved
             if at_checkpoint and progress.step < steps:  # (the epoch's end saves after validation)
                 progress.seconds = time.perf_counter() - started
                 saver.save(state, loader)
