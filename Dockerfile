@@ -1,7 +1,9 @@
-# The project on a CUDA 12 runtime: build with
+# The project for NVIDIA drivers 580 and newer: build with
 #   docker build -t inclusive-dali .
 # and run with the folders of config.yaml mounted (see README.md, "Docker").
-FROM nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
+# The CUDA 13 runtime libraries come inside the torch (2.14.1+cu130) and DALI (nvidia-dali-cuda130)
+# wheels, so a plain OS image is enough; the host provides the driver (NVIDIA container toolkit).
+FROM ubuntu:24.04
 
 ENV DEBIAN_FRONTEND=noninteractive PIP_NO_CACHE_DIR=1 PYTHONUNBUFFERED=1
 # tar: DALI's wds2idx indexes shards with GNU tar
@@ -11,8 +13,8 @@ RUN apt-get update \
 RUN python3 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 
-# pinned: the versions the project is tested with (they satisfy pyproject.toml)
-RUN pip install torch==2.14.1 torchvision==0.29.1 nvidia-dali-cuda120==2.4.0 timm==1.0.31
+# pinned: the versions the project is tested with (they satisfy pyproject.toml); one CUDA (13) for both
+RUN pip install torch==2.14.1 torchvision==0.29.1 nvidia-dali-cuda130==2.4.0 timm==1.0.31
 
 WORKDIR /source
 COPY . /source

@@ -175,14 +175,16 @@ def test_baseline_loader_yields_the_same_kind_of_batches(built):
 
 @needs_gpu
 def test_gpu_pipelines_deliver_on_the_device_and_match_the_cpu(built):
+    """Like with like: the GPU's float16 batches and the CPU's uint8 ones, both through prepare_input."""
     cfg, _ = built
     gpu, cpu = resolve_device("gpu"), resolve_device("cpu")
-    images, targets = next(iter(train_loader(cfg, batch_size=8, device=gpu)))
+    images, targets = next(iter(train_loader(cfg, batch_size=8, device=gpu, amp_dtype=torch.bfloat16)))
     assert images.is_cuda and targets.is_cuda and images.dtype == torch.float16
-    g = next(iter(eval_loader(cfg, "val", batch_size=4, device=gpu)))
+    g = next(iter(eval_loader(cfg, "val", batch_size=4, device=gpu, amp_dtype=torch.bfloat16)))
     c = next(iter(eval_loader(cfg, "val", batch_size=4, device=cpu)))
-    assert g[2] == c[2]
-    assert (g[0].float().cpu() - c[0]).abs().mean() < 0.03
+    assert g[2] == c[2] and torch.equal(g[1].cpu(), c[1])
+    diff = (prepare_input(g[0], cfg).float().cpu() - prepare_input(c[0], cfg)).abs()
+    assert diff.shape == (4, 3, 56, 56) and diff.mean() < 0.03
 
 
 def gradient_shards(folder, count: int, width: int = 96, height: int = 64):
