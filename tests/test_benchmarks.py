@@ -18,3 +18,14 @@ def test_throughput_benchmark_runs_end_to_end_and_writes_its_json(tmp_path):
         assert result[key]["images_per_s"] > 0
     assert result["ratios"]["dali_train_vs_baseline"] > 0
     assert (tmp_path / "b.png").stat().st_size > 1000
+
+
+def test_gpu_check_stops_at_once_without_a_gpu(tmp_path):
+    import torch
+    if torch.cuda.is_available():
+        import pytest
+        pytest.skip("this machine has a GPU: run scripts/gpu_check.py itself")
+    r = subprocess.run([sys.executable, "scripts/gpu_check.py", "--json", str(tmp_path / "g.json")], cwd=REPO,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.startswith("error: gpu_check needs a CUDA GPU")
+    assert not (tmp_path / "g.json").exists()
