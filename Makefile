@@ -14,7 +14,8 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	@# earlier versions used DALI's CUDA 12 wheels, which share files with the CUDA 13 ones: remove both families
 	if $(PY) -m pip show -q nvidia-dali-cuda120 2>/dev/null; then $(PY) -m pip uninstall -y -q nvidia-dali-cuda120 \
-	  nvidia-nvimgcodec-cu12 nvidia-libnvcomp-cu12 nvidia-dali-cuda130 nvidia-nvimgcodec-cu13 nvidia-libnvcomp-cu13; fi
+	  nvidia-nvimgcodec-cu12 nvidia-libnvcomp-cu12 nvidia-nvjpeg-cu12 nvidia-nvjpeg2k-cu12 nvidia-nvtiff-cu12 \
+	  nvidia-dali-cuda130 nvidia-nvimgcodec-cu13 nvidia-libnvcomp-cu13 nvidia-nvjpeg nvidia-nvjpeg2k-cu13 nvidia-nvtiff-cu13; fi
 	$(PY) -m pip install -e '.[test]'
 	touch $(STAMP)
 
