@@ -10,7 +10,9 @@ from common.errors import writing
 
 
 def tmp_name(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp")
+    """Hidden, and this process's own: a worker orphaned by a killed run can never write into the file
+    that the next run is writing under the same final name."""
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
 
 
 @contextlib.contextmanager

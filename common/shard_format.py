@@ -6,11 +6,16 @@ is ``<id>.jpg`` (RGB baseline JPEG), ``<id>.labels`` (class indices, little-endi
 and ``<id>.json`` (``{"image_id": ..., "labels": [label codes]}``). A shard is written under
 a temporary name and renamed only once complete; its tar headers carry fixed metadata, so
 its bytes depend only on its samples.
+
+The tar is written with the standard library's ``tarfile``, exactly as ``webdataset.TarWriter`` writes it
+(its files in sorted order, the same headers: a test compares the bytes), because importing
+``webdataset`` imports torch, 1.5 s that every small build and every ``--help`` would wait for.
 """
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import os
 import tarfile
@@ -152,14 +157,17 @@ class ShardWriter:
         return self.samples > 0 and (self.samples >= self.max_samples or size > self.max_bytes)
 
     def add(self, sample: dict) -> None:
-        if self._tar is None:
-            import webdataset as wds  # imported here: it imports torch, which only writing needs
-
-            self._file = open(tmp_name(self.folder / shard_name(self.split, self.number)), "wb")
-            # int mtime: no PAX header; no encoder: the sample is bytes already
-            self._tar = wds.TarWriter(self._file, user="", group="", mode=0o444, mtime=0, encoder=False)
-        with writing(self.folder / shard_name(self.split, self.number)):
-            self._tar.write(sample)
+        final = self.folder / shard_name(self.split, self.number)
+        with writing(final):
+            if self._tar is None:
+                self._file = open(tmp_name(final), "wb")
+                self._tar = tarfile.open(fileobj=self._file, mode="w|")
+            for ext in sorted(e for e in sample if not e.startswith("_")):
+                data = sample[ext]
+                # fixed metadata (int mtime: no PAX header), so the bytes depend only on the sample
+                info = tarfile.TarInfo(f"{sample['__key__']}.{ext}")
+                info.size, info.mtime, info.mode, info.uname, info.gname = len(data), 0, 0o444, "", ""
+                self._tar.addfile(info, io.BytesIO(data))
         self.samples += 1
         self.bytes += tar_size(sample)
 

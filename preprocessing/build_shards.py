@@ -4,19 +4,29 @@
 
 Writes into ``paths.shards``: ``{train,val,tune}-NNNNNN.tar`` + ``.idx``, ``classes.csv``,
 ``skipped.csv`` (every labeled image that is in no shard, with the reason) and, last,
-``manifest.json``. A killed run resumes where it stopped when started again with the
-same command; the result is byte-identical to an uninterrupted run with any --workers.
+``manifest.json``. Each split's shuffled order is cut up front into shards of
+``data.shard_max_samples`` images (fewer where images are skipped), and each worker process
+owns whole shards: it reads, converts, writes, renames, hashes and indexes one, then leaves a
+small record of it. A killed run resumes from those records when started again with the same
+command; the result is byte-identical to an uninterrupted run with any --workers.
 """
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import hashlib
 import json
 import logging
+import math
 import multiprocessing as mp
 import os
+import shutil
+import signal
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +38,7 @@ from common.errors import UserError
 from common.images import ImageProblem, read_image_file
 from common.log import progress
 from common.shard_format import (INDEX_GLOB, MANIFEST, SHARD_GLOB, SPLITS, ShardWriter, encode_sample,
-                                 read_manifest, write_manifest)
+                                 read_manifest, shard_name, write_manifest)
 from common.vocab import Vocabulary
 from preprocessing.images import prepare_image
 from preprocessing.labels import LabelProblems, LabelTable, read_human_labels, read_tuning_labels
@@ -37,8 +47,8 @@ from preprocessing.splits import permutation, split_train_val
 log = logging.getLogger(__name__)
 
 SKIPPED = "skipped.csv"
-STATE = ".build_state.json"
-FORMAT_VERSION = 1
+RECORDS = ".records"  # one small JSON per finished shard: what resuming and the manifest are made of
+FORMAT_VERSION = 2  # 2: shards cut up front, a fixed number of images each
 
 
 @dataclass
@@ -59,28 +69,22 @@ class Plan:
     fingerprint: str = ""
 
 
-@dataclass
-class BuildState:
-    """What is finished; saved atomically after every shard so a killed run can resume."""
+@dataclass(frozen=True)
+class ShardJob:
+    """Everything one worker needs to build one shard (picklable, independent of every other shard)."""
+    folder: str
+    split: str
+    number: int
+    positions: tuple[int, int]  # [start, end) in the split's shuffled order
+    items: list[tuple[str, str, list[int], list[str]]]  # (image id, path, classes, label codes)
+    shortest_side: int
+    quality: int
+    reduced_decode: bool
     fingerprint: str
-    shards: list[dict] = field(default_factory=list)
-    skipped: list[list[str]] = field(default_factory=list)  # rows for images before the last shard's end
-    position: dict[str, int] = field(default_factory=dict)  # split -> next index into its order
-    counts: dict[str, int] = field(default_factory=dict)  # packed_as_is / reencoded
 
-    @classmethod
-    def load(cls, folder: Path, fingerprint: str, restart: bool) -> "BuildState":
-        path = folder / STATE
-        if path.exists() and not restart:
-            data = json.loads(path.read_text())
-            if data.get("fingerprint") != fingerprint:
-                raise UserError(f"{folder} holds an unfinished build with other settings or input; "
-                                "run again with --restart to discard it")
-            return cls(**data)
-        return cls(fingerprint)
-
-    def save(self, folder: Path) -> None:
-        atomic_write_text(folder / STATE, json.dumps(self.__dict__))
+    @property
+    def name(self) -> str:
+        return shard_name(self.split, self.number)
 
 
 def data_files(cfg: Config) -> dict[str, Path]:
@@ -116,8 +120,7 @@ def make_plan(cfg: Config, files: dict[str, Path]) -> Plan:
 
 
 def shard_settings(cfg: Config) -> dict:
-    keys = ("shortest_side", "jpeg_quality", "val_fraction", "seed", "shard_max_samples",
-            "shard_max_bytes", "reduced_decode")
+    keys = ("shortest_side", "jpeg_quality", "val_fraction", "seed", "shard_max_samples", "reduced_decode")
     return {k: getattr(cfg.data, k) for k in keys}
 
 
@@ -133,9 +136,24 @@ def fingerprint(cfg: Config, plan: Plan) -> str:
     return h.hexdigest()
 
 
-def _prepare_one(task: tuple[str, int, int, bool]) -> tuple[bytes | None, str | None, bool]:
-    """Worker: read and convert one image. Returns (jpeg, skip_reason, packed_as_is)."""
-    path, side, quality, reduced = task
+def shard_jobs(cfg: Config, plan: Plan, split: SplitPlan) -> list[ShardJob]:
+    """The split's shards, cut up front: shard k holds the images at positions [k n, (k + 1) n) of its order."""
+    n, jobs = cfg.data.shard_max_samples, []
+    for number in range(math.ceil(len(split.order) / n)):
+        start, end = number * n, min((number + 1) * n, len(split.order))
+        items = []
+        for i in split.order[start:end]:
+            image_id, classes = split.table.image_ids[i], split.table.labels(i)
+            # ids were checked against PLAIN_ID when the labels were read
+            items.append((image_id, str(split.image_dir / f"{image_id}.jpg"), classes.tolist(),
+                          plan.vocab.decode(classes)))
+        jobs.append(ShardJob(str(cfg.paths.shards), split.name, number, (start, end), items, cfg.data.shortest_side,
+                             cfg.data.jpeg_quality, cfg.data.reduced_decode, plan.fingerprint))
+    return jobs
+
+
+def prepare_one(path: str, side: int, quality: int, reduced: bool) -> tuple[bytes | None, str | None, bool]:
+    """Read and convert one image: (jpeg, skip reason, packed as is)."""
     try:
         jpeg, as_is = prepare_image(read_image_file(path), side, quality, reduced)
     except ImageProblem as exc:
@@ -143,14 +161,61 @@ def _prepare_one(task: tuple[str, int, int, bool]) -> tuple[bytes | None, str | 
     return jpeg, None, as_is
 
 
-def prepared_samples(cfg: Config, plan: Plan, split: SplitPlan, start: int, end: int, pool):
+_images_done = None  # a counter shared with the workers, for the progress bar
+
+
+def _start_worker(counter) -> None:
+    global _images_done
+    _images_done = counter
+    # a worker must not outlive a killed parent: it would go on writing a shard the next run writes too
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def build_one_shard(job: ShardJob) -> dict:
+    """Worker: the whole life of one shard (read, convert, write, rename, hash, index), then its record.
+    A shard whose images are all skipped has a record and no tar."""
+    writer = ShardWriter(Path(job.folder), job.split, job.number, len(job.items), 1 << 62)
+    skipped, counts = [], Counter()
+    try:
+        for k, (image_id, path, classes, codes) in enumerate(job.items):
+            jpeg, reason, as_is = prepare_one(path, job.shortest_side, job.quality, job.reduced_decode)
+            if reason is not None:
+                skipped.append([image_id, job.split, reason])
+            else:
+                writer.add(encode_sample(image_id, jpeg, classes, codes))
+                counts["packed_as_is" if as_is else "reencoded"] += 1
+            if _images_done is not None and k % 16 == 15:
+                with _images_done.get_lock():
+                    _images_done.value += 16
+        shard = writer.close(positions=job.positions).to_dict() if writer.is_open else None
+    finally:
+        writer.abandon()
+    record = {"fingerprint": job.fingerprint, "split": job.split, "number": job.number, "shard": shard,
+              "skipped": skipped, "counts": dict(counts)}
+    atomic_write_text(Path(job.folder) / RECORDS / f"{job.split}-{job.number:06d}.json", json.dumps(record))
+    return record
+
+
+def read_records(out: Path, fingerprint: str, restart: bool) -> dict[tuple[str, int], dict]:
+    """The records of the shards an earlier run finished; refuses those of other settings unless restarting."""
+    records = {}
+    for path in sorted((out / RECORDS).glob("*.json")):
+        record = json.loads(path.read_text())
+        if record.get("fingerprint") != fingerprint:
+            raise UserError(f"{out} holds an unfinished build with other settings or input; "
+                            "run again with --restart to discard it")
+        records[(record["split"], record["number"])] = record
+    return records
+
+
+def prepared_samples(cfg: Config, plan: Plan, split: SplitPlan, start: int, end: int, pool=None):
     """``(image_id, sample or None, skip reason or None, packed_as_is)`` for the images at positions
-    ``start:end`` of the split's order, in that order whatever the number of workers."""
+    ``start:end`` of the split's order, in that order (``verify --repair`` rebuilds a shard from these)."""
     positions = range(start, end)
-    # ids were checked against PLAIN_ID when the labels were read
-    tasks = ((str(split.image_dir / f"{split.table.image_ids[split.order[p]]}.jpg"), cfg.data.shortest_side,
-              cfg.data.jpeg_quality, cfg.data.reduced_decode) for p in positions)
-    results = pool.imap(_prepare_one, tasks, chunksize=8) if pool else map(_prepare_one, tasks)
+    tasks = [(str(split.image_dir / f"{split.table.image_ids[split.order[p]]}.jpg"), cfg.data.shortest_side,
+              cfg.data.jpeg_quality, cfg.data.reduced_decode) for p in positions]
+    results = pool.starmap(prepare_one, tasks, chunksize=8) if pool else (prepare_one(*t) for t in tasks)
     for position, (jpeg, reason, as_is) in zip(positions, results):
         i = split.order[position]
         image_id = split.table.image_ids[i]
@@ -161,46 +226,37 @@ def prepared_samples(cfg: Config, plan: Plan, split: SplitPlan, start: int, end:
             yield image_id, encode_sample(image_id, jpeg, classes, plan.vocab.decode(classes)), None, as_is
 
 
-def build_split(cfg: Config, plan: Plan, split: SplitPlan, state: BuildState, pool, bar) -> None:
-    out = cfg.paths.shards
-    start = state.position.get(split.name, 0)
-    done_shards = sum(1 for s in state.shards if s["split"] == split.name)
-    writer = ShardWriter(out, split.name, done_shards, cfg.data.shard_max_samples, cfg.data.shard_max_bytes)
-    pending_skips: list[list[str]] = []
-    pending_counts: Counter = Counter()
-
-    def finish_shard(end: int):
-        """Close the shard that holds the images at positions [its start, end) of the split's order."""
-        record = writer.close(positions=(state.position.get(split.name, 0), end))
-        state.shards.append(record.to_dict())
-        state.skipped.extend(pending_skips)
-        state.position[split.name] = end
-        for k, v in pending_counts.items():
-            state.counts[k] = state.counts.get(k, 0) + v
-        state.save(out)
-        pending_skips.clear()
-        pending_counts.clear()
-
-    try:
-        samples = prepared_samples(cfg, plan, split, start, len(split.order), pool)
-        for position, (image_id, sample, reason, as_is) in enumerate(samples, start=start):
-            bar.update(1)
-            if reason is not None:
-                pending_skips.append([image_id, split.name, reason])
-                bar.set_postfix(skipped=len(state.skipped) + len(pending_skips), refresh=False)
-                continue
-            if writer.would_overflow(sample):
-                finish_shard(position)
-            writer.add(sample)
-            pending_counts["packed_as_is" if as_is else "reencoded"] += 1
-        if writer.is_open:
-            finish_shard(len(split.order))
-        else:  # nothing left but skips
-            state.skipped.extend(pending_skips)
-            state.position[split.name] = len(split.order)
-            state.save(out)
-    finally:
-        writer.abandon()
+def run_jobs(jobs: list[ShardJob], workers: int, bar) -> list[dict]:
+    """Build the shards, ``workers`` at a time; a worker that dies fails the run (its shard is redone next time)."""
+    if workers == 1 or len(jobs) <= 1:
+        records = []
+        for job in jobs:
+            records.append(build_one_shard(job))
+            bar.update(len(job.items))
+        return records
+    counter = mp.get_context("fork").Value("q", 0)
+    records, shown = [], 0
+    with ProcessPoolExecutor(workers, mp_context=mp.get_context("fork"), initializer=_start_worker,
+                             initargs=(counter,)) as pool:
+        pending = {pool.submit(build_one_shard, job): job for job in jobs}
+        try:
+            while pending:
+                done, _ = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
+                for future in done:
+                    job = pending.pop(future)
+                    records.append(future.result())
+                    with counter.get_lock():
+                        counter.value += len(job.items) % 16  # the worker counts in sixteens
+                bar.update(counter.value - shown)
+                shown = counter.value
+        except BrokenProcessPool:
+            raise UserError(f"a worker process died (killed, or out of memory) while building "
+                            f"{', '.join(sorted(j.name for j in pending.values())[:3])}: run the same command "
+                            "again; finished shards are kept and the rest are redone") from None
+        finally:
+            for future in pending:
+                future.cancel()
+    return records
 
 
 def class_counts(split: SplitPlan, num_classes: int) -> list[int]:
@@ -211,13 +267,19 @@ def class_counts(split: SplitPlan, num_classes: int) -> list[int]:
     return np.bincount(split.table.classes[per_pair], minlength=num_classes).tolist()
 
 
-def write_reports(cfg: Config, plan: Plan, state: BuildState, seconds: float) -> dict:
+def write_reports(cfg: Config, plan: Plan, records: list[dict], seconds: float) -> dict:
+    """skipped.csv and, last, manifest.json, assembled from the shards' records."""
     out = cfg.paths.shards
-    rows = sorted(plan.pre_skipped) + sorted(tuple(r) for r in state.skipped)
+    records = sorted(records, key=lambda r: (SPLITS.index(r["split"]), r["number"]))
+    shards = [r["shard"] for r in records if r["shard"]]
+    rows = sorted(plan.pre_skipped) + sorted(tuple(row) for r in records for row in r["skipped"])
     atomic_write_csv(out / SKIPPED, ["image_id", "split", "reason"], rows)
+    counts = Counter()
+    for r in records:
+        counts.update(r["counts"])
     splits = {}
     for name in SPLITS:
-        mine = [s for s in state.shards if s["split"] == name]
+        mine = [s for s in shards if s["split"] == name]
         splits[name] = {"shards": len(mine), "samples": sum(s["samples"] for s in mine),
                         "bytes": sum(s["bytes"] for s in mine)}
     manifest = {
@@ -226,9 +288,9 @@ def write_reports(cfg: Config, plan: Plan, state: BuildState, seconds: float) ->
         "settings": {**shard_settings(cfg), "num_classes": len(plan.vocab)},
         "classes": "classes.csv",
         "splits": splits,
-        "shards": state.shards,
+        "shards": shards,
         "skipped": dict(sorted(Counter(r[2] for r in rows).items())),
-        "images": {k: state.counts.get(k, 0) for k in ("packed_as_is", "reencoded")},
+        "images": {k: counts.get(k, 0) for k in ("packed_as_is", "reencoded")},
         "labels": {k: v.summary() for k, v in plan.label_reports.items()},
         "class_counts": {"train": class_counts(plan.splits[0], len(plan.vocab))},
         "build_seconds": round(seconds, 1),
@@ -238,7 +300,7 @@ def write_reports(cfg: Config, plan: Plan, state: BuildState, seconds: float) ->
 
 
 def cleanup_temporaries(folder: Path) -> None:
-    for f in folder.glob(".*.tmp"):
+    for f in [*folder.glob(".*.tmp"), *(folder / RECORDS).glob(".*.tmp")]:
         f.unlink()
 
 
@@ -281,25 +343,21 @@ def build_shards(cfg: Config, workers: int | None = None, restart: bool = False)
         raise UserError(f"{out} holds shards built from other settings or input; "
                         "run again with --restart to rebuild them")
     if restart:
-        for f in [*out.glob(SHARD_GLOB), *out.glob(INDEX_GLOB), manifest_path, out / SKIPPED,
-                  out / STATE]:
+        for f in [*out.glob(SHARD_GLOB), *out.glob(INDEX_GLOB), manifest_path, out / SKIPPED]:
             f.unlink(missing_ok=True)
+        shutil.rmtree(out / RECORDS, ignore_errors=True)
+    (out / RECORDS).mkdir(exist_ok=True)
     cleanup_temporaries(out)
-    state = BuildState.load(out, plan.fingerprint, restart)
+    done = read_records(out, plan.fingerprint, restart)
     plan.vocab.save(out)
-    remaining = sum(len(s.order) - state.position.get(s.name, 0) for s in plan.splits)
-    workers = workers or os.cpu_count() or 1
-    pool = mp.get_context("fork").Pool(workers) if workers > 1 else None
-    try:
-        with progress(log, total=remaining, unit="img", desc="building shards", smoothing=0.05) as bar:
-            for split in plan.splits:
-                build_split(cfg, plan, split, state, pool, bar)
-    finally:
-        if pool:
-            pool.terminate()
-            pool.join()
-    manifest = write_reports(cfg, plan, state, time.time() - started)
-    (out / STATE).unlink(missing_ok=True)
+    jobs = [job for split in plan.splits for job in shard_jobs(cfg, plan, split)
+            if (job.split, job.number) not in done]
+    workers = min(workers or os.cpu_count() or 1, max(1, len(jobs)))
+    with progress(log, total=sum(len(j.items) for j in jobs), unit="img", desc="building shards",
+                  smoothing=0.05) as bar:
+        records = list(done.values()) + run_jobs(jobs, workers, bar)
+    manifest = write_reports(cfg, plan, records, time.time() - started)
+    shutil.rmtree(out / RECORDS)  # the manifest holds it all now
     log_summary(manifest, out)
     return manifest
 
@@ -308,7 +366,8 @@ def build_shards(cfg: Config, workers: int | None = None, restart: bool = False)
 def main(argv=None):
     parser = config_parser("python -m preprocessing.build_shards", __doc__)
     parser.add_argument("--workers", type=int, default=None,
-                        help="image worker processes (default: all cores); the output does not depend on it")
+                        help="worker processes, each building whole shards (default: all cores); "
+                             "the output does not depend on it")
     parser.add_argument("--restart", action="store_true",
                         help="discard an unfinished or outdated build in paths.shards and start over")
     args = parser.parse_args(argv)

@@ -6,13 +6,14 @@ worker ran them.
 from __future__ import annotations
 
 import io
-import math
 
+import cv2
+import numpy as np
 from PIL import Image, ImageOps
 
 from common.images import ImageProblem, decoding
 
-__all__ = ["ImageProblem", "prepare_image", "resized_size"]
+cv2.setNumThreads(1)  # one builder worker, one core: OpenCV's own threads would only oversubscribe them
 
 
 def _is_packable_as_is(im: Image.Image, shortest_side: int) -> bool:
@@ -42,26 +43,34 @@ def resized_size(width: int, height: int, shortest_side: int) -> tuple[int, int]
 
 
 def prepare_image(data: bytes, shortest_side: int, quality: int, reduced_decode: bool = True) -> tuple[bytes, bool]:
-    """Return (jpeg_bytes, packed_as_is). Raises ImageProblem with the skip reason."""
+    """Return (jpeg_bytes, packed_as_is). Raises ImageProblem with the skip reason.
+
+    A JPEG is decoded at the smallest of libjpeg's 1/2, 1/4, 1/8 scales that stays at least as large as
+    the target (the DCT-domain reduction is itself a good antialiasing filter, and skips most of the
+    decoding work), then resized to the exact target, computed from the original's dimensions, with
+    OpenCV's bilinear filter, which does the remaining factor of at most 2 in a tenth of Pillow's time.
+    (Measured against the original solution's OpenCV loop: scripts/benchmark_prepare.py.)
+    """
     if not data:
         raise ImageProblem("zero-byte file")
     with decoding():
         im = Image.open(io.BytesIO(data))
         if _is_packable_as_is(im, shortest_side):
-            im.load()  # must decode completely: DALI cannot skip a bad sample later
+            # it must decode completely, as DALI cannot skip a bad sample later; at 1/8 scale libjpeg
+            # still reads and checks the whole compressed stream, for a fraction of the cost
+            im.draft("RGB", (max(1, im.width // 8), max(1, im.height // 8)))
+            im.load()
             return data, True
+        transposed = im.getexif().get(0x0112, 1) in (5, 6, 7, 8)  # EXIF orientations that swap the sides
+        width, height = (im.height, im.width) if transposed else im.size
+        target = resized_size(width, height, shortest_side)  # always from the original's dimensions
         if reduced_decode and im.format == "JPEG":
-            w, h = im.size
-            scale = shortest_side / min(w, h)
-            # libjpeg decodes at 1/2, 1/4 or 1/8 scale while staying at least this large
-            im.draft("RGB", (math.ceil(w * scale), math.ceil(h * scale)))
+            im.draft("RGB", target[::-1] if transposed else target)
         im.load()
         im = ImageOps.exif_transpose(im)
         im = _to_rgb(im)
-    target = resized_size(*im.size, shortest_side)
     if im.size != target:
-        # reducing_gap: box-reduce first, then bicubic; PIL documents 3.0 as indistinguishable from none
-        im = im.resize(target, Image.Resampling.BICUBIC, reducing_gap=3.0)
+        im = Image.fromarray(cv2.resize(np.asarray(im), target, interpolation=cv2.INTER_LINEAR))
     out = io.BytesIO()
     im.save(out, format="JPEG", quality=quality, progressive=False, optimize=False)
     return out.getvalue(), False

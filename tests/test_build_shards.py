@@ -1,4 +1,5 @@
 import csv
+import os
 import shutil
 import json
 import signal
@@ -16,9 +17,9 @@ import io
 
 from common.config import load_config
 from common.errors import UserError
-from preprocessing.build_shards import STATE, build_shards
+from preprocessing.build_shards import RECORDS, build_shards
 from preprocessing.images import prepare_image
-from common.shard_format import ShardWriter, file_sha256, iter_samples
+from common.shard_format import ShardWriter, encode_sample, file_sha256, iter_samples
 from preprocessing.verify import main as verify_main, verify
 from tests.fixtures import REPO, SMALL_SHARDS, corrupt_huffman_table, jpeg_bytes, photo, run_main, write_config
 
@@ -103,11 +104,18 @@ def test_splits_limits_and_manifest(built):
     assert not list(shards.glob(".*"))  # no temporaries, no resume state left behind
 
 
-def test_byte_limit_closes_shards(kaggle, tmp_path):
-    cfg = load_config(write_config(tmp_path / "c.yaml", kaggle[0], tmp_path / "s", "data:\n  shard_max_bytes: 40000\n"))
-    manifest = build_shards(cfg, workers=1)
-    assert manifest["splits"]["train"]["shards"] > 3
-    assert all(s["bytes"] <= 40000 for s in manifest["shards"])
+def test_shards_are_cut_up_front_from_the_shuffled_order(built):
+    """Shard k of a split holds the images at positions [7k, 7k + 7) of its order, less the skipped ones:
+    the boundaries never depend on which worker finished first."""
+    cfg, manifest = built
+    for split in ("train", "val", "tune"):
+        mine = [s for s in manifest["shards"] if s["split"] == split]
+        for s in mine:
+            number = int(s["name"].split("-")[1][:6])
+            assert s["positions"] == [7 * number, min(7 * number + 7, s["positions"][1])]
+            assert 1 <= s["samples"] <= s["positions"][1] - s["positions"][0] <= 7
+        ends = [s["positions"][1] for s in mine]
+        assert ends == sorted(ends)
 
 
 def test_every_packed_sample_is_its_own_source_image_prepared(built, kaggle):
@@ -147,22 +155,20 @@ def test_killed_runs_resume_to_the_same_result(built, kaggle, tmp_path):
     kills, finished_before = 0, {}
     for attempt in range(30):
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        seen = len(json.loads((out / STATE).read_text())["shards"]) if (out / STATE).exists() else 0
+        seen = len(list((out / RECORDS).glob("*.json")))
         while proc.poll() is None:  # kill as soon as one more shard is finished
-            try:
-                if len(json.loads((out / STATE).read_text())["shards"]) > seen:
-                    break
-            except (FileNotFoundError, json.JSONDecodeError):
-                pass
+            if len(list((out / RECORDS).glob("*.json"))) > seen:
+                break
             time.sleep(0.002)
         if proc.poll() is None:
-            state = json.loads((out / STATE).read_text())
             proc.send_signal(signal.SIGKILL)
             proc.wait()
             kills += 1
-            for s in state["shards"]:  # finished shards must never be redone
-                stat = (out / s["name"]).stat()
-                finished_before.setdefault(s["name"], (stat.st_ino, stat.st_mtime_ns))
+            for record in (out / RECORDS).glob("*.json"):  # finished shards must never be redone
+                shard = json.loads(record.read_text())["shard"]
+                if shard:
+                    stat = (out / shard["name"]).stat()
+                    finished_before.setdefault(shard["name"], (stat.st_ino, stat.st_mtime_ns))
             continue
         assert proc.returncode == 0
         break
@@ -173,7 +179,7 @@ def test_killed_runs_resume_to_the_same_result(built, kaggle, tmp_path):
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["shards"] == clean["shards"]
     assert (out / "skipped.csv").read_bytes() == (clean_cfg.paths.shards / "skipped.csv").read_bytes()
-    assert not (out / STATE).exists() and not list(out.glob(".*.tmp"))
+    assert not (out / RECORDS).exists() and not list(out.glob(".*.tmp"))
 
 
 def test_second_run_is_a_no_op_and_other_settings_need_restart(built, kaggle, tmp_path):
@@ -341,3 +347,49 @@ def test_repair_refuses_a_shard_whose_original_changed(kaggle, tmp_path, capsys)
     code, _, err = run_main(verify_main, ["--config", str(cfg_path), "--repair", "--workers", "1"], capsys)
     assert code == 1 and f"error: {first['name']}: cannot be rebuilt as recorded: its image {changed} is now " \
                          f"'missing file'" in err
+
+
+def test_shard_bytes_equal_what_webdataset_writes(tmp_path):
+    """The writer uses tarfile itself (webdataset's import costs a torch import): same bytes as its TarWriter."""
+    samples = [encode_sample(f"{k:016x}", bytes((k + i) % 256 for i in range(700)), [k, k + 1], [f"/m/0{k}"]) for k in range(5)]
+    writer = ShardWriter(tmp_path, "x", 0, 10, 1 << 40)
+    for s in samples:
+        writer.add(s)
+    ours = (tmp_path / writer.close().name).read_bytes()
+    with open(tmp_path / "wds.tar", "wb") as f:
+        tar = wds.TarWriter(f, user="", group="", mode=0o444, mtime=0, encoder=False)
+        for s in samples:
+            tar.write(s)
+        tar.close()
+    assert ours == (tmp_path / "wds.tar").read_bytes()
+
+
+def test_a_killed_worker_fails_the_run_clearly_and_the_rerun_completes(built, kaggle, tmp_path):
+    clean_cfg, clean = built
+    cfg_path = write_config(tmp_path / "c.yaml", kaggle[0], tmp_path / "s", SMALL_SHARDS)
+    out = tmp_path / "s"
+    cmd = [sys.executable, "-m", "preprocessing.build_shards", "--config", str(cfg_path), "--workers", "2"]
+    # slow the workers down so that one can be caught mid-shard
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}:{REPO}"}
+    (tmp_path / "sitecustomize.py").write_text(
+        "import time, preprocessing.images as m\n_p = m.prepare_image\n"
+        "def slow(*a, **k):\n    time.sleep(0.05)\n    return _p(*a, **k)\nm.prepare_image = slow\n")
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    workers = []
+    deadline = time.time() + 60
+    while not workers and time.time() < deadline:
+        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
+        workers = children.read_text().split() if children.exists() else []
+        time.sleep(0.05)
+    time.sleep(0.3)
+    os.kill(int(workers[-1]), signal.SIGKILL)
+    _, err = proc.communicate(timeout=120)
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2 and len(errors) == 1 and "Traceback" not in err, err[-2000:]
+    assert errors[0].startswith("error: a worker process died") and "run the same command again" in errors[0]
+    for tar in out.glob("*.tar"):  # no short shard under a final name: each equals the clean build's
+        assert tar.read_bytes() == (clean_cfg.paths.shards / tar.name).read_bytes(), tar.name
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads((out / "manifest.json").read_text())["shards"] == clean["shards"]
+    assert (out / "skipped.csv").read_bytes() == (clean_cfg.paths.shards / "skipped.csv").read_bytes()

@@ -3,9 +3,10 @@ and the same command run again completes with the result of a run that never fai
 import errno
 import json
 
+import tarfile
+
 import pytest
 import torch
-import webdataset
 
 from common.config import load_config
 from common.vocab import Vocabulary
@@ -45,20 +46,20 @@ def test_a_full_disk_while_building_shards_on_a_real_tmpfs(built, kaggle, tmpfs,
 
 
 def test_a_full_disk_while_building_shards_injected(built, kaggle, tmp_path, capsys, monkeypatch):
-    """The same fault where no tmpfs can be mounted: the tar writer's 12th sample meets a full disk."""
-    write = webdataset.TarWriter.write
+    """The same fault where no tmpfs can be mounted: the tar writer's 12th file meets a full disk."""
+    addfile = tarfile.TarFile.addfile
     calls = []
 
-    def full_after_eleven(self, sample):
+    def full_after_eleven(self, *args, **kwargs):
         calls.append(1)
         if len(calls) == 12:
             raise OSError(errno.ENOSPC, "No space left on device")
-        return write(self, sample)
+        return addfile(self, *args, **kwargs)
 
-    monkeypatch.setattr(webdataset.TarWriter, "write", full_after_eleven)
+    monkeypatch.setattr(tarfile.TarFile, "addfile", full_after_eleven)
     cfg = write_config(tmp_path / "c.yaml", kaggle[0], tmp_path / "shards", SMALL_SHARDS)
     code, _, err = run_main(build_main, ["--config", str(cfg), "--workers", "1"], capsys)
-    assert code == 2 and one_error(err).startswith("error: " + FULL_DISK.format(tmp_path / "shards" / "train-000001"))
+    assert code == 2 and one_error(err).startswith("error: " + FULL_DISK.format(tmp_path / "shards" / "train-000000"))
     assert run_main(build_main, ["--config", str(cfg), "--workers", "1"], capsys)[0] == 0
     assert_same_build(tmp_path / "shards", built)
 
