@@ -136,20 +136,25 @@ def fingerprint(cfg: Config, plan: Plan) -> str:
     return h.hexdigest()
 
 
-def shard_jobs(cfg: Config, plan: Plan, split: SplitPlan) -> list[ShardJob]:
+def shard_bounds(cfg: Config, split: SplitPlan) -> list[tuple[int, int]]:
     """The split's shards, cut up front: shard k holds the images at positions [k n, (k + 1) n) of its order."""
-    n, jobs = cfg.data.shard_max_samples, []
-    for number in range(math.ceil(len(split.order) / n)):
-        start, end = number * n, min((number + 1) * n, len(split.order))
+    n = cfg.data.shard_max_samples
+    return [(k * n, min((k + 1) * n, len(split.order))) for k in range(math.ceil(len(split.order) / n))]
+
+
+def shard_jobs(cfg: Config, plan: Plan, split: SplitPlan, skip: set):
+    """The jobs of the split's shards not in ``skip`` (``(split, number)`` of finished ones), made one at a time."""
+    for number, (start, end) in enumerate(shard_bounds(cfg, split)):
+        if (split.name, number) in skip:
+            continue
         items = []
         for i in split.order[start:end]:
             image_id, classes = split.table.image_ids[i], split.table.labels(i)
             # ids were checked against PLAIN_ID when the labels were read
             items.append((image_id, str(split.image_dir / f"{image_id}.jpg"), classes.tolist(),
                           plan.vocab.decode(classes)))
-        jobs.append(ShardJob(str(cfg.paths.shards), split.name, number, (start, end), items, cfg.data.shortest_side,
-                             cfg.data.jpeg_quality, cfg.data.reduced_decode, plan.fingerprint))
-    return jobs
+        yield ShardJob(str(cfg.paths.shards), split.name, number, (start, end), items, cfg.data.shortest_side,
+                       cfg.data.jpeg_quality, cfg.data.reduced_decode, plan.fingerprint)
 
 
 def prepare_one(path: str, side: int, quality: int, reduced: bool) -> tuple[bytes | None, str | None, bool]:
@@ -226,20 +231,26 @@ def prepared_samples(cfg: Config, plan: Plan, split: SplitPlan, start: int, end:
             yield image_id, encode_sample(image_id, jpeg, classes, plan.vocab.decode(classes)), None, as_is
 
 
-def run_jobs(jobs: list[ShardJob], workers: int, bar) -> list[dict]:
-    """Build the shards, ``workers`` at a time; a worker that dies fails the run (its shard is redone next time)."""
-    if workers == 1 or len(jobs) <= 1:
+def run_jobs(jobs, workers: int, bar) -> list[dict]:
+    """Build the shards, ``workers`` at a time; a worker that dies fails the run (its shard is redone next time).
+    Jobs are made as workers free up (at most two per worker wait), so memory does not grow with the set."""
+    if workers == 1:
         records = []
         for job in jobs:
             records.append(build_one_shard(job))
             bar.update(len(job.items))
         return records
     counter = mp.get_context("fork").Value("q", 0)
-    records, shown = [], 0
+    records, shown, jobs = [], 0, iter(jobs)
     with ProcessPoolExecutor(workers, mp_context=mp.get_context("fork"), initializer=_start_worker,
                              initargs=(counter,)) as pool:
-        pending = {pool.submit(build_one_shard, job): job for job in jobs}
+        pending = {}
+
+        def top_up():
+            while len(pending) < 2 * workers and (job := next(jobs, None)) is not None:
+                pending[pool.submit(build_one_shard, job)] = job
         try:
+            top_up()
             while pending:
                 done, _ = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
                 for future in done:
@@ -247,6 +258,7 @@ def run_jobs(jobs: list[ShardJob], workers: int, bar) -> list[dict]:
                     records.append(future.result())
                     with counter.get_lock():
                         counter.value += len(job.items) % 16  # the worker counts in sixteens
+                top_up()
                 bar.update(counter.value - shown)
                 shown = counter.value
         except BrokenProcessPool:
@@ -350,11 +362,11 @@ def build_shards(cfg: Config, workers: int | None = None, restart: bool = False)
     cleanup_temporaries(out)
     done = read_records(out, plan.fingerprint, restart)
     plan.vocab.save(out)
-    jobs = [job for split in plan.splits for job in shard_jobs(cfg, plan, split)
-            if (job.split, job.number) not in done]
-    workers = min(workers or os.cpu_count() or 1, max(1, len(jobs)))
-    with progress(log, total=sum(len(j.items) for j in jobs), unit="img", desc="building shards",
-                  smoothing=0.05) as bar:
+    todo = [(s, number, end - start) for s in plan.splits for number, (start, end) in enumerate(shard_bounds(cfg, s))
+            if (s.name, number) not in done]
+    jobs = (job for split in plan.splits for job in shard_jobs(cfg, plan, split, set(done)))
+    workers = min(workers or os.cpu_count() or 1, max(1, len(todo)))
+    with progress(log, total=sum(n for *_, n in todo), unit="img", desc="building shards", smoothing=0.05) as bar:
         records = list(done.values()) + run_jobs(jobs, workers, bar)
     manifest = write_reports(cfg, plan, records, time.time() - started)
     shutil.rmtree(out / RECORDS)  # the manifest holds it all now

@@ -5,8 +5,7 @@
 
 Side by side in one run, on the same inputs (one core):
 - ``seed_cv2``: the original's loop (OpenCV full decode, ``cv2.resize`` with its default bilinear
-  filter, ``cv2.imencode`` at its default quality 95), OpenCV being a benchmark-only extra
-  (``pip install opencv-python-headless``);
+  filter, ``cv2.imencode`` at its default quality 95);
 - ``prepare_image``: this project's image step.
 Each gets ``images_per_s`` over 1024-px photographs (scikit-image's samples, the size of the Open
 Images originals) and fine-detail images (zone plates over pixel noise) together, and PSNR against
@@ -85,11 +84,25 @@ def reference(data: bytes) -> np.ndarray:
     return np.asarray(im.resize(resized_size(*im.size, SIDE), Image.Resampling.LANCZOS)).astype(np.float64)
 
 
+def dali_resized(blobs: list[bytes]) -> list[np.ndarray]:
+    """What inference does to a test image: DALI's decode and antialiased resize of the short side to 256."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    @pipeline_def(batch_size=len(blobs), num_threads=1, device_id=None)
+    def resize():
+        jpegs = fn.external_source(source=lambda: [np.frombuffer(b, np.uint8) for b in blobs])
+        return fn.resize(fn.decoders.image(jpegs, output_type=types.RGB), resize_shorter=SIDE, antialias=True)
+    pipe = resize()
+    pipe.build()
+    out = pipe.run()[0]
+    return [np.array(out.at(k)).astype(np.float64) for k in range(len(blobs))]
+
+
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
     return 10 * math.log10(255 ** 2 / max(((a - b) ** 2).mean(), 1e-12))
 
 
-def image_step(step, photos, detail, refs_photos, refs_detail, repeats: int) -> dict:
+def image_step(step, photos, detail, refs_photos, refs_detail, repeats: int, dali_photos=None) -> dict:
     inputs = photos + detail
     step(inputs[0])  # warm-up
     rates = []
@@ -100,7 +113,9 @@ def image_step(step, photos, detail, refs_photos, refs_detail, repeats: int) -> 
         rates.append(len(inputs) / (time.perf_counter() - start))
     outputs_p, outputs_d = [decoded(step(d)) for d in photos], [decoded(step(d)) for d in detail]
     size_errors = sum(o.shape != r.shape for o, r in zip(outputs_p + outputs_d, refs_photos + refs_detail))
+    close_to_dali = [psnr(o, d) for o, d in zip(outputs_p, dali_photos or []) if o.shape == d.shape]
     return {"images_per_s": round(statistics.median(rates), 1),
+            "psnr_vs_dali_resize_db": round(statistics.median(close_to_dali), 2) if close_to_dali else None,
             "psnr_db": round(statistics.median(psnr(o, r) for o, r in zip(outputs_p, refs_photos) if o.shape == r.shape), 2),
             "psnr_detail_db": round(statistics.median(psnr(o, r) for o, r in zip(outputs_d, refs_detail) if o.shape == r.shape), 2),
             "size_errors": size_errors}
@@ -173,17 +188,23 @@ def main():
     photos = photo_jpegs(args.images, long_side=1024, quality=90)
     detail = detail_images(max(1, args.images // 3))
     refs_photos, refs_detail = [reference(d) for d in photos], [reference(d) for d in detail]
-    results = {}
+    dali_photos = dali_resized(photos)
+    results = {"dali_resize_psnr_db": round(statistics.median(psnr(d, r) for d, r in zip(dali_photos, refs_photos)
+                                                              if d.shape == r.shape), 2)}
     try:
         import cv2
         cv2.setNumThreads(1)  # one core, like every worker of the builder
-        results["seed_cv2"] = image_step(seed_cv2, photos, detail, refs_photos, refs_detail, args.repeats)
+        results["seed_cv2"] = image_step(seed_cv2, photos, detail, refs_photos, refs_detail, args.repeats, dali_photos)
     except ImportError:
         print("(opencv-python-headless is not installed: seed_cv2 is not measured)", file=sys.stderr)
-    results["prepare_image"] = image_step(ours, photos, detail, refs_photos, refs_detail, args.repeats)
-    for name, r in results.items():
-        print(f"{name:14s} {r['images_per_s']:8.1f} images/s (one core)  PSNR photos {r['psnr_db']:5.2f} dB  "
-              f"detail {r['psnr_detail_db']:5.2f} dB  size errors {r['size_errors']}")
+    results["prepare_image"] = image_step(ours, photos, detail, refs_photos, refs_detail, args.repeats, dali_photos)
+    for name in ("seed_cv2", "prepare_image"):
+        if name in results:
+            r = results[name]
+            print(f"{name:14s} {r['images_per_s']:8.1f} images/s (one core)  PSNR photos {r['psnr_db']:5.2f} dB  "
+                  f"detail {r['psnr_detail_db']:5.2f} dB  size errors {r['size_errors']}  "
+                  f"vs DALI's resize {r['psnr_vs_dali_resize_db']} dB")
+    print(f"DALI's antialiased resize (inference) against the reference: {results['dali_resize_psnr_db']} dB")
     if args.repack:
         with tempfile.TemporaryDirectory(prefix="iic_repack_", dir=os.environ.get("TMPDIR")) as tmp:
             results["repack"] = repack(Path(tmp), args.repack, args.repeats)

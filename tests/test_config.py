@@ -122,3 +122,11 @@ def test_a_renamed_key_keeps_its_checks():
         load_config(REPO / "config.yaml", ["pipeline.layout=CHWN"])
     with pytest.raises(ConfigError, match="'predict.tta' must be one of none, flip, tencrop"):
         load_config(REPO / "config.yaml", ["submit.tta=twelvecrop"])
+
+
+def test_a_dropped_key_is_ignored_with_a_one_line_warning(tmp_path, caplog):
+    (tmp_path / "old.yaml").write_text(f"extends: {REPO / 'config.yaml'}\ndata:\n  shard_max_bytes: 1000000000\n")
+    cfg = load_config(tmp_path / "old.yaml", ["data.shard_max_bytes=5"])
+    assert not hasattr(cfg.data, "shard_max_bytes")
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 2 and all("'data.shard_max_bytes'" in w and "is ignored" in w for w in warnings)
