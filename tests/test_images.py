@@ -5,7 +5,7 @@ import pytest
 from PIL import Image
 
 from common.images import ImageProblem
-from preprocessing.images import prepare_image
+from preprocessing.images import prepare_image, resized_size
 from tests.fixtures import SIDE, jpeg_bytes, photo, png_bytes, special_images
 
 
@@ -67,3 +67,16 @@ def test_bad_inputs_raise_their_reason(cases, name):
     data, reason = cases[name]
     with pytest.raises(ImageProblem, match=reason):
         prepare_image(data, SIDE, 90)
+
+
+def test_output_size_is_computed_from_the_original_dimensions():
+    """Reduced-scale decoding rounds the intermediate size; the output never inherits that rounding."""
+    rng = np.random.default_rng(7)
+    for _ in range(40):
+        w, h = int(rng.integers(300, 1100)), int(rng.integers(300, 1100))
+        exif = Image.Exif()
+        rotated = rng.random() < 0.3
+        if rotated:
+            exif[0x0112] = 6  # displayed turned by 90 degrees: the sides swap
+        out = decoded(prepare_image(jpeg_bytes(photo(rng, w, h), exif=exif), SIDE, 90)[0])
+        assert out.size == resized_size(*((h, w) if rotated else (w, h)), SIDE), (w, h, rotated)

@@ -89,6 +89,7 @@ class EpochProgress:
     wait: float = 0.0  # of which waiting for data
     log_sum: float = 0.0  # loss sum and steps since the last metrics record
     log_steps: int = 0
+    lr: float = 0.0  # the learning rate of the latest step
 
 
 @dataclass
@@ -298,7 +299,7 @@ def train_one_epoch(net, batches, loader, state: TrainState, stage: Stage, cfg: 
             loss = progress.log_sum / progress.log_steps
             bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
             metrics.write({"stage": stage.name, "epoch": state.epoch + 1, "step": state.step, "loss": loss,
-                           "lr": state.optimizer.param_groups[0]["lr"]}, state.step)
+                           "lr": progress.lr}, state.step)
             progress.log_sum, progress.log_steps = 0.0, 0
 
     started = time.perf_counter() - progress.seconds
@@ -315,7 +316,8 @@ def train_one_epoch(net, batches, loader, state: TrainState, stage: Stage, cfg: 
             state.scaler.scale(loss).backward()
             state.scaler.step(state.optimizer)
             state.scaler.update()
-            state.scheduler.step()
+            progress.lr = state.optimizer.param_groups[0]["lr"]
+            state.scheduler.step()  # per step: the warm-up and the decay are functions of the step
             watch.add(loss, progress.step)
             progress.step += 1
             progress.seen += len(images)
@@ -408,7 +410,7 @@ def _run(cfg: Config, stage_name: str, init: str | None, device: PipeDevice, d: 
     try:
         while state.epoch < stage.epochs:
             train_one_epoch(net, batches, loader, state, stage, cfg, device, d, amp_dtype, steps, metrics, saver)
-            epoch, lr = state.progress, state.optimizer.param_groups[0]["lr"]
+            epoch, lr = state.progress, state.progress.lr
             val = validate(state.model, stage, cfg, device, d, amp_dtype)
             checks = distributed.gather_objects(d, (param_checksum(state.model), epoch.seen))
             state.epoch += 1
