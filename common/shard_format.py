@@ -34,7 +34,6 @@ SPLITS = ("train", "val", "tune")
 SHARD_GLOB = "*-[0-9]*.tar"
 INDEX_GLOB = "*-[0-9]*.idx"
 LABEL_DTYPE = "<i4"
-TAR_BLOCK = 512
 
 
 def shard_name(split: str, number: int) -> str:
@@ -83,11 +82,6 @@ def iter_samples(tar_path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
             files[ext] = tar.extractfile(member).read()
         if files:
             yield key, files
-
-
-def tar_size(sample: dict) -> int:
-    """Bytes a sample takes in the tar: a header block per file plus its padded data."""
-    return sum(TAR_BLOCK + -(-len(sample[e]) // TAR_BLOCK) * TAR_BLOCK for e in EXTENSIONS)
 
 
 def file_sha256(path: Path) -> str:
@@ -139,22 +133,13 @@ class ShardRecord:
 
 
 class ShardWriter:
-    """Packs samples into ``<split>-NNNNNN.tar`` until a sample or byte limit would be passed."""
+    """Packs samples into ``<split>-NNNNNN.tar``; which samples go into which shard the caller decides."""
 
-    END_OF_ARCHIVE = 2 * TAR_BLOCK
-    RECORD = 20 * TAR_BLOCK  # tarfile pads a stream to whole 10 KiB records
-
-    def __init__(self, folder: Path, split: str, first_number: int, max_samples: int, max_bytes: int):
+    def __init__(self, folder: Path, split: str, number: int):
         self.folder, self.split = Path(folder), split
-        self.number = first_number
-        self.max_samples, self.max_bytes = max_samples, max_bytes
+        self.number = number
         self._file = self._tar = None
-        self.samples = self.bytes = 0
-
-    def would_overflow(self, sample: dict) -> bool:
-        size = self.bytes + tar_size(sample) + self.END_OF_ARCHIVE
-        size = -(-size // self.RECORD) * self.RECORD
-        return self.samples > 0 and (self.samples >= self.max_samples or size > self.max_bytes)
+        self.samples = 0
 
     def add(self, sample: dict) -> None:
         final = self.folder / shard_name(self.split, self.number)
@@ -169,7 +154,6 @@ class ShardWriter:
                 info.size, info.mtime, info.mode, info.uname, info.gname = len(data), 0, 0o444, "", ""
                 self._tar.addfile(info, io.BytesIO(data))
         self.samples += 1
-        self.bytes += tar_size(sample)
 
     @property
     def is_open(self) -> bool:
@@ -189,7 +173,7 @@ class ShardWriter:
         record = ShardRecord(name, self.split, self.samples, final.stat().st_size, file_sha256(final),
                              index_name(name), positions)
         self._file = self._tar = None
-        self.samples = self.bytes = 0
+        self.samples = 0
         self.number += 1
         return record
 

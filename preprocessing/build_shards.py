@@ -180,7 +180,7 @@ def _start_worker(counter) -> None:
 def build_one_shard(job: ShardJob) -> dict:
     """Worker: the whole life of one shard (read, convert, write, rename, hash, index), then its record.
     A shard whose images are all skipped has a record and no tar."""
-    writer = ShardWriter(Path(job.folder), job.split, job.number, len(job.items), 1 << 62)
+    writer = ShardWriter(Path(job.folder), job.split, job.number)
     skipped, counts = [], Counter()
     try:
         for k, (image_id, path, classes, codes) in enumerate(job.items):

@@ -164,7 +164,7 @@ def _rebuild(cfg: Config, plan: Plan, split: SplitPlan, record: dict, skipped: s
     if "positions" not in record:
         return "the manifest predates repairs (no positions); rebuild with preprocessing.build_shards --restart"
     number = int(record["name"][len(record["split"]) + 1:-len(".tar")])
-    writer = ShardWriter(work, record["split"], number, 1 << 62, 1 << 62)
+    writer = ShardWriter(work, record["split"], number)
     try:
         for image_id, sample, reason, _ in prepared_samples(cfg, plan, split, *record["positions"], pool):
             if sample is not None:

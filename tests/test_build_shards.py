@@ -257,7 +257,7 @@ def rewrite_shard(shards: Path, position: int, edit) -> tuple[str, dict]:
     samples = [{k: s[k] for k in ("__key__", "jpg", "labels", "json")}
                for s in wds.WebDataset(str(tar), shardshuffle=False, empty_check=False)]
     edit(samples)
-    writer = ShardWriter(shards, record["split"], int(record["name"].split("-")[1][:6]), 1 << 30, 1 << 40)
+    writer = ShardWriter(shards, record["split"], int(record["name"].split("-")[1][:6]))
     for s in samples:
         writer.add(s)
     record.update({k: v for k, v in writer.close().to_dict().items() if k in ("samples", "bytes", "sha256")})
@@ -352,7 +352,7 @@ def test_repair_refuses_a_shard_whose_original_changed(kaggle, tmp_path, capsys)
 def test_shard_bytes_equal_what_webdataset_writes(tmp_path):
     """The writer uses tarfile itself (webdataset's import costs a torch import): same bytes as its TarWriter."""
     samples = [encode_sample(f"{k:016x}", bytes((k + i) % 256 for i in range(700)), [k, k + 1], [f"/m/0{k}"]) for k in range(5)]
-    writer = ShardWriter(tmp_path, "x", 0, 10, 1 << 40)
+    writer = ShardWriter(tmp_path, "x", 0)
     for s in samples:
         writer.add(s)
     ours = (tmp_path / writer.close().name).read_bytes()

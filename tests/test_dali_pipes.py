@@ -193,7 +193,7 @@ def gradient_shards(folder, count: int, width: int = 96, height: int = 64):
     x = np.linspace(0, 255, width)[None, :].repeat(height, 0)
     y = np.linspace(0, 255, height)[:, None].repeat(width, 1)
     pixels = np.stack([x, y, np.full_like(x, 128)], -1).round().astype(np.uint8)
-    writer = ShardWriter(folder, "grad", 0, 1 << 30, 1 << 40)
+    writer = ShardWriter(folder, "grad", 0)
     decoded = {}
     for k in range(count):
         jpeg = jpeg_bytes(Image.fromarray(pixels))

@@ -33,7 +33,7 @@ def split_tune_shards(shards_dir: Path, out_dir: Path, holdout_fraction: float, 
     n_hold = min(len(samples) - 1, max(1, round(len(samples) * holdout_fraction)))
     out_dir.mkdir(parents=True, exist_ok=True)
     for name, picked in zip(PARTS, (order[n_hold:], order[:n_hold])):
-        writer = ShardWriter(out_dir, name, 0, max_samples=1 << 30, max_bytes=1 << 40)
+        writer = ShardWriter(out_dir, name, 0)
         for i in picked:
             writer.add(samples[i])
         writer.close()
