@@ -336,7 +336,7 @@ def train_one_epoch(net, batches, loader, state: TrainState, stage: Stage, cfg: 
 def validate(model, stage: Stage, cfg: Config, device: PipeDevice, d: distributed.Dist, amp_dtype) -> dict:
     """The stage's metrics over the whole validation split, gathered from every rank."""
     loader = eval_loader(cfg, rank=d.rank, world_size=d.world_size, batch_size=cfg.predict.batch_size,
-                         device=device, shards=stage.val, tta=stage.tta)
+                         device=device, shards=stage.val, tta=stage.tta, amp_dtype=amp_dtype)
     indices, scores, targets = [], [], []
     for idx, sc, (target, _) in predict_topk(model, loader, cfg.predict.top_k, lambda x: prepare_input(x, cfg),
                                              amp_dtype):
