@@ -223,10 +223,11 @@ class MetricsLog:
             return
         with writing(self.path), open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
-        for k, v in record.items():
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("epoch", "step"):
-                self.tb.add_scalar(k, v, step)
-        self.tb.flush()
+        with writing(self.path.parent / "tb"):  # its writer thread's full disk surfaces here
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("epoch", "step"):
+                    self.tb.add_scalar(k, v, step)
+            self.tb.flush()
 
     def close(self) -> None:
         if self.tb:
