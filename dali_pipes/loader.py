@@ -160,11 +160,6 @@ def shard_errors(config_source: Path | None):
         raise error from None
 
 
-def _rank_samples(total: int, rank: int, world_size: int) -> int:
-    """How many samples DALI gives shard ``rank`` of ``world_size`` (its own split of the index)."""
-    return (total * (rank + 1)) // world_size - (total * rank) // world_size
-
-
 def build_train_pipeline(cfg: Config, shards: SplitShards, rank: int, world_size: int, batch_size: int,
                          device: PipeDevice, epoch: int = 0, checkpoint: str | None = None, amp_dtype=None):
     """The built train graph; each rank shuffles with its own seed derived from ``data.seed`` (and the epoch
@@ -188,7 +183,7 @@ def train_loader(cfg: Config, split: str = "train", rank: int = 0, world_size: i
     shards = shards or split_shards(cfg.paths.shards, split)
     device = device or resolve_device(cfg.pipeline.device)
     batch_size = batch_size or cfg.train.batch_size
-    if _rank_samples(shards.samples, rank, world_size) < batch_size:
+    if shards.samples // world_size < batch_size:  # DALI's count of whole batches per rank, equal on every rank
         raise UserError(f"the '{split}' data has {shards.samples} images for {world_size} process(es), fewer than "
                         f"one batch of {batch_size} each; lower train.batch_size")
     pipe = build_train_pipeline(cfg, shards, rank, world_size, batch_size, device, epoch, checkpoint, amp_dtype)
