@@ -5,10 +5,14 @@
 # wheels, so a plain OS image is enough; the host provides the driver (NVIDIA container toolkit).
 FROM ubuntu:24.04
 
-ENV DEBIAN_FRONTEND=noninteractive PIP_NO_CACHE_DIR=1 PYTHONUNBUFFERED=1
-# tar: DALI's wds2idx indexes shards with GNU tar
+# video: without it the NVIDIA container toolkit hides the hardware JPEG decoder (NVJPG) from the
+# container, and nvJPEG silently decodes on the CUDA cores instead
+ENV DEBIAN_FRONTEND=noninteractive PIP_NO_CACHE_DIR=1 PYTHONUNBUFFERED=1 \
+    NVIDIA_VISIBLE_DEVICES=all NVIDIA_DRIVER_CAPABILITIES=compute,utility,video
+# tar: DALI's wds2idx indexes shards with GNU tar; gcc, libc6-dev, python3-dev: Triton compiles its
+# launcher with them the first time model.compile runs
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends python3 python3-venv tar \
+    && apt-get install -y --no-install-recommends python3 python3-venv python3-dev gcc libc6-dev tar \
     && rm -rf /var/lib/apt/lists/*
 RUN python3 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH

@@ -14,7 +14,7 @@ import re
 import sys
 
 from common.config import Config, load_config
-from common.errors import UserError, describe_os_error
+from common.errors import UserError, describe_os_error, is_out_of_memory
 from common.log import setup_logging
 
 log = logging.getLogger(__name__)
@@ -52,8 +52,9 @@ def describe(exc: BaseException, batch_keys: str) -> str | None:
         return str(exc)
     if isinstance(exc, OSError):
         return describe_os_error(exc)
-    if type(exc).__name__ == "OutOfMemoryError" or "CUDA out of memory" in str(exc):
-        return f"out of GPU memory ({first_line(exc)}): lower {batch_keys}"
+    if is_out_of_memory(exc):
+        what = "GPU memory" if re.search(r"cuda|device|gpu", str(exc), re.IGNORECASE) else "memory"
+        return f"out of {what} ({first_line(exc)}): lower {batch_keys}"
     if isinstance(exc, RuntimeError) and INPUT_MISMATCH.search(str(exc)):
         return (f"the batches do not suit the model ({first_line(exc)}): check pipeline.dtype (auto follows the "
                 f"device), pipeline.device and model.amp")

@@ -89,6 +89,7 @@ class Model:
     channels_last: bool = key(BOOL)
     compile: bool = key(BOOL)
     amp: bool = key(BOOL)
+    amp_dtype: str = key(("auto", "bfloat16", "float16"))
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,16 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import re
 from pathlib import Path
+
+# PyTorch's "CUDA out of memory", DALI's "Can't allocate 123 bytes on device" (and its pinned-host
+# twin), the C++ allocators' bad_alloc: the machine ran out, whatever was being decoded or computed
+OUT_OF_MEMORY = re.compile(r"out of memory|can't allocate \d+ bytes|cannot allocate memory|bad_alloc", re.IGNORECASE)
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    return type(exc).__name__ == "OutOfMemoryError" or bool(OUT_OF_MEMORY.search(str(exc)))
 
 
 class UserError(Exception):

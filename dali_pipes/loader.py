@@ -23,7 +23,7 @@ from nvidia.dali.plugin.base_iterator import LastBatchPolicy
 from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
 from common.config import Config
-from common.errors import UserError
+from common.errors import UserError, is_out_of_memory
 from common.seeds import int_seed
 from common.shard_format import SplitShards, decode_meta, split_shards
 from dali_pipes.device import PipeDevice, resolve_device
@@ -140,7 +140,7 @@ SAMPLE_SOURCE = re.compile(r"(\S+\.tar):\d+:(\S+?)\.\w+\b")
 def damaged_shard(exc: RuntimeError, config_source: Path | None) -> DamagedShard | None:
     """The one-line error for a DALI failure on a shard's sample, or None when DALI failed for another reason."""
     found = SAMPLE_SOURCE.search(str(exc))
-    if not found:
+    if not found or is_out_of_memory(exc):  # a full GPU while decoding a sample is not the sample's fault
         return None
     why = "does not decode" if "decode" in str(exc) else "cannot be read"
     config = f" --config {config_source}" if config_source else ""

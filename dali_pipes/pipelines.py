@@ -17,12 +17,19 @@ READER = "reader"
 FIVE_CROPS = ((0.0, 0.0), (1.0, 0.0), (0.0, 1.0), (1.0, 1.0), (0.5, 0.5))
 DALI_TYPES = {"float16": types.FLOAT16, "float32": types.FLOAT, "uint8": types.UINT8}
 
-# nvJPEG buffers sized for the shards' images (256 px on the short side, rarely over 1024 on the long one:
-# at most 3 MiB decoded), preallocated as DALI's docs advise so they do not regrow. The paddings are per
-# thread (host: pinned memory) and DALI's pools never shrink (DALI issues #5087, #5609): 64 MiB each, as
-# before, cost 256 MiB of device and 512 MiB of pinned memory per 4-thread pipeline for images under 1 MiB.
-GPU_DECODER_ARGS = dict(hw_decoder_load=0.65, device_memory_padding=4 << 20, host_memory_padding=4 << 20,
-                        preallocate_width_hint=512, preallocate_height_hint=512)
+# nvJPEG's buffers, preallocated as DALI's docs advise so they do not regrow, sized for what each graph decodes.
+# The paddings are per thread (host: pinned memory) and DALI's pools never shrink (DALI issues #5087, #5609):
+# 64 MiB each cost 256 MiB of device and 512 MiB of pinned memory per 4-thread pipeline.
+# Shards hold 256-px-short-side images, rarely over 1024 px long (at most 3 MiB decoded).
+SHARD_DECODER_BUFFERS = dict(device_memory_padding=4 << 20, host_memory_padding=4 << 20,
+                             preallocate_width_hint=512, preallocate_height_hint=512)
+# The stage-1/2 test images are the full-size originals (Open Images: often 1024 px on the long side, some
+# larger): hints and paddings for ~12 MiB decoded images, so the first batches do not reallocate.
+ORIGINAL_DECODER_BUFFERS = dict(device_memory_padding=16 << 20, host_memory_padding=16 << 20,
+                                preallocate_width_hint=2048, preallocate_height_hint=2048)
+# jpeg_fancy_upsampling: nvJPEG upsamples chroma as libjpeg-turbo does (the CPU graphs and the shard builder),
+# so a GPU run sees the pixels the CPU graphs were tested with
+GPU_DECODER_ARGS = dict(hw_decoder_load=0.65, jpeg_fancy_upsampling=True)
 
 
 @dataclass(frozen=True)
@@ -47,13 +54,20 @@ def read_shards(tars, indexes, *, with_meta: bool, shuffle: bool, initial_fill: 
         shard_id=shard_id, num_shards=num_shards, pad_last_batch=not shuffle, seed=seed, name=READER)
 
 
-def decode(jpegs, on_gpu: bool, crop: int | None = None, crop_pos_x=0.5, crop_pos_y=0.5):
+def decoder_args(on_gpu: bool, buffers: dict = SHARD_DECODER_BUFFERS) -> dict:
+    """The decoder's device and, on the GPU, nvJPEG's settings with buffers sized for ``buffers``' images."""
+    return dict(device="mixed" if on_gpu else "cpu", output_type=types.RGB,
+                **({**GPU_DECODER_ARGS, **buffers} if on_gpu else {}))
+
+
+def decode(jpegs, on_gpu: bool, crop: int | None = None, crop_pos_x=0.5, crop_pos_y=0.5,
+           buffers: dict = SHARD_DECODER_BUFFERS):
     """JPEG -> HWC uint8 RGB; on the GPU with nvJPEG (and the hardware decoder where there is one).
 
     With ``crop`` only that window is decoded (libjpeg-turbo skips the rest; nvJPEG decodes the
     ROI): the same pixels as decoding the whole image and cropping, for less work.
     """
-    args = dict(device="mixed" if on_gpu else "cpu", output_type=types.RGB, **(GPU_DECODER_ARGS if on_gpu else {}))
+    args = decoder_args(on_gpu, buffers)
     if crop is None:
         return fn.decoders.image(jpegs, **args)
     return fn.decoders.image_crop(jpegs, crop=(crop, crop), crop_pos_x=crop_pos_x, crop_pos_y=crop_pos_y, **args)
@@ -79,11 +93,12 @@ def tta_crops(images, tta: str, out: Output):
     return fn.stack(*[finish(images, out, True, x, y, mirror) for mirror in (0, 1) for x, y in positions])
 
 
-def resize_and_crop(jpegs, on_gpu: bool, resize_shorter: int | None, tta: str, out: Output):
+def resize_and_crop(jpegs, on_gpu: bool, resize_shorter: int | None, tta: str, out: Output,
+                    buffers: dict = SHARD_DECODER_BUFFERS):
     """Short side to ``resize_shorter`` (None: already that size), then the centre or TTA crops."""
     if resize_shorter is None and tta == "none":
-        return finish(decode(jpegs, on_gpu, out.crop), out, crop=False)
-    images = decode(jpegs, on_gpu)
+        return finish(decode(jpegs, on_gpu, out.crop, buffers=buffers), out, crop=False)
+    images = decode(jpegs, on_gpu, buffers=buffers)
     if resize_shorter is not None:
         images = fn.resize(images, resize_shorter=resize_shorter, antialias=True)
     return tta_crops(images, tta, out)
@@ -102,9 +117,8 @@ def train_pipeline(tars, indexes, *, on_gpu: bool, out: Output, augmentation: st
     jpegs, labels = read_shards(tars, indexes, with_meta=False, shuffle=True, initial_fill=initial_fill,
                                 shard_id=shard_id, num_shards=num_shards, seed=reader_seed)
     if augmentation == "random_resized_crop":  # the ImageNet recipe, as a config option
-        images = fn.decoders.image_random_crop(
-            jpegs, device="mixed" if on_gpu else "cpu", output_type=types.RGB,
-            random_area=(0.08, 1.0), random_aspect_ratio=(3 / 4, 4 / 3), **(GPU_DECODER_ARGS if on_gpu else {}))
+        images = fn.decoders.image_random_crop(jpegs, random_area=(0.08, 1.0), random_aspect_ratio=(3 / 4, 4 / 3),
+                                               **decoder_args(on_gpu))
         images = fn.resize(images, size=(out.crop, out.crop), antialias=True)
     else:
         images = decode(jpegs, on_gpu, out.crop, fn.random.uniform(range=(0.0, 1.0)),
@@ -130,7 +144,7 @@ def image_file_pipeline(files, *, on_gpu: bool, out: Output, resize_shorter: int
     jpegs, position = fn.readers.file(files=[str(f) for f in files], labels=list(range(len(files))),
                                       random_shuffle=False, pad_last_batch=True, shard_id=shard_id,
                                       num_shards=num_shards, name=READER)
-    return resize_and_crop(jpegs, on_gpu, resize_shorter, tta, out), position
+    return resize_and_crop(jpegs, on_gpu, resize_shorter, tta, out, ORIGINAL_DECODER_BUFFERS), position
 
 
 @pipeline_def(enable_conditionals=False)

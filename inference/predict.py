@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from common.config import Config
+from common.errors import is_out_of_memory
 from common.images import check_image_file
 from common.log import progress
 from dali_pipes.device import PipeDevice
@@ -30,7 +31,8 @@ def screen(files: list[Path], workers: int | None = None) -> list[str | None]:
     """Per file, the reason it cannot be predicted, or None."""
     workers = workers or os.cpu_count() or 1
     paths = [str(f) for f in files]
-    with mp.get_context("fork").Pool(workers) as pool:
+    # forkserver: workers forked from a clean server process, never from one that may hold a CUDA context
+    with mp.get_context("forkserver").Pool(workers) as pool:
         return list(progress(log, iterable=pool.imap(check_image_file, paths, chunksize=32), total=len(paths),
                              unit="img", desc="checking images"))
 
@@ -51,7 +53,7 @@ def guarded(make_loader):
                 return
             yield batch
     except RuntimeError as exc:
-        if "memory" in str(exc).lower():  # out of (device or host) memory is no image's fault
+        if is_out_of_memory(exc):  # out of device or host memory (DALI's words too) is no image's fault
             raise
         raise DecodeFailed(str(exc)) from exc
 

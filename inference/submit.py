@@ -80,8 +80,6 @@ def submit(cfg: Config, stage: int, checkpoint: Path | None = None, save_scores:
     codes = state["classes"]
     rule = DecisionRule.from_dict(state["decision_rule"]) if state.get("decision_rule") else \
         DecisionRule.from_config(cfg)
-    device = resolve_device(cfg.pipeline.device, announce=True)
-    model = model_from_checkpoint(state, cfg.model.channels_last).to(device.torch_device).eval()
     started = time.time()
 
     problems: dict[int, str] = {}
@@ -96,8 +94,11 @@ def submit(cfg: Config, stage: int, checkpoint: Path | None = None, save_scores:
     reasons = screen([files[i] for i in candidates])
     problems.update({i: r for i, r in zip(candidates, reasons) if r})
     good = [i for i in candidates if i not in problems]
+    # the model goes to the GPU after the screening's worker processes are done: CUDA does not survive a fork
+    device = resolve_device(cfg.pipeline.device, announce=True)
+    model = model_from_checkpoint(state, cfg.model.channels_last).to(device.torch_device).eval()
     pred = predict_files(model, [files[i] for i in good], cfg, device,
-                         autocast_dtype(device.kind == "gpu", cfg.model.amp))
+                         autocast_dtype(device.kind == "gpu", cfg.model.amp, cfg.model.amp_dtype))
     problems.update({good[p]: r for p, r in pred.failed.items()})
 
     refuse_mostly_fallback(problems, ids, cfg.submit.max_fallback_fraction, folder)

@@ -5,7 +5,8 @@ A payload is a dict of tensors and plain data: ``model`` (the weights, plain key
 ``classes`` (label codes in class-index order), ``class_counts`` (positives per class in the train
 split: inference's fallback labels), ``decision_rule`` (the tune stage's, or None), ``stage``,
 ``epoch`` (finished epochs), ``step``, ``metric``, ``best_metric``, ``config``; and, to resume training
-exactly, ``optimizer``, ``scheduler``, ``scaler``, ``rng``, ``epoch_progress`` (how far into the next
+exactly, ``optimizer``, ``scheduler``, ``scaler``, ``rng`` (rank 0's random state) and ``rng_per_rank`` (every
+rank's, in rank order: each rank's dropout and other draws go on from its own), ``epoch_progress`` (how far into the next
 epoch a mid-epoch checkpoint stands, with the epoch's running sums) and ``dali`` (every rank's DALI
 pipeline checkpoint, in rank order, for a world of ``world_size`` processes).
 """
@@ -48,6 +49,22 @@ def set_rng_state(state: dict) -> None:
             torch.cuda.set_rng_state(cuda_state, index)
 
 
+def rank_rng_state(saved: dict, rank: int, world_size: int) -> dict:
+    """The random state this rank resumes with: its own where the checkpoint was saved by as many ranks (older
+    checkpoints hold rank 0's only), else rank 0's (another world draws other numbers anyway)."""
+    per_rank = saved.get("rng_per_rank")
+    if per_rank and saved.get("world_size") == world_size and len(per_rank) == world_size:
+        return per_rank[rank]
+    return saved["rng"]
+
+
+def restore_scaler(scaler: torch.amp.GradScaler, state: dict) -> None:
+    """The GradScaler's state; an empty one (saved by a disabled scaler: a bf16 or CPU run) leaves an fp16
+    run's fresh scaler as it is (GradScaler refuses to load it), which then finds its scale in a few steps."""
+    if state:
+        scaler.load_state_dict(state)
+
+
 def save_checkpoint(path: Path, payload: dict) -> None:
     with atomic_write(path, "wb") as f:
         torch.save(payload, f)
@@ -80,10 +97,11 @@ def load_checkpoint(path: Path, require: tuple[str, ...] = FOR_INFERENCE, map_lo
 def training_payload(*, model, optimizer, scheduler, scaler, stage: str, epoch: int, step: int, metric: float | None,
                      best_metric: float, model_name: str, classes: list[str], class_counts: list[int] | None,
                      decision_rule: dict | None, config: dict, epoch_progress: dict, dali: list[str],
-                     world_size: int) -> dict:
+                     rng_per_rank: list[dict], world_size: int) -> dict:
     """The payload as the train and tune stages save it (see the module docstring)."""
     return {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": rng_state(),
+            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": rng_per_rank[0],
+            "rng_per_rank": rng_per_rank,
             "stage": stage, "epoch": epoch, "step": step, "metric": metric, "best_metric": best_metric,
             "model_name": model_name, "classes": classes, "class_counts": class_counts,
             "decision_rule": decision_rule, "config": config, "epoch_progress": epoch_progress, "dali": dali,

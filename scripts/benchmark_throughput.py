@@ -34,6 +34,7 @@ from dali_pipes.baseline import baseline_loader  # noqa: E402
 from dali_pipes.device import resolve_device  # noqa: E402
 from dali_pipes.loader import build_train_pipeline, eval_loader, output_dtype, prepare_input, train_loader  # noqa: E402
 from dali_pipes.pipelines import decode_only_pipeline  # noqa: E402
+from model.network import autocast_dtype  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -68,8 +69,8 @@ def _rate(batches, batch_size: int, n: int, repeats: int, warmup: int, step=None
             batch = next(batches)
             if step:
                 step(batch)
-            elif batch[0].is_cuda:
-                torch.cuda.synchronize()
+        if torch.cuda.is_available():  # the GPU's queued work belongs to this run's time
+            torch.cuda.synchronize()
     consume(warmup)
     runs = []
     for _ in range(repeats):
@@ -102,24 +103,23 @@ def make_shards(work: Path, images: int) -> Path:
     return work / "shards"
 
 
-def training_step_fn(model_name: str, num_classes: int, device: torch.device, cfg):
-    import timm
+def training_step_fn(model_name: str, num_classes: int, device, cfg, amp_dtype):
+    """``step_with(to_input)``: training's own step (``training.train.training_step``: autocast with the GPU's
+    dtype, the scaler) on a model laid out as training lays it out, for batches that ``to_input`` turns into
+    the model's input."""
+    from model.network import create_model
     from training.losses import per_positive_softmax_loss
-    model = timm.create_model(model_name, pretrained=False, num_classes=num_classes).to(device)
-    if cfg.model.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    from training.train import training_step
+    model = create_model(model_name, num_classes, cfg.model.channels_last).to(device.torch_device)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True)
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
 
-    def step(batch):
-        images = prepare_input(batch[0].to(device, non_blocking=True), cfg)  # a no-op for the baseline's floats
-        targets = batch[1].to(device, non_blocking=True)
-        loss = per_positive_softmax_loss(model(images.float()), targets)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-    return step
+    def step_with(to_input):
+        def step(batch):
+            images, targets = (t.to(device.torch_device, non_blocking=True) for t in batch[:2])
+            training_step(model, opt, scaler, per_positive_softmax_loss, to_input(images), targets, amp_dtype)
+        return step
+    return step_with
 
 
 def main():
@@ -152,6 +152,8 @@ def main():
                                     f"pipeline.device={args.device}", f"model.channels_last={args.device == 'gpu'}",
                                     *args.overrides])
     device = resolve_device(args.device, announce=True)
+    # the batches training gets: on a GPU float16 for autocast (model.amp), as training.train asks for them
+    amp_dtype = autocast_dtype(device.kind == "gpu", cfg.model.amp, cfg.model.amp_dtype)
     shards = split_shards(shards_dir, "train")
     bs, n, rep, wu = args.batch_size, args.batches, args.repeats, args.warmup
     print(f"{shards.samples} images in {len(shards.tars)} shards; batch {bs}, {args.threads} threads/workers")
@@ -162,23 +164,27 @@ def main():
     ceiling.build()
     results = {"decode_ceiling": pipeline_rate(ceiling, device, bs, n, rep, wu)}
     del ceiling
-    results["dali_train_pipeline"] = pipeline_rate(build_train_pipeline(cfg, shards, 0, 1, bs, device),
+    results["dali_train_pipeline"] = pipeline_rate(build_train_pipeline(cfg, shards, 0, 1, bs, device,
+                                                                        amp_dtype=amp_dtype),
                                                    device, bs, n, rep, wu)
-    results["dali_train"] = rate(endless(train_loader(cfg, batch_size=bs, device=device, shards=shards)),
-                                 bs, n, rep, wu)
-    if output_dtype(cfg.pipeline.dtype, device) != "float32":  # for comparison: normalised in DALI
+    results["dali_train"] = rate(endless(train_loader(cfg, batch_size=bs, device=device, shards=shards,
+                                                      amp_dtype=amp_dtype)), bs, n, rep, wu)
+    if output_dtype(cfg.pipeline.dtype, device, amp_dtype) != "float32":  # for comparison: normalised in DALI
         f32 = cfg.with_overrides(["pipeline.dtype=float32"])
         results["dali_train_float32"] = rate(endless(train_loader(f32, batch_size=bs, device=device, shards=shards)),
                                              bs, n, rep, wu)
     results["baseline"] = rate(endless(baseline_loader(cfg, batch_size=bs, num_workers=args.threads,
                                                        shards=shards)), bs, n, rep, wu)
-    results["dali_eval"] = rate(endless(eval_loader(cfg, "train", batch_size=bs, device=device, shards=shards)),
-                                bs, n, rep, wu)
+    results["dali_eval"] = rate(endless(eval_loader(cfg, "train", batch_size=bs, device=device, shards=shards,
+                                                    amp_dtype=amp_dtype)), bs, n, rep, wu)
     if not args.skip_training:
-        step = training_step_fn(args.model, shards.num_classes, device.torch_device, cfg)
-        for name, loader in (("train_steps_dali", train_loader(cfg, batch_size=bs, device=device, shards=shards)),
-                             ("train_steps_baseline", baseline_loader(cfg, batch_size=bs, num_workers=args.threads,
-                                                                      shards=shards))):
+        step_with = training_step_fn(args.model, shards.num_classes, device, cfg, amp_dtype)
+        layout = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
+        for name, loader, step in (
+                ("train_steps_dali", train_loader(cfg, batch_size=bs, device=device, shards=shards, amp_dtype=amp_dtype),
+                 step_with(lambda x: prepare_input(x, cfg))),
+                ("train_steps_baseline", baseline_loader(cfg, batch_size=bs, num_workers=args.threads, shards=shards),
+                 step_with(lambda x: x.to(memory_format=layout)))):  # normalised float NCHW already
             r = rate(endless(loader), bs, args.train_batches, rep, 2, step=step)
             r["steps_per_s"] = round(r["images_per_s"] / bs, 3)
             results[name] = r
@@ -193,7 +199,8 @@ def main():
         results["ratios"]["train_steps_dali_vs_baseline"] = round(
             results["train_steps_dali"]["images_per_s"] / results["train_steps_baseline"]["images_per_s"], 2)
     results["setup"] = {"device": args.device, "batch_size": bs, "threads": args.threads, "images": shards.samples,
-                        "model": args.model, "dtype": output_dtype(cfg.pipeline.dtype, device), "channels_last": cfg.model.channels_last,
+                        "model": args.model, "dtype": output_dtype(cfg.pipeline.dtype, device, amp_dtype),
+                        "autocast": str(amp_dtype).removeprefix("torch.") if amp_dtype else None, "channels_last": cfg.model.channels_last,
                         "cpu_count": os.cpu_count(),
                         "gpu": torch.cuda.get_device_name(0) if device.kind == "gpu" else None}
 

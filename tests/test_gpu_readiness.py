@@ -107,3 +107,140 @@ def test_a_compiled_models_checkpoint_resumes_and_submits(built, kaggle, tmp_pat
     assert load_checkpoint(last)["epoch"] == 2
     summary = submit(load_config(cfg_path), 2, tmp_path / "a" / "train" / "checkpoints" / "best.pt")
     assert summary["predicted"] > 0
+
+
+def test_gpu_decoders_upsample_chroma_as_the_cpu_does_and_size_buffers_for_their_images(built, tmp_path, monkeypatch):
+    """nvJPEG's default chroma upsampling differs from libjpeg-turbo's (the CPU graphs, the shard builder); the
+    test images are full-size originals, the shards 256-px images: each decoder gets hints for its own."""
+    from nvidia.dali import fn
+    calls = []
+    for name in ("image", "image_crop", "image_random_crop"):
+        original = getattr(fn.decoders, name)
+        monkeypatch.setattr(fn.decoders, name, lambda *a, _f=original, _n=name, **kw: (calls.append((_n, kw)),
+                                                                                       _f(*a, **kw))[1])
+    cfg, _ = built
+    shards = split_shards(cfg.paths.shards, "train")
+    out = Output(56, "float16", True, (0.5,) * 3, (0.2,) * 3)
+    graphs = {
+        "train": lambda: train_pipeline(shards.tars, shards.indexes, out=out, augmentation="crop_flip",
+                                        initial_fill=16, **GPU),
+        "train rrc": lambda: train_pipeline(shards.tars, shards.indexes, out=out, augmentation="random_resized_crop",
+                                            initial_fill=16, **GPU),
+        "eval": lambda: eval_pipeline(shards.tars, shards.indexes, out=out, resize_shorter=64, tta="tencrop", **GPU),
+        "test images": lambda: image_file_pipeline([tmp_path / "a.jpg"], out=out, resize_shorter=64, tta="none",
+                                                   **GPU),
+    }
+    hints = {}
+    for name, define in graphs.items():
+        calls.clear()
+        define()
+        assert calls, name
+        for _, kw in calls:
+            assert kw["device"] == "mixed" and kw["jpeg_fancy_upsampling"] is True, name
+            hints[name] = (kw["preallocate_width_hint"], kw["device_memory_padding"])
+    assert hints["train"] == hints["eval"] == hints["train rrc"] == (512, 4 << 20)
+    assert hints["test images"][0] >= 2048 and hints["test images"][1] > hints["eval"][1]
+
+
+def test_a_scaler_state_saved_by_a_bf16_or_cpu_run_resumes_into_an_fp16_run(built, kaggle, tmp_path, monkeypatch):
+    """A disabled GradScaler saves {}; an enabled one refuses to load it (RuntimeError) unless resume skips it."""
+    cfg, _ = built
+    cfg_path = write_config(tmp_path / "c.yaml", kaggle[0], cfg.paths.shards, "train:\n  batch_size: 8\n",
+                            artifacts=tmp_path / "a")
+    train(load_config(cfg_path, ["train.epochs=1"]), "train")
+    last = tmp_path / "a" / "train" / "checkpoints" / "last.pt"
+    assert load_checkpoint(last, require=()).get("scaler") == {}
+    scaler = torch.amp.GradScaler
+    monkeypatch.setattr(torch.amp, "GradScaler", lambda device, enabled=True: scaler("cpu", enabled=True))
+    train(load_config(cfg_path, ["train.epochs=2"]), "train")  # an enabled scaler, as an fp16 run has
+    saved = load_checkpoint(last, require=())
+    assert saved["epoch"] == 2 and saved["scaler"]["scale"] > 0
+
+
+def test_dali_out_of_memory_is_an_error_of_the_run_not_a_bad_image():
+    from common.cli import describe
+    from inference.predict import DecodeFailed, guarded
+    message = ("Critical error in pipeline:\nError in MIXED operator `nvidia.dali.fn.decoders.image`, "
+               "which was used in the pipeline definition with the following traceback: ...\n"
+               "Can't allocate 805306368 bytes on device 0.")
+
+    def loader():
+        raise RuntimeError(message)
+    with pytest.raises(RuntimeError) as raised:
+        next(guarded(loader))
+    assert not isinstance(raised.value, DecodeFailed)
+    assert describe(raised.value, "predict.batch_size").startswith("out of GPU memory (Critical error in pipeline:")
+    with pytest.raises(DecodeFailed):  # the control: a decoding failure stays one
+        next(guarded(lambda: (_ for _ in ()).throw(RuntimeError("nvImageCodec failure: '#4'"))))
+
+
+def test_each_rank_resumes_its_own_random_state():
+    from model.checkpoint import rank_rng_state
+    saved = {"rng": "rank0", "rng_per_rank": ["rank0", "rank1", "rank2"], "world_size": 3}
+    assert [rank_rng_state(saved, r, 3) for r in range(3)] == ["rank0", "rank1", "rank2"]
+    assert rank_rng_state(saved, 1, 2) == "rank0"  # another world: rank 0's for all
+    assert rank_rng_state({"rng": "rank0", "world_size": 3}, 2, 3) == "rank0"  # older checkpoints
+
+
+def test_a_one_process_torchrun_run_sets_up_a_real_process_group(monkeypatch):
+    """torchrun with one process (one GPU) runs DDP and the collectives, as eight would."""
+    import socket
+    from training import distributed
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    assert not distributed.setup(PipeDevice("cpu", None)).active  # a plain run: no group
+    for k, v in dict(WORLD_SIZE="1", RANK="0", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)).items():
+        monkeypatch.setenv(k, v)
+    d = distributed.setup(PipeDevice("cpu", None))
+    try:
+        assert d.active and distributed.backend(d) == "gloo"
+        t = torch.ones(2)
+        distributed.all_reduce(d, t)
+        assert distributed.gather_objects(d, "x") == ["x"] and t.tolist() == [1, 1]
+    finally:
+        distributed.teardown(d)
+
+
+def test_submit_screens_the_images_before_the_model_goes_to_the_device(built, kaggle, tmp_path, monkeypatch):
+    """The screening forks worker processes: a CUDA context in the parent does not survive a fork."""
+    import inference.submit as submit_module
+    from model.network import create_model
+    from model.checkpoint import save_checkpoint
+    from common.vocab import Vocabulary
+    cfg, _ = built
+    vocab = Vocabulary.load(cfg.paths.shards)
+    ckpt = tmp_path / "m.pt"
+    save_checkpoint(ckpt, {"model": create_model("test_resnet", len(vocab)).state_dict(), "model_name": "test_resnet",
+                           "classes": vocab.codes})
+    order = []
+    for name in ("screen", "model_from_checkpoint"):
+        original = getattr(submit_module, name)
+        monkeypatch.setattr(submit_module, name, lambda *a, _f=original, _n=name, **kw: (order.append(_n),
+                                                                                         _f(*a, **kw))[1])
+    cfg_path = write_config(tmp_path / "c.yaml", kaggle[0], cfg.paths.shards, "submit:\n  max_fallback_fraction: 1\n",
+                            output=tmp_path / "out")
+    submit(load_config(cfg_path), 2, ckpt)
+    assert order == ["screen", "model_from_checkpoint"]
+
+
+def test_model_amp_dtype_chooses_the_autocast_dtype(monkeypatch):
+    from model.network import autocast_dtype
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **kw: True)
+    assert autocast_dtype(True, True, "auto") == torch.bfloat16
+    assert autocast_dtype(True, True, "float16") == torch.float16  # the GradScaler path, on any GPU
+    assert autocast_dtype(False, True, "float16") is None and autocast_dtype(True, False, "float16") is None
+
+
+def test_the_throughput_benchmark_times_trainings_own_step_with_its_autocast_dtype(monkeypatch):
+    import sys
+    import training.train
+    sys.path.insert(0, str(REPO / "scripts"))
+    import benchmark_throughput
+    seen = []
+    monkeypatch.setattr(training.train, "training_step",
+                        lambda net, opt, scaler, loss_fn, inputs, targets, amp: seen.append((inputs.dtype, amp)))
+    cfg = load_config(REPO / "config.yaml", ["model.channels_last=false"])
+    step = benchmark_throughput.training_step_fn("test_resnet", 5, PipeDevice("cpu", None), cfg, torch.bfloat16)
+    step(lambda x: x.half())((torch.zeros(2, 3, 8, 8), torch.zeros(2, 5)))
+    assert seen == [(torch.float16, torch.bfloat16)]

@@ -13,6 +13,7 @@ class Dist:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    group: bool = False  # a process group is set up (torchrun), even one of a single process
 
     @property
     def is_main(self) -> bool:
@@ -20,21 +21,27 @@ class Dist:
 
     @property
     def active(self) -> bool:
-        return self.world_size > 1
+        """DDP and the collectives run: under torchrun, whatever the number of processes, so that a one-GPU
+        torchrun run (``scripts/train.sh`` on one GPU, ``scripts/gpu_check.py``) exercises the same code as eight."""
+        return self.group
+
+
+def launched_by_torchrun() -> bool:
+    return "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ
 
 
 def setup(device) -> Dist:
-    """Join the process group torchrun describes in the environment; a plain run is rank 0 of 1."""
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
-    if world_size == 1:
+    """Join the process group torchrun describes in the environment; a plain run is rank 0 of 1, alone."""
+    if not launched_by_torchrun():
         return Dist()
+    world_size = int(os.environ["WORLD_SIZE"])
     on_gpu = device.kind == "gpu"
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if on_gpu:
         torch.cuda.set_device(device.device_id)  # not always local_rank: see dali_pipes.device.gpu_index
     if not dist.is_initialized():
         dist.init_process_group("nccl" if on_gpu else "gloo")
-    return Dist(dist.get_rank(), world_size, local_rank)
+    return Dist(dist.get_rank(), world_size, local_rank, group=True)
 
 
 def gather_objects(d: Dist, obj) -> list:
@@ -50,6 +57,18 @@ def all_reduce(d: Dist, tensor: torch.Tensor, op: str = "sum") -> None:
     """In place, over every rank (nothing without a process group)."""
     if d.active:
         dist.all_reduce(tensor, op={"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN}[op])
+
+
+def backend(d: Dist) -> str | None:
+    """The process group's backend (nccl, gloo), None without one."""
+    return dist.get_backend() if d.active else None
+
+
+def broadcast_buffers(d: Dist, model: torch.nn.Module) -> None:
+    """Rank 0's buffers (BatchNorm statistics) on every rank."""
+    if d.active:
+        for buffer in model.buffers():
+            dist.broadcast(buffer, src=0)
 
 
 def barrier(d: Dist) -> None:

@@ -32,8 +32,8 @@ from common.shard_format import SplitShards, read_manifest, split_shards
 from common.vocab import Vocabulary
 from dali_pipes.device import PipeDevice, resolve_device
 from dali_pipes.loader import eval_loader, prepare_input, train_loader
-from model.checkpoint import (FOR_RESUME, load_checkpoint, load_weights, save_checkpoint, set_rng_state,
-                              training_payload)
+from model.checkpoint import (FOR_RESUME, load_checkpoint, load_weights, rank_rng_state, restore_scaler,
+                              rng_state, save_checkpoint, set_rng_state, training_payload)
 from model.decision import best_global_threshold, choose_rule
 from model.metrics import global_average_precision
 from model.network import autocast_dtype, create_model
@@ -140,7 +140,8 @@ class CheckpointSaver:
     def save(self, state: TrainState, loader, metric: float | None = None, decision_rule: dict | None = None) -> bool:
         """Write ``last.pt`` (every rank takes part: each hands over its DALI state), and at an epoch's end
         ``best.pt`` too when ``metric`` beats every earlier epoch; True then."""
-        dali = distributed.gather_objects(self.d, loader.checkpoint())
+        # every rank's DALI state and random state: each resumes its own data and its own draws
+        dali, rngs = zip(*distributed.gather_objects(self.d, (loader.checkpoint(), rng_state())))
         improved = metric is not None and metric > state.best_metric
         if metric is not None:
             state.best_metric = max(state.best_metric, metric)
@@ -151,7 +152,8 @@ class CheckpointSaver:
             stage=self.stage.name, epoch=state.epoch, step=state.step, metric=metric,
             best_metric=state.best_metric, model_name=self.cfg.model.name, classes=self.classes,
             class_counts=self.class_counts, decision_rule=decision_rule, config=self.cfg.to_dict(),
-            epoch_progress=asdict(state.progress), dali=dali, world_size=self.d.world_size)
+            epoch_progress=asdict(state.progress), dali=list(dali), rng_per_rank=list(rngs),
+            world_size=self.d.world_size)
         save_checkpoint(self.last, payload)
         if improved:
             save_checkpoint(self.best, payload)
@@ -178,8 +180,8 @@ def resume_or_init(state: TrainState, saver: CheckpointSaver, cfg: Config, stage
         load_weights(state.model, saved)
         state.optimizer.load_state_dict(saved["optimizer"])
         state.scheduler.load_state_dict(saved["scheduler"])
-        state.scaler.load_state_dict(saved["scaler"])
-        set_rng_state(saved["rng"])
+        restore_scaler(state.scaler, saved["scaler"])
+        set_rng_state(rank_rng_state(saved, d.rank, d.world_size))
         state.epoch, state.step, state.best_metric = saved["epoch"], saved["step"], saved["best_metric"]
         state.progress = EpochProgress(**saved.get("epoch_progress") or {})
         where = f"epoch {state.epoch + 1}, step {state.progress.step}" if state.progress.step else \
@@ -279,6 +281,20 @@ class LossWatch:
         return total, count, (int(bad) + 1 if bad < self.NONE else None), value
 
 
+def training_step(net, optimizer, scaler, loss_fn, inputs, targets, amp_dtype) -> torch.Tensor:
+    """One optimiser step on one batch of model inputs (``prepare_input``'s), as training takes it: the
+    benchmarks and the GPU check time this very function. Returns the loss, still on the device (reading it
+    is a host sync)."""
+    with torch.autocast("cuda", dtype=amp_dtype, enabled=amp_dtype is not None):
+        logits = net(inputs)
+    loss = loss_fn(logits, targets)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    return loss
+
+
 def train_one_epoch(net, batches, loader, state: TrainState, stage: Stage, cfg: Config, device: PipeDevice,
                     d: distributed.Dist, amp_dtype, steps: int, metrics: MetricsLog, saver: CheckpointSaver) -> None:
     """The rest of the current epoch: from ``state.progress.step`` to ``steps``, with mid-epoch checkpoints."""
@@ -310,13 +326,8 @@ def train_one_epoch(net, batches, loader, state: TrainState, stage: Stage, cfg: 
             t_wait = time.perf_counter()
             images, targets = next(batches)
             progress.wait += time.perf_counter() - t_wait
-            with torch.autocast("cuda", dtype=amp_dtype, enabled=amp_dtype is not None):
-                logits = net(prepare_input(images, cfg))
-            loss = loss_fn(logits, targets)
-            state.optimizer.zero_grad(set_to_none=True)
-            state.scaler.scale(loss).backward()
-            state.scaler.step(state.optimizer)
-            state.scaler.update()
+            loss = training_step(net, state.optimizer, state.scaler, loss_fn, prepare_input(images, cfg), targets,
+                                 amp_dtype)
             progress.lr = state.optimizer.param_groups[0]["lr"]
             state.scheduler.step()  # per step: the warm-up and the decay are functions of the step
             watch.add(loss, progress.step)
@@ -359,9 +370,11 @@ def validate(model, stage: Stage, cfg: Config, device: PipeDevice, d: distribute
 
 
 def param_checksum(model: torch.nn.Module) -> float:
-    """A cheap fingerprint of the weights, to check that every rank holds the same model."""
+    """A cheap fingerprint of the weights and buffers (BatchNorm statistics), to check that every rank holds
+    the same model."""
     with torch.no_grad():
-        return float(sum(p.double().sum() * (i + 1) for i, p in enumerate(model.parameters())))
+        tensors = [t for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()]
+        return float(sum(t.double().sum() * (i + 1) for i, t in enumerate(tensors)))
 
 
 def log_epoch(record: dict, val: dict, stage: Stage, improved: bool) -> None:
@@ -388,7 +401,7 @@ def _run(cfg: Config, stage_name: str, init: str | None, device: PipeDevice, d: 
     stage = make_stage(cfg, stage_name, d)
     vocab = Vocabulary.load(cfg.paths.shards)
     counts = read_manifest(cfg.paths.shards).get("class_counts", {}).get("train")  # inference's fallback labels
-    amp_dtype = autocast_dtype(device.kind == "gpu", cfg.model.amp)
+    amp_dtype = autocast_dtype(device.kind == "gpu", cfg.model.amp, cfg.model.amp_dtype)
     make_loader = partial(train_loader, cfg, rank=d.rank, world_size=d.world_size, batch_size=cfg.train.batch_size,
                            device=device, shards=stage.fit, amp_dtype=amp_dtype)
     steps = steps_per_epoch(cfg, stage, d)
@@ -412,6 +425,9 @@ def _run(cfg: Config, stage_name: str, init: str | None, device: PipeDevice, d: 
         while state.epoch < stage.epochs:
             train_one_epoch(net, batches, loader, state, stage, cfg, device, d, amp_dtype, steps, metrics, saver)
             epoch, lr = state.progress, state.progress.lr
+            # each rank's last forward updated its BatchNorm statistics with its own batch: validate (and save)
+            # rank 0's on every rank, as DDP itself does at the start of each forward
+            distributed.broadcast_buffers(d, state.model)
             val = validate(state.model, stage, cfg, device, d, amp_dtype)
             checks = distributed.gather_objects(d, (param_checksum(state.model), epoch.seen))
             state.epoch += 1
@@ -419,7 +435,8 @@ def _run(cfg: Config, stage_name: str, init: str | None, device: PipeDevice, d: 
                       "lr": lr, "images_per_s": sum(c[1] for c in checks) / epoch.seconds,
                       "data_wait_share": epoch.wait / epoch.seconds,
                       **{k: v for k, v in val.items() if k != "decision_rule"},
-                      "rank_param_checksums": [c[0] for c in checks], "samples_per_rank": [c[1] for c in checks]}
+                      "rank_param_checksums": [c[0] for c in checks], "samples_per_rank": [c[1] for c in checks],
+                      "process_group": distributed.backend(d)}
             state.progress = EpochProgress()
             improved = saver.save(state, loader, val[stage.metric], val.get("decision_rule"))
             if d.is_main:
