@@ -8,10 +8,13 @@ and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import logging
+import os
 import re
 import sys
+from pathlib import Path
 
 from common.config import Config, load_config
 from common.errors import UserError, describe_os_error, is_out_of_memory
@@ -61,6 +64,17 @@ def describe(exc: BaseException, batch_keys: str) -> str | None:
     return None
 
 
+def report_error(message: str, code: int = 2) -> None:
+    """``error: <message>`` on stderr; under ``training.launch`` handed to the launcher instead, which prints
+    each rank's distinct message once."""
+    folder = os.environ.get("IIC_ERROR_DIR")
+    if folder and os.path.isdir(folder):
+        with contextlib.suppress(OSError):
+            Path(folder, f"rank{os.environ.get('RANK', 0)}.txt").write_text(f"{code}\n{message}")
+            return
+    log.error("%s", message)
+
+
 def command(main=None, *, batch_keys: str = "the batch size"):
     """Run ``main(argv)`` with logging set up; a fault that is not a bug becomes ``error: <one line>`` on
     stderr and exit code 2. ``batch_keys`` names the config keys that lower memory use, for the hint."""
@@ -77,7 +91,7 @@ def command(main=None, *, batch_keys: str = "the batch size"):
                 message = describe(exc, batch_keys)
                 if message is None:
                     raise
-                log.error("%s", message)
+                report_error(message)
                 sys.exit(2)
         return wrapper
     return decorate(main) if main is not None else decorate

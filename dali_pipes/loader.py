@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ from nvidia.dali.plugin.pytorch import DALIGenericIterator
 from common.config import Config
 from common.errors import UserError, is_out_of_memory
 from common.seeds import int_seed
+from common.threads import dali_threads
 from common.shard_format import SplitShards, decode_meta, split_shards
 from dali_pipes.device import PipeDevice, resolve_device
 from dali_pipes.pipelines import READER, Output, eval_pipeline, image_file_pipeline, train_pipeline
@@ -56,17 +56,16 @@ def output_dtype(choice: str, device: PipeDevice, amp_dtype: torch.dtype | None 
     return "float16" if amp_dtype is not None else "float32"
 
 
-def pipeline_threads(requested: int) -> int:
-    """DALI threads, at most one per core: each thread holds its own decoder buffers (pinned host memory
-    on the GPU path), so more threads than cores cost memory and gain nothing."""
-    return max(1, min(requested, os.cpu_count() or 1))
+def pipeline_threads(requested: int, on_gpu: bool) -> int:
+    """DALI's threads: ``pipeline.num_threads`` within the process's thread budget (``common.threads``)."""
+    return dali_threads(requested, on_gpu)
 
 
 def _pipe_args(cfg: Config, device: PipeDevice, batch_size: int, seed: int, amp_dtype=None) -> dict:
     p = cfg.pipeline
     out = Output(p.crop_size, output_dtype(p.dtype, device, amp_dtype), cfg.model.channels_last, tuple(p.mean),
                  tuple(p.std))
-    return dict(batch_size=batch_size, num_threads=pipeline_threads(p.num_threads), device_id=device.device_id,
+    return dict(batch_size=batch_size, num_threads=pipeline_threads(p.num_threads, device.kind == "gpu"), device_id=device.device_id,
                 prefetch_queue_depth=p.prefetch_queue_depth, seed=seed, on_gpu=device.kind == "gpu", out=out)
 
 
@@ -92,6 +91,28 @@ def prepare_input(images: torch.Tensor, cfg: Config) -> torch.Tensor:
     return images.movedim(-1, -3) if channels_last else images
 
 
+def check_data_settings(cfg: Config, shards: SplitShards, resizes: bool) -> None:
+    """The config's image settings against the shards' manifest, before any work: a crop larger than the image
+    makes DALI fail (or crash) mid-run. ``resizes``: the graph resizes to ``data.shortest_side`` (eval), else it
+    crops the shards' images as they are (train), which must then have the short side the config says."""
+    built, side, crop = shards.shortest_side, cfg.data.shortest_side, cfg.pipeline.crop_size
+    if not resizes and built != side:
+        raise UserError(f"the shards in {cfg.paths.shards} were built with data.shortest_side={built}, the config "
+                        f"says {side}: rebuild them with python -m preprocessing.build_shards (into another "
+                        f"paths.shards), or set data.shortest_side={built}")
+    if crop > side:
+        raise UserError(f"pipeline.crop_size={crop} does not fit in the images, whose short side is {side} "
+                        f"(data.shortest_side): lower pipeline.crop_size, or build shards with a larger "
+                        "data.shortest_side")
+
+
+def check_test_image_settings(cfg: Config) -> None:
+    """The test-image graph resizes to ``data.shortest_side`` and crops ``pipeline.crop_size``."""
+    if cfg.pipeline.crop_size > cfg.data.shortest_side:
+        raise UserError(f"pipeline.crop_size={cfg.pipeline.crop_size} does not fit in the test images, resized to "
+                        f"a short side of {cfg.data.shortest_side} (data.shortest_side): lower pipeline.crop_size")
+
+
 def eval_resize(cfg: Config, shards: SplitShards) -> int | None:
     """Shards already have the configured short side: then eval skips the resize and decodes only the crop."""
     return None if shards.shortest_side == cfg.data.shortest_side else cfg.data.shortest_side
@@ -103,6 +124,7 @@ class DaliLoader:
     iterator: DALIGenericIterator
     num_classes: int
     with_ids: bool
+    shards: SplitShards
     config_source: Path | None  # for the repair command in the error a damaged shard causes
 
     def __len__(self) -> int:
@@ -119,7 +141,7 @@ class DaliLoader:
             yield from self
 
     def __iter__(self):
-        with shard_errors(self.config_source):
+        with shard_errors(self.shards, self.config_source):
             for batch in self.iterator:
                 out = batch[0]
                 targets = multi_hot(out["labels"], self.num_classes)
@@ -130,34 +152,47 @@ class DaliLoader:
 
 
 class DamagedShard(UserError):
-    """A shard that DALI cannot read: one line naming it, its sample and the cure."""
+    """A shard that DALI cannot read: one line naming it (and its sample, where DALI names it) and the cure."""
 
 
 # DALI names the sample it failed on as "<tar path>:<offset>:<key>.<extension>"
 SAMPLE_SOURCE = re.compile(r"(\S+\.tar):\d+:(\S+?)\.\w+\b")
+# the line of DALI's message that says what went wrong (the rest is DALI's own traceback and C++ context)
+DALI_CAUSE = re.compile(r"^(?!Critical error|Error in |which was used|  File |    |encountered|C\+\+ context|"
+                        r"Current pipeline)\S.*", re.MULTILINE)
 
 
-def damaged_shard(exc: RuntimeError, config_source: Path | None) -> DamagedShard | None:
-    """The one-line error for a DALI failure on a shard's sample, or None when DALI failed for another reason."""
-    found = SAMPLE_SOURCE.search(str(exc))
-    if not found or is_out_of_memory(exc):  # a full GPU while decoding a sample is not the sample's fault
-        return None
-    why = "does not decode" if "decode" in str(exc) else "cannot be read"
+def describe_shards(shards: SplitShards) -> str:
+    names = [t.name for t in shards.tars]
+    listed = names[0] if len(names) == 1 else f"{len(names)} shards, {names[0]} to {names[-1]}"
+    return f"{listed} in {shards.tars[0].parent}"
+
+
+def damaged_shard(exc: RuntimeError, shards: SplitShards, config_source: Path | None) -> DamagedShard:
+    """The one-line error for a DALI failure while reading shards: the shard and sample where DALI names them,
+    else the shards being read; with DALI's own words and the repair command either way."""
+    text = str(exc)
     config = f" --config {config_source}" if config_source else ""
-    return DamagedShard(f"{found.group(1)}: sample {found.group(2)} {why} (a damaged shard); run "
-                        f"python -m preprocessing.verify{config} --repair, then the same command again")
+    cure = f"run python -m preprocessing.verify{config} --repair, then the same command again"
+    found = SAMPLE_SOURCE.search(text)
+    if found:
+        why = "does not decode" if "decode" in text else "cannot be read"
+        return DamagedShard(f"{found.group(1)}: sample {found.group(2)} {why} (a damaged shard); {cure}")
+    cause = DALI_CAUSE.search(text)
+    return DamagedShard(f"DALI could not read the shards ({describe_shards(shards)}): "
+                        f"{cause.group(0).strip() if cause else type(exc).__name__}; a shard may be damaged: {cure}")
 
 
 @contextlib.contextmanager
-def shard_errors(config_source: Path | None):
-    """A DALI failure on a damaged shard becomes a DamagedShard error; any other failure stays as it is."""
+def shard_errors(shards: SplitShards, config_source: Path | None):
+    """Any DALI failure while reading shards becomes one DamagedShard line; running out of memory (DALI's
+    words too) stays what it is, an error of the run."""
     try:
         yield
     except RuntimeError as exc:
-        error = damaged_shard(exc, config_source)
-        if error is None:
+        if is_out_of_memory(exc):
             raise
-        raise error from None
+        raise damaged_shard(exc, shards, config_source) from None
 
 
 def build_train_pipeline(cfg: Config, shards: SplitShards, rank: int, world_size: int, batch_size: int,
@@ -170,7 +205,8 @@ def build_train_pipeline(cfg: Config, shards: SplitShards, rank: int, world_size
                           initial_fill=cfg.pipeline.shuffle_buffer, shard_id=rank, num_shards=world_size,
                           reader_seed=seed, enable_checkpointing=True, checkpoint=checkpoint,
                           **_pipe_args(cfg, device, batch_size, seed, amp_dtype))
-    pipe.build()
+    with shard_errors(shards, cfg.source):  # building opens the shards and their indexes
+        pipe.build()
     return pipe
 
 
@@ -181,16 +217,17 @@ def train_loader(cfg: Config, split: str = "train", rank: int = 0, world_size: i
     """Shuffled, augmented batches; a fresh order every pass, the same orders for the same seed. Build it once
     per run: each pass (``iter()``) continues the same pipeline, and ``stream()`` runs across passes."""
     shards = shards or split_shards(cfg.paths.shards, split)
+    check_data_settings(cfg, shards, resizes=False)
     device = device or resolve_device(cfg.pipeline.device)
     batch_size = batch_size or cfg.train.batch_size
     if shards.samples // world_size < batch_size:  # DALI's count of whole batches per rank, equal on every rank
         raise UserError(f"the '{split}' data has {shards.samples} images for {world_size} process(es), fewer than "
                         f"one batch of {batch_size} each; lower train.batch_size")
     pipe = build_train_pipeline(cfg, shards, rank, world_size, batch_size, device, epoch, checkpoint, amp_dtype)
-    with shard_errors(cfg.source):  # DALI reads and decodes its first batches while the iterator is built
+    with shard_errors(shards, cfg.source):  # DALI reads and decodes its first batches while the iterator is built
         it = DALIGenericIterator(pipe, ["images", "labels"], reader_name=READER, auto_reset=True,
                                  last_batch_policy=LastBatchPolicy.DROP)
-    return DaliLoader(it, shards.num_classes, with_ids=False, config_source=cfg.source)
+    return DaliLoader(it, shards.num_classes, with_ids=False, shards=shards, config_source=cfg.source)
 
 
 def eval_loader(cfg: Config, split: str = "val", rank: int = 0, world_size: int = 1,
@@ -198,15 +235,16 @@ def eval_loader(cfg: Config, split: str = "val", rank: int = 0, world_size: int 
                 shards: SplitShards | None = None, amp_dtype=None) -> DaliLoader:
     """Every sample of this rank's part exactly once per pass, the last partial batch included."""
     shards = shards or split_shards(cfg.paths.shards, split)
+    check_data_settings(cfg, shards, resizes=True)
     device = device or resolve_device(cfg.pipeline.device)
     batch_size = batch_size or cfg.predict.batch_size
     pipe = eval_pipeline(shards.tars, shards.indexes, resize_shorter=eval_resize(cfg, shards), tta=tta,
                          shard_id=rank, num_shards=world_size, **_pipe_args(cfg, device, batch_size, 0, amp_dtype))
-    pipe.build()
-    with shard_errors(cfg.source):
+    with shard_errors(shards, cfg.source):
+        pipe.build()
         it = DALIGenericIterator(pipe, ["images", "labels", "meta"], reader_name=READER, auto_reset=True,
                                  last_batch_policy=LastBatchPolicy.PARTIAL)
-    return DaliLoader(it, shards.num_classes, with_ids=True, config_source=cfg.source)
+    return DaliLoader(it, shards.num_classes, with_ids=True, shards=shards, config_source=cfg.source)
 
 
 class ImageFileLoader:
@@ -214,6 +252,7 @@ class ImageFileLoader:
 
     def __init__(self, cfg: Config, files: list[Path], tta: str = "none", batch_size: int | None = None,
                  device: PipeDevice | None = None, rank: int = 0, world_size: int = 1, amp_dtype=None):
+        check_test_image_settings(cfg)
         device = device or resolve_device(cfg.pipeline.device)
         batch_size = batch_size or cfg.predict.batch_size
         pipe = image_file_pipeline(files, resize_shorter=cfg.data.shortest_side, tta=tta, shard_id=rank,

@@ -15,15 +15,15 @@ from pathlib import Path
 
 from common.cli import command
 from common.errors import UserError
+from common.paths import readable_file
 from model.metrics import f2_per_image
 
 log = logging.getLogger(__name__)
 
 
-def read_labels(path: Path) -> dict[str, list[str]]:
+def read_labels(path: Path, what: str = "file") -> dict[str, list[str]]:
     """image id -> label codes, from either layout."""
-    if not Path(path).is_file():
-        raise UserError(f"file not found: {path}")
+    readable_file(Path(path), what)
     out: dict[str, list[str]] = {}
     with open(path, newline="") as f:
         for n, row in enumerate(csv.reader(f), start=1):
@@ -42,14 +42,26 @@ def score(submission: dict[str, list[str]], solution: dict[str, list[str]]) -> t
     return float(f2.mean()) if ids else 0.0, sum(i not in submission for i in ids), [i for i in submission if i not in solution]
 
 
+def looks_swapped(submission: dict, solution: dict) -> bool:
+    """A submission lists every test image and a solution (tuning labels, a hold-out) some of them: a
+    "submission" whose images are a small part of the "solution"'s, all inside it, is the solution."""
+    return 0 < len(submission) <= len(solution) // 2 and set(submission) <= set(solution)
+
+
 @command
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m inference.score", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("submission", type=Path)
-    parser.add_argument("solution", type=Path)
+    parser.add_argument("submission", type=Path, help="the submission CSV (inference.submit's output)")
+    parser.add_argument("solution", type=Path, help="the labels to score against: a solution file, "
+                        "tuning_labels.csv, or the tune stage's hold-out (artifacts/tune/data/holdout_labels.csv)")
     args = parser.parse_args(argv)
-    value, missing, unknown = score(read_labels(args.submission), read_labels(args.solution))
+    submission, solution = read_labels(args.submission, "SUBMISSION"), read_labels(args.solution, "SOLUTION")
+    if looks_swapped(submission, solution):
+        raise UserError(f"{args.submission} (SUBMISSION) has {len(submission)} images, all of them among the "
+                        f"{len(solution)} of {args.solution} (SOLUTION): the two files look swapped; the "
+                        "submission comes first: python -m inference.score SUBMISSION SOLUTION")
+    value, missing, unknown = score(submission, solution)
     if missing:
         log.warning("%d images of the solution are not in the submission (scored 0)", missing)
     if unknown:

@@ -3,7 +3,7 @@
     python -m inference.submit --config config.yaml --stage 1|2 [--checkpoint CKPT] [--save-scores PATH]
 
 Reads ``stage_N_sample_submission.csv`` and ``stage_N_test_images/``, predicts every image
-with the checkpoint's model through the dali_pipes test-image pipeline (``submit.tta``:
+with the checkpoint's model through the dali_pipes test-image pipeline (``predict.tta``:
 none, flip or tencrop), applies top-k rescoring and the decision rule chosen by the tune
 stage (else the config's), and writes ``paths.output/submission_stageN.csv``: one row per
 row of the sample submission, in its order. An image that is missing or does not decode
@@ -26,7 +26,10 @@ from common.cli import command, config_from_args, config_parser
 from common.config import Config, require_file
 from common.errors import UserError
 from common.ids import image_path, is_plain_id
+from common.paths import readable_dir, readable_file, writable_dir, writable_file
+from common.threads import apply_thread_budget
 from dali_pipes.device import resolve_device
+from dali_pipes.loader import check_test_image_settings
 from inference.predict import predict_files, screen
 from model.checkpoint import load_checkpoint, model_from_checkpoint
 from model.decision import DecisionRule
@@ -69,14 +72,29 @@ def refuse_mostly_fallback(problems: dict[int, str], ids: list[str], max_fractio
                     "Nothing was written")
 
 
+def warn_if_trained_otherwise(cfg: Config, state: dict, checkpoint: Path) -> None:
+    """A model sees its images at the scale it was trained at: say so when this config's differs."""
+    trained = state.get("config") or {}
+    for section, key in (("data", "shortest_side"), ("pipeline", "crop_size")):
+        then, now = trained.get(section, {}).get(key), getattr(getattr(cfg, section), key)
+        if then is not None and then != now:
+            log.warning("%s was trained with %s.%s=%s, this config says %s: predictions may suffer", checkpoint,
+                        section, key, then, now)
+
+
 def submit(cfg: Config, stage: int, checkpoint: Path | None = None, save_scores: Path | None = None) -> dict:
-    comp = cfg.paths.competition_data
+    comp = readable_dir(cfg.paths.competition_data, "paths.competition_data")
+    out = writable_dir(cfg.paths.output, "paths.output")  # before the long work: it is written last
+    if save_scores:
+        writable_file(Path(save_scores), "--save-scores")
     ids = read_sample_ids(comp / f"stage_{stage}_sample_submission.csv")
     folder = comp / f"stage_{stage}_test_images"
     if not folder.is_dir():
         raise UserError(f"image folder not found: {folder}")
-    checkpoint = Path(checkpoint) if checkpoint else default_checkpoint(cfg)
+    check_test_image_settings(cfg)
+    checkpoint = readable_file(Path(checkpoint), "--checkpoint") if checkpoint else default_checkpoint(cfg)
     state = load_checkpoint(checkpoint)
+    warn_if_trained_otherwise(cfg, state, checkpoint)
     codes = state["classes"]
     rule = DecisionRule.from_dict(state["decision_rule"]) if state.get("decision_rule") else \
         DecisionRule.from_config(cfg)
@@ -96,6 +114,7 @@ def submit(cfg: Config, stage: int, checkpoint: Path | None = None, save_scores:
     good = [i for i in candidates if i not in problems]
     # the model goes to the GPU after the screening's worker processes are done: CUDA does not survive a fork
     device = resolve_device(cfg.pipeline.device, announce=True)
+    apply_thread_budget(cfg.pipeline.num_threads, device.kind == "gpu")
     model = model_from_checkpoint(state, cfg.model.channels_last).to(device.torch_device).eval()
     pred = predict_files(model, [files[i] for i in good], cfg, device,
                          autocast_dtype(device.kind == "gpu", cfg.model.amp, cfg.model.amp_dtype))
@@ -109,8 +128,6 @@ def submit(cfg: Config, stage: int, checkpoint: Path | None = None, save_scores:
     predicted_rows = [i for i in good if i not in problems]
     chosen = dict(zip(predicted_rows, rule.apply(indices[predicted_rows], scores[predicted_rows])))
     fallback = fallback_labels(state.get("class_counts"), max(1, rule.min_labels))
-    out = cfg.paths.output
-    out.mkdir(parents=True, exist_ok=True)
     rows = [(image_id, " ".join(codes[c] for c in chosen.get(i, fallback))) for i, image_id in enumerate(ids)]
     submission = out / f"submission_stage{stage}.csv"
     # the submission last: a write that fails before it (a full disk) leaves the earlier one as it was

@@ -35,6 +35,7 @@ from common.atomic import atomic_write_csv, atomic_write_text
 from common.cli import command, config_from_args, config_parser
 from common.config import Config, ConfigError, require_file
 from common.errors import UserError
+from common.paths import readable_dir, writable_dir
 from common.images import ImageProblem, read_image_file
 from common.log import progress
 from common.shard_format import (INDEX_GLOB, MANIFEST, SHARD_GLOB, SPLITS, ShardWriter, encode_sample,
@@ -88,7 +89,8 @@ class ShardJob:
 
 
 def data_files(cfg: Config) -> dict[str, Path]:
-    comp = cfg.paths.competition_data
+    comp = readable_dir(cfg.paths.competition_data, "paths.competition_data")
+    readable_dir(cfg.paths.original_images, "paths.original_images")
     files = {name: require_file(comp / name, "competition file") for name in (
         "classes-trainable.csv", "class-descriptions.csv", "train_human_labels.csv", "tuning_labels.csv")}
     for folder in (cfg.paths.original_images / "train", comp / "stage_1_test_images"):
@@ -342,8 +344,7 @@ def build_shards(cfg: Config, workers: int | None = None, restart: bool = False)
     """The whole job; returns the manifest. Safe to call again after a crash."""
     files = data_files(cfg)
     started = time.time()
-    out = cfg.paths.shards
-    out.mkdir(parents=True, exist_ok=True)
+    out = writable_dir(cfg.paths.shards, "paths.shards")
     plan = make_plan(cfg, files)
     report_malformed(plan.label_reports, files)
     manifest_path = out / MANIFEST

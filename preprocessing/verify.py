@@ -29,6 +29,7 @@ from PIL import Image
 from common.cli import command, config_from_args, config_parser
 from common.config import Config
 from common.errors import UserError
+from common.paths import readable_dir
 from common.log import progress
 from common.shard_format import (EXTENSIONS, SHARD_GLOB, ShardWriter, decode_labels, file_sha256, iter_samples,
                                  read_manifest, write_index)
@@ -193,6 +194,7 @@ def main(argv=None):
     if args.workers < 1:
         raise UserError("--workers must be at least 1")
     cfg = config_from_args(args)
+    readable_dir(cfg.paths.shards, "paths.shards")
     failing, folder_problems = verify_shards(cfg.paths.shards, args.workers)
     for p in folder_problems + [p for problems in failing.values() for p in problems]:
         log.info(p)

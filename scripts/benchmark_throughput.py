@@ -25,6 +25,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+# loaders measured alone, with DALI's threads equal to the baseline's workers: no thread budget (common.threads)
+# splitting the cores with a model that is not running
+os.environ.setdefault("IIC_THREAD_BUDGET", "off")
 
 import torch  # noqa: E402
 
@@ -145,7 +148,11 @@ def main():
     if args.threads is None:
         args.threads = min(os.cpu_count() or 1, 8) if args.device == "gpu" else os.cpu_count() or 1
 
-    work = Path(tempfile.mkdtemp(prefix="iic_bench_"))
+    with tempfile.TemporaryDirectory(prefix="iic_bench_") as work:  # generated shards: gone when it ends
+        measure(args, Path(work))
+
+
+def measure(args, work: Path) -> None:
     shards_dir = args.shards or make_shards(work, args.images)
     # channels-last where it pays (GPU tensor cores); on a CPU the layout the CPU figures were measured with
     cfg = load_config(args.config, [f"paths.shards={shards_dir}", f"pipeline.num_threads={args.threads}",

@@ -47,7 +47,7 @@ import sys
 import tempfile
 import time
 import traceback
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -496,7 +496,7 @@ def throughput(check: Check) -> dict:
     cfg = check.photo_config()
     shards = split_shards(check.photo_shards, "train")
     ceiling = decode_only_pipeline(shards.tars, shards.indexes, on_gpu=check.device.kind == "gpu", batch_size=bs,
-                                   num_threads=pipeline_threads(cfg.pipeline.num_threads),
+                                   num_threads=pipeline_threads(cfg.pipeline.num_threads, check.device.kind == "gpu"),
                                    device_id=check.device.device_id,
                                    prefetch_queue_depth=cfg.pipeline.prefetch_queue_depth)
     ceiling.build()

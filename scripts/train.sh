@@ -42,5 +42,8 @@ if ! printf '%s\n' "${torchrun_args[@]}" | grep -qE -- '--(rdzv|nnodes|master)';
   torchrun_args+=("--standalone")
 fi
 
-cd "$(dirname "$0")/.."
-exec torchrun "${torchrun_args[@]}" -m training.train "$@"
+# no cd: relative paths (--config ../mine.yaml) mean what they mean in the caller's folder
+repo="$(cd "$(dirname "$0")/.." && pwd)"
+export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
+# training.launch is torchrun that prints a user's error once, not once per rank plus torchrun's traceback
+exec python -m training.launch "${torchrun_args[@]}" -m training.train "$@"

@@ -26,12 +26,14 @@ from common.atomic import atomic_write_text
 from common.cli import command, config_from_args, config_parser
 from common.config import Config
 from common.errors import UserError, writing
+from common.paths import readable_dir, readable_file, writable_dir
 from common.log import progress as progress_bar
 from common.seeds import int_seed
+from common.threads import apply_thread_budget
 from common.shard_format import SplitShards, read_manifest, split_shards
 from common.vocab import Vocabulary
 from dali_pipes.device import PipeDevice, resolve_device
-from dali_pipes.loader import eval_loader, prepare_input, train_loader
+from dali_pipes.loader import check_data_settings, eval_loader, prepare_input, train_loader
 from model.checkpoint import (FOR_RESUME, load_checkpoint, load_weights, rank_rng_state, restore_scaler,
                               rng_state, save_checkpoint, set_rng_state, training_payload)
 from model.decision import best_global_threshold, choose_rule
@@ -162,7 +164,7 @@ class CheckpointSaver:
 
 def initial_weights(cfg: Config, stage: Stage, init: str | None) -> Path | None:
     if init:
-        return Path(init)
+        return readable_file(Path(init), "--init")
     if stage.name == "tune":
         path = cfg.paths.artifacts / "train" / "checkpoints" / "best.pt"
         if not path.is_file():
@@ -388,6 +390,7 @@ def log_epoch(record: dict, val: dict, stage: Stage, improved: bool) -> None:
 def train(cfg: Config, stage_name: str, init: str | None = None) -> dict:
     """Run (or resume) one stage to its last epoch; returns the last epoch's record."""
     device = resolve_device(cfg.pipeline.device, announce=True)
+    apply_thread_budget(cfg.pipeline.num_threads, device.kind == "gpu")
     d = distributed.setup(device)
     try:
         return _run(cfg, stage_name, init, device, d)
@@ -396,9 +399,16 @@ def train(cfg: Config, stage_name: str, init: str | None = None) -> dict:
 
 
 def _run(cfg: Config, stage_name: str, init: str | None, device: PipeDevice, d: distributed.Dist) -> dict:
+    readable_dir(cfg.paths.shards, "paths.shards")
+    if d.is_main:
+        writable_dir(cfg.paths.artifacts, "paths.artifacts")
+    if init:
+        readable_file(Path(init), "--init")
     if device.kind == "gpu":
         torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick its fastest kernels once
     stage = make_stage(cfg, stage_name, d)
+    check_data_settings(cfg, stage.fit, resizes=False)  # before the model is made: a wrong setting fails now
+    check_data_settings(cfg, stage.val, resizes=True)
     vocab = Vocabulary.load(cfg.paths.shards)
     counts = read_manifest(cfg.paths.shards).get("class_counts", {}).get("train")  # inference's fallback labels
     amp_dtype = autocast_dtype(device.kind == "gpu", cfg.model.amp, cfg.model.amp_dtype)

@@ -9,9 +9,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from common.seeds import rng
-from common.shard_format import ShardWriter, SplitShards, index_samples, iter_samples, split_shards
+from common.atomic import atomic_write_csv
+from common.shard_format import (ShardWriter, SplitShards, decode_labels, decode_meta, index_samples, iter_samples,
+                                 split_shards)
+from common.vocab import Vocabulary
 
 PARTS = ("fit", "holdout")
+HOLDOUT_LABELS = "holdout_labels.csv"
 
 
 def tune_parts(shards_dir: Path, out_dir: Path) -> tuple[SplitShards, SplitShards]:
@@ -37,4 +41,10 @@ def split_tune_shards(shards_dir: Path, out_dir: Path, holdout_fraction: float, 
         for i in picked:
             writer.add(samples[i])
         writer.close()
+    # the hold-out's labels in tuning_labels.csv's layout: stage-1 submissions are scored on these, not on the
+    # images the tune stage trained on
+    codes = Vocabulary.load(shards_dir).codes
+    atomic_write_csv(out_dir / HOLDOUT_LABELS, None,
+                     [(decode_meta(samples[i]["json"])["image_id"],
+                       " ".join(codes[c] for c in decode_labels(samples[i]["labels"]))) for i in sorted(order[:n_hold])])
     return tune_parts(shards_dir, out_dir)

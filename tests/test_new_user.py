@@ -1,0 +1,189 @@
+"""What a new user hit (issue 16): settings the data cannot satisfy, damaged shards DALI does not name, threads
+that fight, paths that cannot be used, many processes; each is one line and exit code 2, before any long work."""
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from common.config import RENAMED, load_config
+from common.threads import apply_thread_budget, thread_budget, usable_cores
+from inference.score import main as score_main
+from inference.submit import main as submit_main
+from model.checkpoint import save_checkpoint
+from model.network import create_model
+from preprocessing.build_shards import main as build_main
+from preprocessing.verify import main as verify_main
+from tests.fixtures import REPO, run_main, write_config
+from training.train import main as train_main
+
+FAST = "train:\n  batch_size: 8\n  epochs: 1\n"
+
+
+@pytest.fixture
+def cfg_path(built, kaggle, tmp_path):
+    cfg, _ = built
+    return write_config(tmp_path / "c.yaml", kaggle[0], cfg.paths.shards, FAST, artifacts=tmp_path / "artifacts",
+                        output=tmp_path / "out")
+
+
+def one_error(code, err) -> str:
+    errors = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(errors) == 1 and errors[0].startswith("error: "), (code, err[-2000:])
+    assert "Traceback" not in err
+    return errors[0]
+
+
+@pytest.mark.parametrize("sets, words", [
+    (["pipeline.crop_size=72"], "pipeline.crop_size=72 does not fit in the images, whose short side is 64"),
+    (["data.shortest_side=48"], "were built with data.shortest_side=64, the config says 48"),
+    (["data.shortest_side=96", "pipeline.crop_size=80"], "were built with data.shortest_side=64, the config says 96"),
+])
+def test_settings_the_shards_cannot_satisfy_stop_training_before_any_work(cfg_path, capsys, sets, words):
+    args = ["--config", str(cfg_path), "--stage", "train"] + [a for s in sets for a in ("--set", s)]
+    line = one_error(*run_main(train_main, args, capsys)[::2])
+    assert words in line
+    assert not (cfg_path.parent / "artifacts" / "train" / "checkpoints").exists()
+
+
+def test_a_crop_larger_than_the_test_images_stops_submit_before_screening(cfg_path, built, capsys, tmp_path):
+    cfg, _ = built
+    ckpt = tmp_path / "m.pt"
+    save_checkpoint(ckpt, {"model": create_model("test_resnet", 3).state_dict(), "model_name": "test_resnet",
+                           "classes": ["a", "b", "c"]})
+    code, out, err = run_main(submit_main, ["--config", str(cfg_path), "--stage", "2", "--checkpoint", str(ckpt),
+                                            "--set", "pipeline.crop_size=72"], capsys)
+    assert "does not fit in the test images" in one_error(code, err)
+    assert "checking images" not in out + err
+
+
+def damage_jpeg_header(tar_path: Path) -> None:
+    """200 random bytes over the start of the 3rd image: DALI's error then names no sample."""
+    with tarfile.open(tar_path) as tar:
+        images = [m for m in tar if m.name.endswith(".jpg")]
+        member = images[min(2, len(images) - 1)]
+    with open(tar_path, "r+b") as f:
+        f.seek(member.offset_data)
+        f.write(os.urandom(200))
+
+
+def test_a_damage_dali_does_not_locate_still_names_the_shards_and_the_cure(built_copy, kaggle, tmp_path, capsys):
+    shards, manifest = built_copy
+    cfg_path = write_config(tmp_path / "c.yaml", kaggle[0], shards, FAST, artifacts=tmp_path / "artifacts")
+    assert run_main(train_main, ["--config", str(cfg_path), "--stage", "train"], capsys)[0] == 0
+    last = tmp_path / "artifacts" / "train" / "checkpoints" / "last.pt"
+    before = last.read_bytes()
+    for tar in sorted(shards.glob("train-*.tar")):
+        damage_jpeg_header(tar)
+    code, _, err = run_main(train_main, ["--config", str(cfg_path), "--stage", "train", "--set", "train.epochs=2"],
+                            capsys)
+    line = one_error(code, err)
+    assert line.startswith("error: DALI could not read the shards (") and f"in {shards}" in line
+    assert f"python -m preprocessing.verify --config {cfg_path} --repair" in line
+    assert last.read_bytes() == before  # the last good checkpoint as it was
+
+
+def test_the_thread_budget_never_gives_the_libraries_more_threads_than_cores(monkeypatch):
+    assert thread_budget(4, on_gpu=False, cores=2) == thread_budget(1, on_gpu=False, cores=2)
+    for cores in (1, 2, 3, 8, 16):
+        b = thread_budget(4, on_gpu=False, cores=cores)
+        assert b.dali + b.torch == max(2, cores) and b.dali <= 4 and b.opencv == 1
+        g = thread_budget(4, on_gpu=True, cores=cores)
+        assert g.dali == max(1, min(4, cores - 1)) and g.dali + g.torch <= max(2, cores)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 4, 5})  # taskset / a container's limit
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two ranks on this machine share its cores
+    assert usable_cores() == 3
+    threads = torch.get_num_threads()
+    try:
+        assert apply_thread_budget(4, on_gpu=False).torch == torch.get_num_threads() == 2
+        monkeypatch.setenv("IIC_THREAD_BUDGET", "off")
+        assert apply_thread_budget(4, on_gpu=False) is None
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_an_output_folder_that_cannot_be_used_stops_submit_in_one_line(cfg_path, tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    ckpt = tmp_path / "m.pt"
+    save_checkpoint(ckpt, {"model": create_model("test_resnet", 3).state_dict(), "model_name": "test_resnet",
+                           "classes": ["a", "b", "c"]})
+    base = ["--config", str(cfg_path), "--stage", "2", "--checkpoint", str(ckpt)]
+    line = one_error(*run_main(submit_main, base + ["--set", f"paths.output={blocker}"], capsys)[::2])
+    assert line == f"error: paths.output {blocker} is a file; it must be a folder"
+    line = one_error(*run_main(submit_main, base + ["--set", f"paths.output={blocker}/sub"], capsys)[::2])
+    assert line == f"error: paths.output {blocker}/sub cannot be made: {blocker} is a file; it must be a folder"
+    line = one_error(*run_main(submit_main, ["--config", str(cfg_path), "--stage", "2", "--checkpoint",
+                                             str(tmp_path)], capsys)[::2])
+    assert line == f"error: --checkpoint {tmp_path} is a folder; it must be a file"
+    line = one_error(*run_main(submit_main, base + ["--save-scores", str(tmp_path)], capsys)[::2])
+    assert line == f"error: --save-scores {tmp_path} is a folder; it must be a file"
+
+
+def test_folders_that_cannot_be_used_stop_training_build_and_verify(cfg_path, tmp_path, tmpfs, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    line = one_error(*run_main(train_main, ["--config", str(cfg_path), "--stage", "train",
+                                            "--set", f"paths.artifacts={blocker}/run"], capsys)[::2])
+    assert line == f"error: paths.artifacts {blocker}/run cannot be made: {blocker} is a file; it must be a folder"
+    line = one_error(*run_main(train_main, ["--config", str(cfg_path), "--stage", "train",
+                                            "--set", f"paths.shards={blocker}"], capsys)[::2])
+    assert line == f"error: paths.shards {blocker} is a file; it must be a folder"
+    line = one_error(*run_main(verify_main, ["--config", str(cfg_path), "--set", f"paths.shards={tmp_path}/none"],
+                               capsys)[::2])
+    assert line == f"error: paths.shards {tmp_path}/none does not exist"
+    read_only = tmpfs("1M", read_only=True)
+    line = one_error(*run_main(build_main, ["--config", str(cfg_path), "--set", f"paths.shards={read_only}/s"],
+                               capsys)[::2])
+    assert line == f"error: paths.shards {read_only}/s cannot be created: the file system is read-only"
+    line = one_error(*run_main(train_main, ["--config", str(cfg_path), "--stage", "tune", "--init",
+                                            str(tmp_path / "missing.pt")], capsys)[::2])
+    assert line == f"error: --init {tmp_path / 'missing.pt'} does not exist"
+
+
+def test_under_train_sh_an_error_is_one_line_once_and_relative_paths_are_the_callers(cfg_path, tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    r = subprocess.run(["bash", str(REPO / "scripts" / "train.sh"), "--nproc-per-node", "2", "--",
+                        "--config", os.path.relpath(cfg_path, elsewhere), "--stage", "train",
+                        "--set", "train.epocs=1"], cwd=elsewhere, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"})
+    assert r.returncode == 2
+    assert r.stderr.strip() == "error: unknown config key 'train.epocs' in --set"  # found the config, one line
+
+
+def test_scoring_with_the_files_swapped_is_refused(tmp_path, capsys):
+    submission = tmp_path / "submission.csv"
+    submission.write_text("image_id,labels\n" + "".join(f"img{i},/m/a /m/b\n" for i in range(10)))
+    holdout = tmp_path / "holdout.csv"
+    holdout.write_text("img1,/m/a\nimg2,/m/b\n")
+    assert run_main(score_main, [str(submission), str(holdout)], capsys)[0] == 0
+    line = one_error(*run_main(score_main, [str(holdout), str(submission)], capsys)[::2])
+    assert "look swapped" in line and "python -m inference.score SUBMISSION SOLUTION" in line
+
+
+def test_the_tune_stage_writes_its_hold_out_labels_to_score_on(built, kaggle, tmp_path):
+    from common.shard_format import decode_meta, iter_samples
+    from training.train import train
+    cfg, _ = built
+    path = write_config(tmp_path / "c.yaml", kaggle[0], cfg.paths.shards, FAST + "tune:\n  epochs: 1\n",
+                        artifacts=tmp_path / "a")
+    train(load_config(path), "train")
+    train(load_config(path), "tune")
+    data = tmp_path / "a" / "tune" / "data"
+    rows = [line.split(",") for line in (data / "holdout_labels.csv").read_text().splitlines()]
+    held = {decode_meta(f["json"])["image_id"] for _, f in iter_samples(data / "holdout-000000.tar")}
+    fit = {decode_meta(f["json"])["image_id"] for _, f in iter_samples(data / "fit-000000.tar")}
+    assert {r[0] for r in rows} == held and not held & fit and all(r[1].strip() for r in rows)
+
+
+@pytest.mark.parametrize("module", ["training.train", "inference.submit", "inference.score", "preprocessing.verify",
+                                    "preprocessing.build_shards", "demo.data"])
+def test_no_help_text_names_a_moved_key(module, capsys):
+    main = __import__(module, fromlist=["main"]).main
+    code, out, _ = run_main(main, ["--help"], capsys)
+    assert code == 0 and out
+    assert not [old for old in RENAMED if old in out]

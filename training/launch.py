@@ -1,0 +1,61 @@
+"""torchrun, for scripts/train.sh: the same options and processes, but a user's error is one line, once.
+
+    python -m training.launch [torchrun options] -m training.train [training options]
+
+Under plain torchrun a mistyped config key prints its one-line error once per rank, then ~40 lines of
+torchrun's ChildFailedError. Here every rank hands its one-line error to this process (a file per rank in a
+folder named by ``IIC_ERROR_DIR``; ``common.cli.command`` writes it instead of printing), and when the run
+fails this process prints each distinct message once and exits with the ranks' exit code. A rank that
+crashed without such a message (a bug) keeps torchrun's full report.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+ERROR_DIR = "IIC_ERROR_DIR"
+
+
+def collected_errors(folder: Path) -> list[tuple[int, str]]:
+    """(exit code, message) per rank that reported one, in rank order, each message once."""
+    seen, out = set(), []
+    for path in sorted(folder.glob("rank*.txt"), key=lambda p: int(p.stem[4:])):
+        code, _, message = path.read_text().partition("\n")
+        if message not in seen:
+            seen.add(message)
+            out.append((int(code), message))
+    return out
+
+
+def main(argv=None) -> int:
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+    args = get_args_parser().parse_args(argv)
+    # the thread budget (common.threads) sets each rank's threads; without this torchrun warns that it sets 1
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    # torchrun's own log lines ("failed (exitcode: 2) local_rank: 0 ...", "sending SIGTERM to ..."): a rank's
+    # error says it better, and a crash's report is in the ChildFailedError re-raised below
+    for name in list(logging.root.manager.loggerDict):
+        if name.startswith("torch.distributed"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+    with tempfile.TemporaryDirectory(prefix="iic_launch_") as folder:
+        os.environ[ERROR_DIR] = folder
+        try:
+            run(args)
+        except ChildFailedError:
+            errors = collected_errors(Path(folder))
+            if not errors:
+                raise  # no rank said why: a crash, whose report torchrun's error holds
+            for _, message in errors:
+                print(f"error: {message}", file=sys.stderr)
+            return errors[0][0]
+        except KeyboardInterrupt:
+            return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
