@@ -90,9 +90,9 @@ class ShardJob:
 
 def data_files(cfg: Config) -> dict[str, Path]:
     comp = readable_dir(cfg.paths.competition_data, "paths.competition_data")
-    readable_dir(cfg.paths.original_images, "paths.original_images")
     files = {name: require_file(comp / name, "competition file") for name in (
         "classes-trainable.csv", "class-descriptions.csv", "train_human_labels.csv", "tuning_labels.csv")}
+    readable_dir(cfg.paths.original_images, "paths.original_images")
     for folder in (cfg.paths.original_images / "train", comp / "stage_1_test_images"):
         if not folder.is_dir():
             raise ConfigError(f"image folder not found: {folder}")

@@ -25,9 +25,6 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-# loaders measured alone, with DALI's threads equal to the baseline's workers: no thread budget (common.threads)
-# splitting the cores with a model that is not running
-os.environ.setdefault("IIC_THREAD_BUDGET", "off")
 
 import torch  # noqa: E402
 
@@ -94,14 +91,15 @@ def pipeline_rate(pipe, device, batch_size, n, repeats, warmup) -> dict:
     return rate(batches(), batch_size, n, repeats, warmup)
 
 
-def make_shards(work: Path, images: int) -> Path:
+def make_shards(work: Path, images: int, overrides: list[str] = ()) -> Path:
+    """Shards of ``images`` photographs under ``work``, built with config.yaml's data settings and ``overrides``."""
     from demo.photos import write_photo_dataset
     from preprocessing.build_shards import build_shards
     layout = write_photo_dataset(work / "data", images)
     cfg = load_config(REPO / "config.yaml", [f"paths.original_images={layout.original_images}",
                                              f"paths.competition_data={layout.competition_data}",
                                              f"paths.shards={work / 'shards'}", "data.shard_max_samples=250",
-                                             "data.val_fraction=0.1"])
+                                             "data.val_fraction=0.1", *overrides])
     build_shards(cfg)
     return work / "shards"
 
@@ -148,12 +146,15 @@ def main():
     if args.threads is None:
         args.threads = min(os.cpu_count() or 1, 8) if args.device == "gpu" else os.cpu_count() or 1
 
+    # loaders measured alone, with DALI's threads equal to the baseline's workers: no thread budget
+    # (common.threads) splitting the cores with a model that is not running
+    os.environ.setdefault("IIC_THREAD_BUDGET", "off")
     with tempfile.TemporaryDirectory(prefix="iic_bench_") as work:  # generated shards: gone when it ends
         measure(args, Path(work))
 
 
 def measure(args, work: Path) -> None:
-    shards_dir = args.shards or make_shards(work, args.images)
+    shards_dir = args.shards or make_shards(work, args.images, [o for o in args.overrides if o.startswith("data.")])
     # channels-last where it pays (GPU tensor cores); on a CPU the layout the CPU figures were measured with
     cfg = load_config(args.config, [f"paths.shards={shards_dir}", f"pipeline.num_threads={args.threads}",
                                     f"pipeline.device={args.device}", f"model.channels_last={args.device == 'gpu'}",

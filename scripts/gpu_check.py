@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import os
 import platform
@@ -209,6 +210,7 @@ class Profile:
     max_wait_share: float
     resume_floor: float  # the resume tolerance's floor (relative L2)
     gap_margin: float  # the commands part's GAP must beat the best image-blind predictor by this much
+    max_spread: float | None  # a timed figure's windows may differ by this factor at most (None: not gated)
     quick: bool = False
 
 
@@ -216,13 +218,14 @@ class Profile:
 # pixels, 0.03 in the mean, 15 levels at the 99.9th percentile of the worst batch
 GPU = Profile(rehearsal=False, device="gpu", model="seresnet101", batch_size=128, photos=2000, test_images=64,
               demo_train=1200, window_s=2.0, windows=3, parity_mean=0.03, parity_p999=0.25, max_wait_share=0.05,
-              resume_floor=1e-4, gap_margin=0.05)
+              resume_floor=1e-4, gap_margin=0.05, max_spread=1.25)
 # on the CPU both sides decode with libjpeg-turbo: the only difference is float16 rounding (half a step at 2.6,
 # 0.001); the CPU's cores are shared by DALI's threads and the model's, so a fed step waits for data more
 REHEARSAL = Profile(rehearsal=True, device="cpu", model="test_resnet", batch_size=32, photos=600, test_images=24,
                     demo_train=600, window_s=2.0, windows=3, parity_mean=0.002, parity_p999=0.005,
-                    max_wait_share=0.15, resume_floor=0.0, gap_margin=0.05)
-QUICK = replace(REHEARSAL, photos=200, test_images=8, demo_train=240, window_s=0.5, quick=True)
+                    max_wait_share=0.15, resume_floor=0.0, gap_margin=0.05, max_spread=1.5)
+# the test suite's form: the parts' wiring and their gates, on windows too short to gate their spread
+QUICK = replace(REHEARSAL, photos=200, test_images=8, demo_train=240, window_s=0.5, max_spread=None, quick=True)
 
 
 # ----------------------------------------------------------------------------------------------- timing
@@ -232,33 +235,59 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
-def timed_windows(batches: Iterator, batch_size: int, profile: Profile, step: Callable | None = None) -> dict:
-    """images/s over ``profile.windows`` windows of at least ``profile.window_s`` each: the batches per window are
-    sized from a warm-up, and a window that ends too soon is run again longer, so that no figure comes from a
-    fraction of a second of a shared machine. The device is synchronised at each window's end only."""
-    def run(n: int) -> float:
-        start = time.perf_counter()
-        for _ in range(n):
-            batch = next(batches)
-            if step:
-                step(batch)
-        sync()
-        return time.perf_counter() - start
-
-    run(2)  # warm-up: buffers, cuDNN's choice of kernels
-    per_batch = max(run(1), 1e-4)
-    n = max(1, math.ceil(profile.window_s / per_batch))
-    rates, seconds = [], []
-    while len(rates) < profile.windows:
-        took = run(n)
-        if took < profile.window_s:
-            n = math.ceil(n * profile.window_s / took * 1.1)
-            continue
-        rates.append(n * batch_size / took)
-        seconds.append(took)
+def _summary(rates: list[float], seconds: list[float], n: int) -> dict:
     return {"images_per_s": round(statistics.median(rates), 1), "min": round(min(rates), 1),
-            "max": round(max(rates), 1), "windows": len(rates), "batches_per_window": n,
-            "shortest_window_s": round(min(seconds), 2)}
+            "max": round(max(rates), 1), "spread": round(max(rates) / min(rates), 3), "windows": len(rates),
+            "batches_per_window": n, "shortest_window_s": round(min(seconds), 2)}
+
+
+def interleaved(streams: dict[str, tuple[Iterator, Callable | None]], batch_size: int, profile: Profile) -> dict:
+    """images/s of each stream (batches, and a step to run on each, or None) over ``profile.windows`` windows of at
+    least ``profile.window_s``, taken in turn (A, B, A, B, ...) so that drift on a shared machine hits every stream
+    alike; ``ratios[a][b]`` is the median over rounds of a's rate over b's. Batches per window are sized from a
+    warm-up, and a window that ends too soon is run again longer. The device is synchronised at a window's end."""
+    def runner(batches, step):
+        def run(n: int) -> float:
+            start = time.perf_counter()
+            for _ in range(n):
+                batch = next(batches)
+                if step:
+                    step(batch)
+            sync()
+            return time.perf_counter() - start
+        return run
+
+    runs, sizes = {}, {}
+    for name, (batches, step) in streams.items():
+        runs[name] = runner(batches, step)
+        runs[name](2)  # warm-up: buffers, cuDNN's choice of kernels
+        sizes[name] = max(1, math.ceil(profile.window_s / max(runs[name](1), 1e-4)))
+    rates = {name: [] for name in streams}
+    seconds = {name: [] for name in streams}
+    for _ in range(profile.windows):
+        for name, run in runs.items():
+            took = run(sizes[name])
+            while took < profile.window_s:
+                sizes[name] = math.ceil(sizes[name] * profile.window_s / took * 1.1)
+                took = run(sizes[name])
+            rates[name].append(sizes[name] * batch_size / took)
+            seconds[name].append(took)
+    out = {name: _summary(rates[name], seconds[name], sizes[name]) for name in streams}
+    out["ratios"] = {a: {b: statistics.median(x / y for x, y in zip(rates[a], rates[b])) for b in streams if b != a}
+                     for a in streams}
+    return out
+
+
+def timed_windows(batches: Iterator, batch_size: int, profile: Profile, step: Callable | None = None) -> dict:
+    """One stream's images/s (see ``interleaved``)."""
+    return interleaved({"it": (batches, step)}, batch_size, profile)["it"]
+
+
+def steady(name: str, figure: dict, profile: Profile) -> list[Gate]:
+    """A figure whose windows disagree this much was taken on a busy machine: say so rather than trust it."""
+    if profile.max_spread is None:
+        return []
+    return [at_most(f"{name}: window spread (max / min images/s)", figure["spread"], profile.max_spread)]
 
 
 def gpu_memory() -> dict:
@@ -408,11 +437,10 @@ class Check:
         images, targets = next(stream)
         kept = (images.clone(), targets.clone())
 
-        def same_batch():
+        def one_batch():
             while True:
                 yield kept
-        synthetic = timed_windows(same_batch(), self.profile.batch_size, self.profile, step)
-        return {"step": step, "stream": stream, "synthetic": synthetic}
+        return {"step": step, "stream": stream, "one_batch": one_batch()}
 
 
 def part_result(gates: list[Gate], **figures) -> dict:
@@ -512,25 +540,32 @@ def throughput(check: Check) -> dict:
     else:
         figures["decode_ceiling"] = timed_windows(runs(ceiling), bs, p)
     del ceiling
-    train = train_loader(cfg, batch_size=bs, device=check.device, shards=shards, amp_dtype=check.amp_dtype)
-    figures["train_loader"] = timed_windows(train.stream(), bs, p)
-    del train
     figures["eval_loader"] = timed_windows(eval_loader(cfg, "train", batch_size=bs, device=check.device,
                                                        shards=shards, amp_dtype=check.amp_dtype).stream(), bs, p)
-    figures["model_training_steps"] = check.steps["synthetic"]
-    gates = [loader_keeps_up(figures["train_loader"]["images_per_s"], check.steps["synthetic"]["images_per_s"])]
+    # the loader against the model's own steps on one batch kept on the device, windows in turn
+    train = train_loader(cfg, batch_size=bs, device=check.device, shards=shards, amp_dtype=check.amp_dtype)
+    steps = check.steps
+    both = interleaved({"train_loader": (train.stream(), None),
+                        "model_training_steps": (steps["one_batch"], steps["step"])}, bs, p)
+    figures.update(train_loader=both["train_loader"], model_training_steps=both["model_training_steps"])
+    gates = [loader_keeps_up(both["ratios"]["train_loader"]["model_training_steps"], 1.0)]
+    for name in ("decode_ceiling", "eval_loader", "train_loader", "model_training_steps"):
+        gates += steady(name, figures[name], p)
     return part_result(gates, model=p.model, batch_size=bs, **figures)
 
 
 def training_steps(check: Check) -> dict:
-    steps = check.steps
-    fed = timed_windows(steps["stream"], check.profile.batch_size, check.profile, steps["step"])
-    synthetic = steps["synthetic"]
-    share = data_wait_share(fed["images_per_s"], synthetic["images_per_s"])
-    return part_result([data_wait(fed["images_per_s"], synthetic["images_per_s"], check.profile.max_wait_share)],
-                       model=check.profile.model, batch_size=check.profile.batch_size,
+    """The model's steps fed by the DALI train loader against the same steps on one batch kept on the device,
+    windows in turn; the waiting share is 1 - the median of the paired ratios."""
+    steps, p = check.steps, check.profile
+    both = interleaved({"dali_fed": (steps["stream"], steps["step"]),
+                        "one_batch_on_device": (steps["one_batch"], steps["step"])}, p.batch_size, p)
+    share = data_wait_share(both["ratios"]["dali_fed"]["one_batch_on_device"], 1.0)
+    gates = [data_wait(both["ratios"]["dali_fed"]["one_batch_on_device"], 1.0, p.max_wait_share),
+             *steady("dali_fed", both["dali_fed"], p), *steady("one_batch_on_device", both["one_batch_on_device"], p)]
+    return part_result(gates, model=p.model, batch_size=p.batch_size,
                        autocast=str(check.amp_dtype).removeprefix("torch.") if check.amp_dtype else None,
-                       channels_last=True, dali_fed=fed, one_batch_on_device=synthetic,
+                       channels_last=True, dali_fed=both["dali_fed"], one_batch_on_device=both["one_batch_on_device"],
                        data_wait_share=round(share, 4), memory=gpu_memory())
 
 
@@ -574,9 +609,9 @@ def ddp(check: Check) -> dict:
         tag = f"epoch {e['epoch']}"
         gates += [equal(f"{tag}: process group", e.get("process_group"), backend),
                   equal(f"{tag}: processes", len(e["rank_param_checksums"]), n),
-                  equal(f"{tag}: ranks hold the same weights and BatchNorm statistics",
+                  equal(f"{tag}: distinct weight-and-BatchNorm checksums over the ranks",
                         len(set(e["rank_param_checksums"])), 1),
-                  equal(f"{tag}: every rank trained on as many images", len(set(e["samples_per_rank"])), 1),
+                  equal(f"{tag}: distinct image counts trained on over the ranks", len(set(e["samples_per_rank"])), 1),
                   equal(f"{tag}: validation images gathered from every rank", e["val_images"], val),
                   equal(f"{tag}: loss finite", math.isfinite(e["loss"]), True)]
     return part_result(gates, processes=n, backend=backend,
@@ -632,8 +667,8 @@ def resume(check: Check) -> dict:
     killed_at = load_checkpoint(last) if last.exists() else {}
     step_in_epoch = (killed_at.get("epoch_progress") or {}).get("step", 0)
     r = run_child(check, runs["killed"], "resume_resumed")
-    gates = [equal("killed after a mid-epoch checkpoint (epoch, step > 0)",
-                   (killed_at.get("epoch"), step_in_epoch > 0), (0, True)),
+    gates = [equal("killed run: finished epochs in its last.pt", killed_at.get("epoch"), 0),
+             at_least("killed run: steps into the epoch in its last.pt (a mid-epoch checkpoint)", step_in_epoch, 1),
              equal("resumed run: exit code", r.returncode, 0),
              equal("resumed run says where it resumed", "resuming train" in r.stdout + r.stderr, True)]
     if r.returncode:
@@ -767,7 +802,9 @@ def parse_args(argv):
     parser.add_argument("--work", type=Path, help="keep the data and logs here (default: a temporary folder, "
                                                   "removed at the end)")
     args = parser.parse_args(argv)
-    args.parts = PARTS if not args.only else tuple(p.strip() for p in args.only.split(",") if p.strip())
+    args.parts = PARTS if args.only is None else tuple(p.strip() for p in args.only.split(",") if p.strip())
+    if not args.parts:
+        parser.error(f"--only names no part; the parts are {', '.join(PARTS)}")
     unknown = [p for p in args.parts if p not in PARTS]
     if unknown:
         parser.error(f"unknown part(s) {', '.join(unknown)}; the parts are {', '.join(PARTS)}")
@@ -787,12 +824,22 @@ def main(argv=None) -> int:
               f"(torch {torch.__version__}, CUDA build {torch.version.cuda}); "
               "--rehearse runs the same parts on the CPU", file=sys.stderr)
         return 2
+    from common.errors import UserError
     from common.log import setup_logging
-    setup_logging()
+    from common.paths import writable_dir, writable_file
+    try:
+        writable_file(args.json, "--json")  # now, not after the first part has run
+        if args.work:
+            writable_dir(args.work, "--work")
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(logging.WARNING)  # the parts' own progress bars and notes would bury the report's lines
     apply_fault(args.fault)
     profile = (QUICK if args.quick else REHEARSAL) if args.rehearse else GPU
     work = args.work or Path(tempfile.mkdtemp(prefix="iic_gpu_check_"))
-    work.mkdir(parents=True, exist_ok=True)
+    print(f"data and logs in {work}" + ("" if args.work else " (removed at the end; --work DIR keeps them)"),
+          flush=True)
     check = Check(profile, work, args.fault)
     report = {"passed": False, "rehearsal": profile.rehearsal, "quick": profile.quick, "fault": args.fault,
               "date": time.strftime("%Y-%m-%d %H:%M"), "device": device_description(check),
