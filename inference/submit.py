@@ -14,6 +14,7 @@ A run that fails for any reason leaves an earlier submission as it was.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections import Counter
 from pathlib import Path
@@ -61,8 +62,9 @@ def fallback_labels(counts: list[int] | None, n: int) -> list[int]:
 
 
 def refuse_mostly_fallback(problems: dict[int, str], ids: list[str], max_fraction: float, folder: Path) -> None:
-    """A submission made mostly of fallback labels is not one: stop before anything is written."""
-    if len(problems) <= max_fraction * len(ids):
+    """A submission made mostly of fallback labels is not one: stop before anything is written. Exactly the
+    fraction is allowed (counted in whole images: 0.29 x 100 is 28.999999999999996 in floating point)."""
+    if len(problems) <= math.floor(max_fraction * len(ids) + 1e-9):
         return
     reasons = Counter(problems.values()).most_common(3)
     examples = ", ".join(f"{ids[i]}: {problems[i]}" for i in sorted(problems)[:3])

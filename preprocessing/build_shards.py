@@ -212,8 +212,20 @@ def read_records(out: Path, fingerprint: str, restart: bool) -> dict[tuple[str, 
         if record.get("fingerprint") != fingerprint:
             raise UserError(f"{out} holds an unfinished build with other settings or input; "
                             "run again with --restart to discard it")
+        if not shard_files_intact(out, record.get("shard")):
+            log.warning("%s: its shard is missing or not the size recorded; building it again", path.name)
+            path.unlink()
+            continue
         records[(record["split"], record["number"])] = record
     return records
+
+
+def shard_files_intact(out: Path, shard: dict | None) -> bool:
+    """A finished shard's tar (of the recorded size) and index are there (an empty shard has none)."""
+    if not shard:
+        return True
+    tar, idx = out / shard["name"], out / shard["index"]
+    return tar.is_file() and tar.stat().st_size == shard["bytes"] and idx.is_file()
 
 
 def prepared_samples(cfg: Config, plan: Plan, split: SplitPlan, start: int, end: int, pool=None):
@@ -351,6 +363,8 @@ def build_shards(cfg: Config, workers: int | None = None, restart: bool = False)
     if manifest_path.exists() and not restart:
         manifest = read_manifest(out)
         if manifest.get("fingerprint") == plan.fingerprint:
+            # a run killed between writing the manifest and removing its records leaves them behind
+            shutil.rmtree(out / RECORDS, ignore_errors=True)
             log.info("%s is already complete and up to date", out)
             return manifest
         raise UserError(f"{out} holds shards built from other settings or input; "
@@ -366,7 +380,13 @@ def build_shards(cfg: Config, workers: int | None = None, restart: bool = False)
     todo = [(s, number, end - start) for s in plan.splits for number, (start, end) in enumerate(shard_bounds(cfg, s))
             if (s.name, number) not in done]
     jobs = (job for split in plan.splits for job in shard_jobs(cfg, plan, split, set(done)))
-    workers = min(workers or os.cpu_count() or 1, max(1, len(todo)))
+    asked = workers or os.cpu_count() or 1
+    if not done and len(todo) < asked:
+        # shard boundaries never depend on the worker count (the same bytes with any --workers): say it here
+        log.warning("%d shard(s) to build for %d workers: %d worker(s) will idle; for a small dataset, a smaller "
+                    "data.shard_max_samples (now %d) cuts more shards", len(todo), asked, asked - len(todo),
+                    cfg.data.shard_max_samples)
+    workers = min(asked, max(1, len(todo)))
     with progress(log, total=sum(n for *_, n in todo), unit="img", desc="building shards", smoothing=0.05) as bar:
         records = list(done.values()) + run_jobs(jobs, workers, bar)
     manifest = write_reports(cfg, plan, records, time.time() - started)

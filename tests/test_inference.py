@@ -158,6 +158,8 @@ def test_a_model_error_fails_the_run_and_keeps_the_previous_submission(setup, ca
     cfg, ckpt, *_ = setup
     args = ["--config", str(cfg.source), "--stage", "2", "--checkpoint", str(ckpt)]
     assert run_main(submit_main, args, capsys)[0] == 0
+    # an earlier run's problems file unlike the one this run would write: written too early, it would change
+    (cfg.paths.output / "submission_stage2_problems.csv").write_text("image_id,reason\nearlier,run\n")
     before = {p.name: p.read_bytes() for p in cfg.paths.output.iterdir()}
     code, _, err = run_main(submit_main, args + ["--set", "pipeline.dtype=float16"], capsys)
     assert code != 0 and "Traceback" not in err
