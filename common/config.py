@@ -240,6 +240,14 @@ class Config:
     predict: Predict
     submit: Submit
     source: Path | None = None
+    overrides: tuple[str, ...] = ()  # the --set values it was loaded with (messages repeat them)
+
+    def command_args(self) -> str:
+        """``--config PATH --set k=v ...``: how to load this config again, for the commands a message suggests."""
+        import shlex
+        parts = ([f"--config {shlex.quote(str(self.source))}"] if self.source else []) + \
+            [f"--set {shlex.quote(o)}" for o in self.overrides]
+        return " ".join(parts)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return {name: {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(
@@ -247,11 +255,14 @@ class Config:
 
     def with_overrides(self, overrides: Iterable[str]) -> "Config":
         raw = copy.deepcopy(self.to_dict())
-        return _build(_validate(_apply_sets(raw, overrides, Path.cwd()), Path.cwd()), self.source)
+        overrides = tuple(overrides)
+        return _build(_validate(_apply_sets(raw, overrides, Path.cwd()), Path.cwd()), self.source,
+                      self.overrides + overrides)
 
 
-def _build(values: dict[str, dict[str, Any]], source: Path | None) -> Config:
-    return Config(**{name: cls(**values[name]) for name, cls in SECTIONS.items()}, source=source)
+def _build(values: dict[str, dict[str, Any]], source: Path | None, overrides: tuple[str, ...] = ()) -> Config:
+    return Config(**{name: cls(**values[name]) for name, cls in SECTIONS.items()}, source=source,
+                  overrides=overrides)
 
 
 def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
@@ -345,9 +356,9 @@ def _validate(raw: dict[str, Any], base: Path) -> dict[str, dict[str, Any]]:
 
 def load_config(path: str | Path = "config.yaml", overrides: Iterable[str] = ()) -> Config:
     """Read ``path``, apply ``--set`` overrides, validate everything; raise ConfigError on any problem."""
-    path = Path(path)
+    path, overrides = Path(path), tuple(overrides)
     raw = _apply_sets(_read_yaml(path), overrides, Path.cwd())
-    return _build(_validate(raw, path.resolve().parent), path.resolve())
+    return _build(_validate(raw, path.resolve().parent), path.resolve(), overrides)
 
 
 def require_file(path: Path, what: str = "required file") -> Path:

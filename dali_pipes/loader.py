@@ -125,7 +125,7 @@ class DaliLoader:
     num_classes: int
     with_ids: bool
     shards: SplitShards
-    config_source: Path | None  # for the repair command in the error a damaged shard causes
+    config_args: str  # ``--config ... --set ...``: for the repair command in the error a damaged shard causes
 
     def __len__(self) -> int:
         return len(self.iterator)  # DALI's count: equal on every rank, as lockstep training needs
@@ -141,7 +141,7 @@ class DaliLoader:
             yield from self
 
     def __iter__(self):
-        with shard_errors(self.shards, self.config_source):
+        with shard_errors(self.shards, self.config_args):
             for batch in self.iterator:
                 out = batch[0]
                 targets = multi_hot(out["labels"], self.num_classes)
@@ -168,12 +168,11 @@ def describe_shards(shards: SplitShards) -> str:
     return f"{listed} in {shards.tars[0].parent}"
 
 
-def damaged_shard(exc: RuntimeError, shards: SplitShards, config_source: Path | None) -> DamagedShard:
+def damaged_shard(exc: RuntimeError, shards: SplitShards, config_args: str) -> DamagedShard:
     """The one-line error for a DALI failure while reading shards: the shard and sample where DALI names them,
     else the shards being read; with DALI's own words and the repair command either way."""
     text = str(exc)
-    config = f" --config {config_source}" if config_source else ""
-    cure = f"run python -m preprocessing.verify{config} --repair, then the same command again"
+    cure = f"run python -m preprocessing.verify {config_args} --repair, then the same command again".replace("  ", " ")
     found = SAMPLE_SOURCE.search(text)
     if found:
         why = "does not decode" if "decode" in text else "cannot be read"
@@ -184,7 +183,7 @@ def damaged_shard(exc: RuntimeError, shards: SplitShards, config_source: Path | 
 
 
 @contextlib.contextmanager
-def shard_errors(shards: SplitShards, config_source: Path | None):
+def shard_errors(shards: SplitShards, config_args: str):
     """Any DALI failure while reading shards becomes one DamagedShard line; running out of memory (DALI's
     words too) stays what it is, an error of the run."""
     try:
@@ -192,7 +191,7 @@ def shard_errors(shards: SplitShards, config_source: Path | None):
     except RuntimeError as exc:
         if is_out_of_memory(exc):
             raise
-        raise damaged_shard(exc, shards, config_source) from None
+        raise damaged_shard(exc, shards, config_args) from None
 
 
 def build_train_pipeline(cfg: Config, shards: SplitShards, rank: int, world_size: int, batch_size: int,
@@ -205,7 +204,7 @@ def build_train_pipeline(cfg: Config, shards: SplitShards, rank: int, world_size
                           initial_fill=cfg.pipeline.shuffle_buffer, shard_id=rank, num_shards=world_size,
                           reader_seed=seed, enable_checkpointing=True, checkpoint=checkpoint,
                           **_pipe_args(cfg, device, batch_size, seed, amp_dtype))
-    with shard_errors(shards, cfg.source):  # building opens the shards and their indexes
+    with shard_errors(shards, cfg.command_args()):  # building opens the shards and their indexes
         pipe.build()
     return pipe
 
@@ -224,10 +223,10 @@ def train_loader(cfg: Config, split: str = "train", rank: int = 0, world_size: i
         raise UserError(f"the '{split}' data has {shards.samples} images for {world_size} process(es), fewer than "
                         f"one batch of {batch_size} each; lower train.batch_size")
     pipe = build_train_pipeline(cfg, shards, rank, world_size, batch_size, device, epoch, checkpoint, amp_dtype)
-    with shard_errors(shards, cfg.source):  # DALI reads and decodes its first batches while the iterator is built
+    with shard_errors(shards, cfg.command_args()):  # DALI reads and decodes its first batches while the iterator is built
         it = DALIGenericIterator(pipe, ["images", "labels"], reader_name=READER, auto_reset=True,
                                  last_batch_policy=LastBatchPolicy.DROP)
-    return DaliLoader(it, shards.num_classes, with_ids=False, shards=shards, config_source=cfg.source)
+    return DaliLoader(it, shards.num_classes, with_ids=False, shards=shards, config_args=cfg.command_args())
 
 
 def eval_loader(cfg: Config, split: str = "val", rank: int = 0, world_size: int = 1,
@@ -240,11 +239,11 @@ def eval_loader(cfg: Config, split: str = "val", rank: int = 0, world_size: int 
     batch_size = batch_size or cfg.predict.batch_size
     pipe = eval_pipeline(shards.tars, shards.indexes, resize_shorter=eval_resize(cfg, shards), tta=tta,
                          shard_id=rank, num_shards=world_size, **_pipe_args(cfg, device, batch_size, 0, amp_dtype))
-    with shard_errors(shards, cfg.source):
+    with shard_errors(shards, cfg.command_args()):
         pipe.build()
         it = DALIGenericIterator(pipe, ["images", "labels", "meta"], reader_name=READER, auto_reset=True,
                                  last_batch_policy=LastBatchPolicy.PARTIAL)
-    return DaliLoader(it, shards.num_classes, with_ids=True, shards=shards, config_source=cfg.source)
+    return DaliLoader(it, shards.num_classes, with_ids=True, shards=shards, config_args=cfg.command_args())
 
 
 class ImageFileLoader:

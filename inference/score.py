@@ -42,10 +42,18 @@ def score(submission: dict[str, list[str]], solution: dict[str, list[str]]) -> t
     return float(f2.mean()) if ids else 0.0, sum(i not in submission for i in ids), [i for i in submission if i not in solution]
 
 
-def looks_swapped(submission: dict, solution: dict) -> bool:
-    """A submission lists every test image and a solution (tuning labels, a hold-out) some of them: a
-    "submission" whose images are a small part of the "solution"'s, all inside it, is the solution."""
-    return 0 < len(submission) <= len(solution) // 2 and set(submission) <= set(solution)
+def has_header(path: Path) -> bool:
+    with open(path, newline="") as f:
+        first = next(csv.reader(f), [])
+    return [c.strip() for c in first[:2]] == ["image_id", "labels"]
+
+
+def looks_swapped(submission: dict, solution: dict, submission_has_header: bool, solution_has_header: bool) -> bool:
+    """A submission lists every test image and a solution (tuning labels, a hold-out) some of them. "Submission"
+    images that are all among the "solution"'s, and either a small part of them or in a headerless file while
+    the "solution" has the header inference.submit writes, are the solution's."""
+    inside = 0 < len(submission) < len(solution) and set(submission) <= set(solution)
+    return inside and (len(submission) <= len(solution) // 2 or (solution_has_header and not submission_has_header))
 
 
 @command
@@ -57,7 +65,7 @@ def main(argv=None):
                         "tuning_labels.csv, or the tune stage's hold-out (artifacts/tune/data/holdout_labels.csv)")
     args = parser.parse_args(argv)
     submission, solution = read_labels(args.submission, "SUBMISSION"), read_labels(args.solution, "SOLUTION")
-    if looks_swapped(submission, solution):
+    if looks_swapped(submission, solution, has_header(args.submission), has_header(args.solution)):
         raise UserError(f"{args.submission} (SUBMISSION) has {len(submission)} images, all of them among the "
                         f"{len(solution)} of {args.solution} (SOLUTION): the two files look swapped; the "
                         "submission comes first: python -m inference.score SUBMISSION SOLUTION")

@@ -85,6 +85,7 @@ def warn_if_trained_otherwise(cfg: Config, state: dict, checkpoint: Path) -> Non
 
 
 def submit(cfg: Config, stage: int, checkpoint: Path | None = None, save_scores: Path | None = None) -> dict:
+    check_test_image_settings(cfg)
     comp = readable_dir(cfg.paths.competition_data, "paths.competition_data")
     out = writable_dir(cfg.paths.output, "paths.output")  # before the long work: it is written last
     if save_scores:
@@ -93,7 +94,6 @@ def submit(cfg: Config, stage: int, checkpoint: Path | None = None, save_scores:
     folder = comp / f"stage_{stage}_test_images"
     if not folder.is_dir():
         raise UserError(f"image folder not found: {folder}")
-    check_test_image_settings(cfg)
     checkpoint = readable_file(Path(checkpoint), "--checkpoint") if checkpoint else default_checkpoint(cfg)
     state = load_checkpoint(checkpoint)
     warn_if_trained_otherwise(cfg, state, checkpoint)

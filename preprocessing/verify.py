@@ -29,6 +29,7 @@ from PIL import Image
 from common.cli import command, config_from_args, config_parser
 from common.config import Config
 from common.errors import UserError
+from common.images import ImageProblem, decoding
 from common.paths import readable_dir
 from common.log import progress
 from common.shard_format import (EXTENSIONS, SHARD_GLOB, ShardWriter, decode_labels, file_sha256, iter_samples,
@@ -45,12 +46,14 @@ def check_sample(where: str, files: dict[str, bytes], num_classes: int) -> list[
         problems.append(f"{where} lacks {', '.join(missing)}")
     if "jpg" in files:
         try:
-            with Image.open(io.BytesIO(files["jpg"])) as im:
+            with decoding(), Image.open(io.BytesIO(files["jpg"])) as im:  # the builder's words for a bad image
                 im.load()
                 if im.format != "JPEG" or im.mode != "RGB":
                     problems.append(f"{where}: image is {im.format} {im.mode}, not an RGB JPEG")
-        except Exception as exc:  # any decoder failure is a finding, not a crash
+        except ImageProblem as exc:
             problems.append(f"{where}: image does not decode ({exc})")
+        except Exception as exc:  # any other decoder failure is a finding too, not a crash
+            problems.append(f"{where}: image does not decode ({type(exc).__name__})")
     if "labels" in files:
         try:
             classes = decode_labels(files["labels"])

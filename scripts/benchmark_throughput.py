@@ -5,10 +5,13 @@
         [--threads N] [--images 2000] [--model resnet18] [--json out.json] [--plot out.png]
 
 Measures (1) the decode-only ceiling (DALI reading + decoding alone, same threads),
-(2) the DALI train pipeline through the PyTorch-facing loader, (3) the baseline
-DataLoader/PIL/torchvision loader with as many workers as threads, (4) the eval
-pipeline, and (5) training steps/s of a timm model fed by DALI and by the baseline.
-Each figure: warm-up, then the median of --repeats timed runs of --batches batches.
+(2) the bare DALI train pipeline (``pipe.run()``) and the same pipeline through the
+PyTorch-facing loader, (3) the baseline DataLoader/PIL/torchvision loader with as many
+workers as threads, (4) the eval pipeline, and (5) training steps/s of a timm model fed
+by DALI and by the baseline. Each figure: the median (with min, max) of --windows timed
+windows of at least --window-s seconds; the loaders take their windows in turn (A, B,
+A, B, ...), and so do the two training-step figures, so each ratio is the median of the
+rounds' paired ratios (scripts/timing.py).
 Without --shards it builds realistic shards from scikit-image's sample photographs
 (256-px short side, JPEG q95) with the project's own shard builder.
 """
@@ -18,10 +21,8 @@ import argparse
 import gc
 import json
 import os
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -35,6 +36,7 @@ from dali_pipes.device import resolve_device  # noqa: E402
 from dali_pipes.loader import build_train_pipeline, eval_loader, output_dtype, prepare_input, train_loader  # noqa: E402
 from dali_pipes.pipelines import decode_only_pipeline  # noqa: E402
 from model.network import autocast_dtype  # noqa: E402
+from timing import interleaved  # noqa: E402  (scripts/timing.py)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -49,46 +51,18 @@ def endless(loader):
             loader.close()
 
 
-def rate(batches, batch_size: int, n: int, repeats: int, warmup: int, step=None) -> dict:
-    """Median images/s over ``repeats`` runs of ``n`` batches, after ``warmup`` batches.
-
-    The loader is closed and collected afterwards, so that no worker or prefetching pipeline of
-    one measurement competes with the next for the same cores.
-    """
-    try:
-        return _rate(batches, batch_size, n, repeats, warmup, step)
-    finally:
-        batches.close() if hasattr(batches, "close") else None
-        del batches
-        gc.collect()
+def close(streams: dict) -> None:
+    """Stop every stream's loader (the baseline's worker processes) before the next measurement."""
+    for batches, _ in streams.values():
+        batches.close()
+    gc.collect()
 
 
-def _rate(batches, batch_size: int, n: int, repeats: int, warmup: int, step=None) -> dict:
-    def consume(k):
-        for _ in range(k):
-            batch = next(batches)
-            if step:
-                step(batch)
-        if torch.cuda.is_available():  # the GPU's queued work belongs to this run's time
-            torch.cuda.synchronize()
-    consume(warmup)
-    runs = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        consume(n)
-        runs.append(n * batch_size / (time.perf_counter() - start))
-    return {"images_per_s": round(statistics.median(runs), 1), "runs": [round(r, 1) for r in runs]}
-
-
-def pipeline_rate(pipe, device, batch_size, n, repeats, warmup) -> dict:
-    """The DALI graph alone: ``pipe.run()`` with no hand-over to PyTorch."""
-    def batches():
-        while True:
-            pipe.run()
-            if device.kind == "gpu":
-                torch.cuda.synchronize()
-            yield (torch.empty(0),)
-    return rate(batches(), batch_size, n, repeats, warmup)
+def pipeline_runs(pipe):
+    """The DALI graph alone: ``pipe.run()`` with no hand-over to PyTorch (``timing`` syncs the GPU)."""
+    while True:
+        pipe.run()
+        yield None
 
 
 def make_shards(work: Path, images: int, overrides: list[str] = ()) -> Path:
@@ -132,11 +106,9 @@ def main():
     parser.add_argument("--threads", type=int, default=None,
                         help="DALI threads = baseline workers (default: every core on the CPU; on a GPU at most 8, "
                              "as each thread holds its own pinned decoder buffers and nvJPEG does the decoding)")
-    parser.add_argument("--batches", type=int, default=20, help="batches per timed run")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--window-s", type=float, default=2.0, help="each timed window lasts at least this long")
+    parser.add_argument("--windows", type=int, default=5, help="timed windows per figure (median, min, max)")
     parser.add_argument("--model", default="resnet18", help="timm model for the training-step figures")
-    parser.add_argument("--train-batches", type=int, default=3, help="batches per timed training run")
     parser.add_argument("--skip-training", action="store_true")
     parser.add_argument("--config", default=str(REPO / "config.yaml"))
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
@@ -163,60 +135,64 @@ def measure(args, work: Path) -> None:
     # the batches training gets: on a GPU float16 for autocast (model.amp), as training.train asks for them
     amp_dtype = autocast_dtype(device.kind == "gpu", cfg.model.amp, cfg.model.amp_dtype)
     shards = split_shards(shards_dir, "train")
-    bs, n, rep, wu = args.batch_size, args.batches, args.repeats, args.warmup
+    bs, timed = args.batch_size, dict(window_s=args.window_s, windows=args.windows)
     print(f"{shards.samples} images in {len(shards.tars)} shards; batch {bs}, {args.threads} threads/workers")
 
     ceiling = decode_only_pipeline(shards.tars, shards.indexes, on_gpu=device.kind == "gpu", batch_size=bs,
                                    num_threads=args.threads, device_id=device.device_id,
                                    prefetch_queue_depth=cfg.pipeline.prefetch_queue_depth)
     ceiling.build()
-    results = {"decode_ceiling": pipeline_rate(ceiling, device, bs, n, rep, wu)}
-    del ceiling
-    results["dali_train_pipeline"] = pipeline_rate(build_train_pipeline(cfg, shards, 0, 1, bs, device,
-                                                                        amp_dtype=amp_dtype),
-                                                   device, bs, n, rep, wu)
-    results["dali_train"] = rate(endless(train_loader(cfg, batch_size=bs, device=device, shards=shards,
-                                                      amp_dtype=amp_dtype)), bs, n, rep, wu)
+    # every loader in one round-robin of windows: drift on a shared machine hits them alike, and each ratio is
+    # the median of the rounds' paired ratios
+    streams = {
+        "decode_ceiling": (pipeline_runs(ceiling), None),
+        "dali_train_pipeline": (pipeline_runs(build_train_pipeline(cfg, shards, 0, 1, bs, device, amp_dtype=amp_dtype)),
+                                None),
+        "dali_train": (endless(train_loader(cfg, batch_size=bs, device=device, shards=shards, amp_dtype=amp_dtype)),
+                       None),
+        "baseline": (endless(baseline_loader(cfg, batch_size=bs, num_workers=args.threads, shards=shards)), None),
+        "dali_eval": (endless(eval_loader(cfg, "train", batch_size=bs, device=device, shards=shards,
+                                          amp_dtype=amp_dtype)), None),
+    }
     if output_dtype(cfg.pipeline.dtype, device, amp_dtype) != "float32":  # for comparison: normalised in DALI
         f32 = cfg.with_overrides(["pipeline.dtype=float32"])
-        results["dali_train_float32"] = rate(endless(train_loader(f32, batch_size=bs, device=device, shards=shards)),
-                                             bs, n, rep, wu)
-    results["baseline"] = rate(endless(baseline_loader(cfg, batch_size=bs, num_workers=args.threads,
-                                                       shards=shards)), bs, n, rep, wu)
-    results["dali_eval"] = rate(endless(eval_loader(cfg, "train", batch_size=bs, device=device, shards=shards,
-                                                    amp_dtype=amp_dtype)), bs, n, rep, wu)
+        streams["dali_train_float32"] = (endless(train_loader(f32, batch_size=bs, device=device, shards=shards)),
+                                         None)
+    results = interleaved(streams, bs, **timed)
+    loader_ratios = results.pop("ratios")
+    close(streams)
+    ratios = {"dali_train_vs_baseline": loader_ratios["dali_train"]["baseline"],
+              "dali_train_vs_pipeline": loader_ratios["dali_train"]["dali_train_pipeline"],
+              "dali_train_vs_decode_ceiling": loader_ratios["dali_train"]["decode_ceiling"],
+              "dali_train_pipeline_vs_decode_ceiling": loader_ratios["dali_train_pipeline"]["decode_ceiling"]}
     if not args.skip_training:
         step_with = training_step_fn(args.model, shards.num_classes, device, cfg, amp_dtype)
         layout = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
-        for name, loader, step in (
-                ("train_steps_dali", train_loader(cfg, batch_size=bs, device=device, shards=shards, amp_dtype=amp_dtype),
-                 step_with(lambda x: prepare_input(x, cfg))),
-                ("train_steps_baseline", baseline_loader(cfg, batch_size=bs, num_workers=args.threads, shards=shards),
-                 step_with(lambda x: x.to(memory_format=layout)))):  # normalised float NCHW already
-            r = rate(endless(loader), bs, args.train_batches, rep, 2, step=step)
-            r["steps_per_s"] = round(r["images_per_s"] / bs, 3)
-            results[name] = r
-    results["ratios"] = {
-        "dali_train_vs_baseline": round(results["dali_train"]["images_per_s"] / results["baseline"]["images_per_s"], 2),
-        "dali_train_vs_decode_ceiling": round(results["dali_train"]["images_per_s"]
-                                              / results["decode_ceiling"]["images_per_s"], 3),
-        "dali_train_pipeline_vs_decode_ceiling": round(results["dali_train_pipeline"]["images_per_s"]
-                                                       / results["decode_ceiling"]["images_per_s"], 3),
-    }
-    if not args.skip_training:
-        results["ratios"]["train_steps_dali_vs_baseline"] = round(
-            results["train_steps_dali"]["images_per_s"] / results["train_steps_baseline"]["images_per_s"], 2)
+        streams = {
+            "train_steps_dali": (endless(train_loader(cfg, batch_size=bs, device=device, shards=shards,
+                                                      amp_dtype=amp_dtype)), step_with(lambda x: prepare_input(x, cfg))),
+            "train_steps_baseline": (endless(baseline_loader(cfg, batch_size=bs, num_workers=args.threads,
+                                                             shards=shards)),
+                                     step_with(lambda x: x.to(memory_format=layout))),  # normalised float NCHW
+        }
+        steps = interleaved(streams, bs, **timed)
+        close(streams)
+        for name in streams:
+            results[name] = {**steps[name], "steps_per_s": round(steps[name]["images_per_s"] / bs, 3)}
+        ratios["train_steps_dali_vs_baseline"] = steps["ratios"]["train_steps_dali"]["train_steps_baseline"]
+    results["ratios"] = {k: round(v, 3) for k, v in ratios.items()}
     results["setup"] = {"device": args.device, "batch_size": bs, "threads": args.threads, "images": shards.samples,
                         "model": args.model, "dtype": output_dtype(cfg.pipeline.dtype, device, amp_dtype),
                         "autocast": str(amp_dtype).removeprefix("torch.") if amp_dtype else None, "channels_last": cfg.model.channels_last,
-                        "cpu_count": os.cpu_count(),
+                        "cpu_count": os.cpu_count(), "window_s": args.window_s, "windows": args.windows,
                         "gpu": torch.cuda.get_device_name(0) if device.kind == "gpu" else None}
 
-    print(f"\n{'measure':28s} {'images/s':>10s}  runs")
-    for key in ("decode_ceiling", "dali_train_pipeline", "dali_train", "dali_train_float32", "baseline", "dali_eval", "train_steps_dali", "train_steps_baseline"):
+    print(f"\n{'measure':28s} {'images/s':>10s}  {'min':>9s} {'max':>9s}")
+    for key in ("decode_ceiling", "dali_train_pipeline", "dali_train", "dali_train_float32", "baseline", "dali_eval",
+                "train_steps_dali", "train_steps_baseline"):
         if key in results:
             r = results[key]
-            print(f"{key:28s} {r['images_per_s']:10.1f}  {r['runs']}")
+            print(f"{key:28s} {r['images_per_s']:10.1f}  {r['min']:9.1f} {r['max']:9.1f}")
     for k, v in results["ratios"].items():
         print(f"{k:28s} {v:10.2f}")
     if args.json:

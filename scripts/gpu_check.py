@@ -42,7 +42,6 @@ import platform
 import resource
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -59,6 +58,8 @@ sys.path.insert(0, str(REPO / "scripts"))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+
+import timing  # noqa: E402  (scripts/timing.py)
 
 PARTS = ("parity", "throughput", "training_steps", "ddp", "compile", "resume", "commands")
 FAULTS = ("slow-loader", "ignore-dali-checkpoint", "shuffled-labels")
@@ -230,57 +231,13 @@ QUICK = replace(REHEARSAL, photos=200, test_images=8, demo_train=240, window_s=0
 
 # ----------------------------------------------------------------------------------------------- timing
 
-def sync() -> None:
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.synchronize()
-
-
-def _summary(rates: list[float], seconds: list[float], n: int) -> dict:
-    return {"images_per_s": round(statistics.median(rates), 1), "min": round(min(rates), 1),
-            "max": round(max(rates), 1), "spread": round(max(rates) / min(rates), 3), "windows": len(rates),
-            "batches_per_window": n, "shortest_window_s": round(min(seconds), 2)}
-
-
-def interleaved(streams: dict[str, tuple[Iterator, Callable | None]], batch_size: int, profile: Profile) -> dict:
-    """images/s of each stream (batches, and a step to run on each, or None) over ``profile.windows`` windows of at
-    least ``profile.window_s``, taken in turn (A, B, A, B, ...) so that drift on a shared machine hits every stream
-    alike; ``ratios[a][b]`` is the median over rounds of a's rate over b's. Batches per window are sized from a
-    warm-up, and a window that ends too soon is run again longer. The device is synchronised at a window's end."""
-    def runner(batches, step):
-        def run(n: int) -> float:
-            start = time.perf_counter()
-            for _ in range(n):
-                batch = next(batches)
-                if step:
-                    step(batch)
-            sync()
-            return time.perf_counter() - start
-        return run
-
-    runs, sizes = {}, {}
-    for name, (batches, step) in streams.items():
-        runs[name] = runner(batches, step)
-        runs[name](2)  # warm-up: buffers, cuDNN's choice of kernels
-        sizes[name] = max(1, math.ceil(profile.window_s / max(runs[name](1), 1e-4)))
-    rates = {name: [] for name in streams}
-    seconds = {name: [] for name in streams}
-    for _ in range(profile.windows):
-        for name, run in runs.items():
-            took = run(sizes[name])
-            while took < profile.window_s:
-                sizes[name] = math.ceil(sizes[name] * profile.window_s / took * 1.1)
-                took = run(sizes[name])
-            rates[name].append(sizes[name] * batch_size / took)
-            seconds[name].append(took)
-    out = {name: _summary(rates[name], seconds[name], sizes[name]) for name in streams}
-    out["ratios"] = {a: {b: statistics.median(x / y for x, y in zip(rates[a], rates[b])) for b in streams if b != a}
-                     for a in streams}
-    return out
+def interleaved(streams: dict, batch_size: int, profile: Profile) -> dict:
+    """``timing.interleaved`` with the profile's windows."""
+    return timing.interleaved(streams, batch_size, profile.window_s, profile.windows)
 
 
 def timed_windows(batches: Iterator, batch_size: int, profile: Profile, step: Callable | None = None) -> dict:
-    """One stream's images/s (see ``interleaved``)."""
-    return interleaved({"it": (batches, step)}, batch_size, profile)["it"]
+    return timing.timed_windows(batches, batch_size, profile.window_s, profile.windows, step)
 
 
 def steady(name: str, figure: dict, profile: Profile) -> list[Gate]:

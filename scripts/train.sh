@@ -14,7 +14,7 @@
 # visible GPU, or one on a machine without a GPU. Ranks use NCCL on GPUs and gloo on CPUs.
 set -euo pipefail
 
-usage() { sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; }
 
 torchrun_args=()
 while [[ $# -gt 0 && "$1" != "--" ]]; do

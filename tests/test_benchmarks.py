@@ -8,7 +8,7 @@ from tests.fixtures import REPO
 def test_throughput_benchmark_runs_end_to_end_and_writes_its_json(tmp_path):
     out = tmp_path / "b.json"
     r = subprocess.run([sys.executable, "scripts/benchmark_throughput.py", "--images", "80", "--batch-size", "8",
-                        "--batches", "2", "--repeats", "1", "--warmup", "1", "--train-batches", "1",
+                        "--window-s", "0.1", "--windows", "2",
                         "--json", str(out), "--plot", str(tmp_path / "b.png"),
                         "--set", "pipeline.crop_size=64", "--set", "data.shortest_side=72"],
                        cwd=REPO, capture_output=True, text=True, timeout=600)
@@ -17,6 +17,9 @@ def test_throughput_benchmark_runs_end_to_end_and_writes_its_json(tmp_path):
     for key in ("decode_ceiling", "dali_train", "baseline", "dali_eval", "train_steps_dali", "train_steps_baseline"):
         assert result[key]["images_per_s"] > 0
     assert result["ratios"]["dali_train_vs_baseline"] > 0
+    for key in ("decode_ceiling", "dali_train", "baseline"):
+        r = result[key]
+        assert r["windows"] == 2 and r["shortest_window_s"] >= 0.1 and r["min"] <= r["images_per_s"] <= r["max"]
     assert (tmp_path / "b.png").stat().st_size > 1000
 
 

@@ -147,3 +147,22 @@ def test_the_rehearsal_fails_on_a_known_fault_with_the_gate_that_noticed(tmp_pat
     assert r.returncode == 1, r.stderr[-2000:]
     assert not report["passed"] and gate in failing_gates(report)[part]
     assert f"{part}: FAILED" in r.stdout
+
+
+def test_interleaved_windows_give_the_paired_ratio_despite_drift():
+    """A is twice as fast as B while the machine keeps slowing down: measured one after the other their medians
+    are off by the drift; taken in turn, each round's pair sees nearly the same machine."""
+    import timing
+    start = time.perf_counter()
+
+    def stream(cost):
+        while True:
+            time.sleep(cost * (1 + 3 * (time.perf_counter() - start)))  # drift: later batches cost more
+            yield None
+    r = timing.interleaved({"a": (stream(0.002), None), "b": (stream(0.004), None)}, 1, window_s=0.05, windows=5)
+    a_alone = timing.timed_windows(stream(0.002), 1, window_s=0.05, windows=5)
+    b_alone = timing.timed_windows(stream(0.004), 1, window_s=0.05, windows=5)
+    one_after_the_other = a_alone["images_per_s"] / b_alone["images_per_s"]
+    assert r["ratios"]["a"]["b"] == pytest.approx(2, rel=0.15)
+    assert abs(r["ratios"]["a"]["b"] - 2) < abs(one_after_the_other - 2)
+    assert r["a"]["windows"] == r["b"]["windows"] == 5

@@ -17,7 +17,7 @@ from model.checkpoint import save_checkpoint
 from model.network import create_model
 from preprocessing.build_shards import main as build_main
 from preprocessing.verify import main as verify_main
-from tests.fixtures import REPO, run_main, write_config
+from tests.fixtures import REPO, SMALL_SHARDS, run_main, write_config
 from training.train import main as train_main
 
 FAST = "train:\n  batch_size: 8\n  epochs: 1\n"
@@ -70,20 +70,28 @@ def damage_jpeg_header(tar_path: Path) -> None:
         f.write(os.urandom(200))
 
 
-def test_a_damage_dali_does_not_locate_still_names_the_shards_and_the_cure(built_copy, kaggle, tmp_path, capsys):
+def test_a_damage_dali_does_not_locate_still_names_the_shards_and_the_cure(built, built_copy, kaggle, tmp_path,
+                                                                            capsys):
     shards, manifest = built_copy
-    cfg_path = write_config(tmp_path / "c.yaml", kaggle[0], shards, FAST, artifacts=tmp_path / "artifacts")
-    assert run_main(train_main, ["--config", str(cfg_path), "--stage", "train"], capsys)[0] == 0
+    # the config names the good shards; the damaged copy comes in by --set, which the repair command must repeat
+    cfg_path = write_config(tmp_path / "c.yaml", kaggle[0], built[0].paths.shards, FAST + SMALL_SHARDS,
+                            artifacts=tmp_path / "artifacts")
+    copy = ["--set", f"paths.shards={shards}"]
+    assert run_main(train_main, ["--config", str(cfg_path), "--stage", "train", *copy], capsys)[0] == 0
     last = tmp_path / "artifacts" / "train" / "checkpoints" / "last.pt"
     before = last.read_bytes()
     for tar in sorted(shards.glob("train-*.tar")):
         damage_jpeg_header(tar)
-    code, _, err = run_main(train_main, ["--config", str(cfg_path), "--stage", "train", "--set", "train.epochs=2"],
-                            capsys)
+    code, _, err = run_main(train_main, ["--config", str(cfg_path), "--stage", "train", *copy,
+                                         "--set", "train.epochs=2"], capsys)
     line = one_error(code, err)
     assert line.startswith("error: DALI could not read the shards (") and f"in {shards}" in line
-    assert f"python -m preprocessing.verify --config {cfg_path} --repair" in line
+    repair = f"python -m preprocessing.verify --config {cfg_path} --set paths.shards={shards} --set train.epochs=2 --repair"
+    assert repair in line
     assert last.read_bytes() == before  # the last good checkpoint as it was
+    assert run_main(verify_main, repair.split()[3:], capsys)[0] == 0  # the command as given repairs the copy
+    assert run_main(train_main, ["--config", str(cfg_path), "--stage", "train", *copy,
+                                 "--set", "train.epochs=2"], capsys)[0] == 0
 
 
 def test_the_thread_budget_never_gives_the_libraries_more_threads_than_cores(monkeypatch):
@@ -163,6 +171,10 @@ def test_scoring_with_the_files_swapped_is_refused(tmp_path, capsys):
     assert run_main(score_main, [str(submission), str(holdout)], capsys)[0] == 0
     line = one_error(*run_main(score_main, [str(holdout), str(submission)], capsys)[::2])
     assert "look swapped" in line and "python -m inference.score SUBMISSION SOLUTION" in line
+    tuning = tmp_path / "tuning_labels.csv"  # 8 of the 10 images, headerless as Kaggle's file
+    tuning.write_text("".join(f"img{i},/m/a\n" for i in range(8)))
+    assert run_main(score_main, [str(submission), str(tuning)], capsys)[0] == 0
+    assert "look swapped" in one_error(*run_main(score_main, [str(tuning), str(submission)], capsys)[::2])
 
 
 def test_the_tune_stage_writes_its_hold_out_labels_to_score_on(built, kaggle, tmp_path):

@@ -161,7 +161,7 @@ def test_a_damaged_shard_stops_training_in_one_line_and_the_repaired_run_resumes
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert code == 2 and "Traceback" not in err and len(errors) == 1, (code, err[-3000:])
     assert errors[0].startswith(f"error: {tar}: sample {key} does not decode")
-    assert f"python -m preprocessing.verify --config {cfg_path} --repair" in errors[0]
+    assert f"python -m preprocessing.verify --config {cfg_path} --set train.epochs=2 --repair" in errors[0]
     assert last.read_bytes() == before  # the last good state is kept
 
     assert run_main(verify_main, ["--config", str(cfg_path), "--repair"], capsys)[0] == 0

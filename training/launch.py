@@ -43,6 +43,8 @@ def main(argv=None) -> int:
             logging.getLogger(name).setLevel(logging.CRITICAL)
     with tempfile.TemporaryDirectory(prefix="iic_launch_") as folder:
         os.environ[ERROR_DIR] = folder
+        # torchrun's agent makes a torchelastic_* folder for its logs and leaves it: make it in ours, gone at the end
+        tempfile.tempdir = folder
         try:
             run(args)
         except ChildFailedError:

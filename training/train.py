@@ -400,6 +400,8 @@ def train(cfg: Config, stage_name: str, init: str | None = None) -> dict:
 
 def _run(cfg: Config, stage_name: str, init: str | None, device: PipeDevice, d: distributed.Dist) -> dict:
     readable_dir(cfg.paths.shards, "paths.shards")
+    # before anything is made or written (the tune stage's split, the artifacts folder): a wrong setting fails now
+    check_data_settings(cfg, split_shards(cfg.paths.shards, stage_name), resizes=False)
     if d.is_main:
         writable_dir(cfg.paths.artifacts, "paths.artifacts")
     if init:
@@ -407,7 +409,6 @@ def _run(cfg: Config, stage_name: str, init: str | None, device: PipeDevice, d: 
     if device.kind == "gpu":
         torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick its fastest kernels once
     stage = make_stage(cfg, stage_name, d)
-    check_data_settings(cfg, stage.fit, resizes=False)  # before the model is made: a wrong setting fails now
     check_data_settings(cfg, stage.val, resizes=True)
     vocab = Vocabulary.load(cfg.paths.shards)
     counts = read_manifest(cfg.paths.shards).get("class_counts", {}).get("train")  # inference's fallback labels

@@ -1,0 +1,70 @@
+"""Timing for the benchmarks and the GPU check: figures from windows long enough to trust on a shared machine.
+
+Every figure is images/s over ``windows`` windows of at least ``window_s`` seconds each, reported as the median
+with min, max and their spread; figures that are compared in a ratio are measured interleaved (A, B, A, B, ...)
+so that drift on a shared machine hits both alike, and the ratio is the median of the rounds' paired ratios.
+"""
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from typing import Callable, Iterator
+
+import torch
+
+
+def sync() -> None:
+    """Wait for the GPU's queued work (a window's time must include it); nothing on a CPU."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
+def summary(rates: list[float], seconds: list[float], n: int) -> dict:
+    return {"images_per_s": round(statistics.median(rates), 1), "min": round(min(rates), 1),
+            "max": round(max(rates), 1), "spread": round(max(rates) / min(rates), 3), "windows": len(rates),
+            "batches_per_window": n, "shortest_window_s": round(min(seconds), 2)}
+
+
+def interleaved(streams: dict[str, tuple[Iterator, Callable | None]], batch_size: int, window_s: float = 2.0,
+                windows: int = 5) -> dict:
+    """images/s of each stream (batches, and a step to run on each, or None) over ``windows`` windows of at least
+    ``window_s``, taken in turn, with ``ratios[a][b]``: the median over rounds of a's rate over b's. Batches per
+    window are sized from a warm-up, and a window that ends too soon is run again longer. The device is
+    synchronised at a window's end only."""
+    def runner(batches, step):
+        def run(n: int) -> float:
+            start = time.perf_counter()
+            for _ in range(n):
+                batch = next(batches)
+                if step:
+                    step(batch)
+            sync()
+            return time.perf_counter() - start
+        return run
+
+    runs, sizes = {}, {}
+    for name, (batches, step) in streams.items():
+        runs[name] = runner(batches, step)
+        runs[name](2)  # warm-up: buffers, the first batches' allocations, cuDNN's choice of kernels
+        sizes[name] = max(1, math.ceil(window_s / max(runs[name](1), 1e-4)))
+    rates = {name: [] for name in streams}
+    seconds = {name: [] for name in streams}
+    for _ in range(windows):
+        for name, run in runs.items():
+            took = run(sizes[name])
+            while took < window_s:
+                sizes[name] = math.ceil(sizes[name] * window_s / took * 1.1)
+                took = run(sizes[name])
+            rates[name].append(sizes[name] * batch_size / took)
+            seconds[name].append(took)
+    out = {name: summary(rates[name], seconds[name], sizes[name]) for name in streams}
+    out["ratios"] = {a: {b: statistics.median(x / y for x, y in zip(rates[a], rates[b])) for b in streams if b != a}
+                     for a in streams}
+    return out
+
+
+def timed_windows(batches: Iterator, batch_size: int, window_s: float = 2.0, windows: int = 5,
+                  step: Callable | None = None) -> dict:
+    """One stream's images/s (see ``interleaved``)."""
+    return interleaved({"it": (batches, step)}, batch_size, window_s, windows)["it"]
