@@ -1,4 +1,5 @@
 import json
+import os
 import subprocess
 import sys
 
@@ -11,8 +12,10 @@ def test_throughput_benchmark_runs_end_to_end_and_writes_its_json(tmp_path):
                         "--window-s", "0.1", "--windows", "2",
                         "--json", str(out), "--plot", str(tmp_path / "b.png"),
                         "--set", "pipeline.crop_size=64", "--set", "data.shortest_side=72"],
-                       cwd=REPO, capture_output=True, text=True, timeout=600)
+                       cwd=REPO, capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "TMPDIR": str(tmp_path)})
     assert r.returncode == 0, r.stderr[-2000:]
+    assert not list(tmp_path.glob("iic_bench_*"))  # its generated shards are removed
     result = json.loads(out.read_text())
     for key in ("decode_ceiling", "dali_train", "baseline", "dali_eval", "train_steps_dali", "train_steps_baseline"):
         assert result[key]["images_per_s"] > 0

@@ -1,6 +1,7 @@
 """scripts/gpu_check.py: its gates fail on figures that must fail, and its CPU rehearsal passes, and fails with the
 gate that notices each of three known faults."""
 import json
+import os
 import subprocess
 import sys
 import time
@@ -116,8 +117,11 @@ def test_the_gap_floor_comes_from_predictors_that_never_see_the_image():
 
 def rehearse(tmp_path, *args, timeout=900):
     out = tmp_path / "r.json"
+    tmp = tmp_path / "tmp"  # the check's temporary folders go here, so that a test can see they are gone
+    tmp.mkdir()
     r = subprocess.run([sys.executable, "scripts/gpu_check.py", "--rehearse", "--quick", "--json", str(out), *args],
-                       cwd=REPO, capture_output=True, text=True, timeout=timeout)
+                       cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                       env={**os.environ, "TMPDIR": str(tmp)})
     report = json.loads(out.read_text()) if out.exists() else None
     return r, report
 
@@ -134,7 +138,7 @@ def test_the_quick_rehearsal_runs_every_part_and_passes(tmp_path):
     for part in report["parts"].values():
         assert part["passed"] and part["gates"]
     assert report["parts"]["ddp"]["processes"] == 2
-    assert not list(tmp_path.glob("iic_gpu_check_*"))
+    assert not list((tmp_path / "tmp").glob("iic_gpu_check_*"))  # its work folder is removed at the end
 
 
 @pytest.mark.parametrize("fault, part, gate", [
