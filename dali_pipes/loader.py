@@ -39,6 +39,16 @@ def multi_hot(padded: torch.Tensor, num_classes: int) -> torch.Tensor:
     return out[:, :num_classes]
 
 
+def mirror_crops(images: torch.Tensor, mirror: torch.Tensor) -> torch.Tensor:
+    """Mirrors, in place, the HWC crops of ``images`` whose ``mirror`` flag is set (the train graph's coins)."""
+    flags = mirror.view(-1).bool()
+    if images.device.type != "cpu":  # no host sync on a GPU, where a second pass over the batch costs nothing
+        return torch.where(flags.view(-1, 1, 1, 1), images.flip(-2), images)
+    for i in flags.nonzero().view(-1).tolist():  # on a CPU only the flipped half is touched, one crop at a time
+        images[i] = images[i].flip(-2)
+    return images
+
+
 def decode_ids(padded_json: torch.Tensor) -> list[str]:
     """Image ids from the zero-padded ``.json`` bytes of an eval batch."""
     return [decode_meta(row)["image_id"] for row in padded_json.cpu().numpy()]
@@ -144,11 +154,12 @@ class DaliLoader:
         with shard_errors(self.shards, self.config_args):
             for batch in self.iterator:
                 out = batch[0]
+                images = mirror_crops(out["images"], out["mirror"]) if "mirror" in out else out["images"]
                 targets = multi_hot(out["labels"], self.num_classes)
                 if self.with_ids:
-                    yield out["images"], targets, decode_ids(out["meta"])
+                    yield images, targets, decode_ids(out["meta"])
                 else:
-                    yield out["images"], targets
+                    yield images, targets
 
 
 class DamagedShard(UserError):
@@ -224,7 +235,8 @@ def train_loader(cfg: Config, split: str = "train", rank: int = 0, world_size: i
                         f"one batch of {batch_size} each; lower train.batch_size")
     pipe = build_train_pipeline(cfg, shards, rank, world_size, batch_size, device, epoch, checkpoint, amp_dtype)
     with shard_errors(shards, cfg.command_args()):  # DALI reads and decodes its first batches while the iterator is built
-        it = DALIGenericIterator(pipe, ["images", "labels"], reader_name=READER, auto_reset=True,
+        outputs = ["images", "labels"] + (["mirror"] if pipe.num_outputs == 3 else [])  # see train_pipeline
+        it = DALIGenericIterator(pipe, outputs, reader_name=READER, auto_reset=True,
                                  last_batch_policy=LastBatchPolicy.DROP)
     return DaliLoader(it, shards.num_classes, with_ids=False, shards=shards, config_args=cfg.command_args())
 

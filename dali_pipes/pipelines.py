@@ -3,7 +3,7 @@
 Every graph runs on the GPU (``device="mixed"`` decoding, the rest on the device) or, with
 ``device_id=None``, entirely on the CPU. Crops are taken before any per-pixel float work,
 and the train crop is decoded alone (ROI decoding). With ``dtype="uint8"`` the graphs stop
-at flipped uint8 crops (HWC) and ``dali_pipes.loader.prepare_input`` normalises them where the
+at uint8 crops (HWC; the train graph hands over its random flips for the loader to apply) and ``dali_pipes.loader.prepare_input`` normalises them where the
 model runs: on a CPU, normalising in DALI costs as much as decoding, and on a GPU it is free.
 """
 from __future__ import annotations
@@ -113,7 +113,8 @@ def pad_labels(labels, on_gpu: bool):
 @pipeline_def(enable_conditionals=False)
 def train_pipeline(tars, indexes, *, on_gpu: bool, out: Output, augmentation: str, initial_fill: int,
                    shard_id: int = 0, num_shards: int = 1, reader_seed: int = 0):
-    """The original augmentation: random 224 crop of the 256-short-side image, random flip, ImageNet norm."""
+    """The original augmentation: random 224 crop of the 256-short-side image, random flip, ImageNet norm.
+    Outputs (images, labels), or for uint8 crops (images, labels, mirror): the flip is the loader's to apply."""
     jpegs, labels = read_shards(tars, indexes, with_meta=False, shuffle=True, initial_fill=initial_fill,
                                 shard_id=shard_id, num_shards=num_shards, seed=reader_seed)
     if augmentation == "random_resized_crop":  # the ImageNet recipe, as a config option
@@ -123,8 +124,13 @@ def train_pipeline(tars, indexes, *, on_gpu: bool, out: Output, augmentation: st
     else:
         images = decode(jpegs, on_gpu, out.crop, fn.random.uniform(range=(0.0, 1.0)),
                         fn.random.uniform(range=(0.0, 1.0)))
-    images = finish(images, out, crop=False, mirror=fn.random.coin_flip(probability=0.5))
-    return images, pad_labels(labels, on_gpu)
+    mirror = fn.random.coin_flip(probability=0.5)
+    if out.dtype == "uint8":
+        # Raw crops are handed over with their coin, and the loader mirrors them as it copies them out of DALI's
+        # buffers (which it does anyway): a flip in DALI is one more pass over every crop, a fifth of the CPU
+        # graph's time (docs/BENCHMARKS.md). The coin stays here, so DALI's checkpoint keeps its random state.
+        return images, pad_labels(labels, on_gpu), mirror
+    return finish(images, out, crop=False, mirror=mirror), pad_labels(labels, on_gpu)
 
 
 @pipeline_def(enable_conditionals=False)

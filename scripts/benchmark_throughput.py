@@ -158,7 +158,13 @@ def measure(args, work: Path) -> None:
         f32 = cfg.with_overrides(["pipeline.dtype=float32"])
         streams["dali_train_float32"] = (endless(train_loader(f32, batch_size=bs, device=device, shards=shards)),
                                          None)
+    # the loaders' consumer only hands batches over: PyTorch on one thread, as the thread budget gives training on
+    # a small CPU; its other intra-op threads would only spin against DALI's (the loader fell from 0.85 to 0.54
+    # of the decode ceiling with two, docs/BENCHMARKS.md). The training steps below get every thread back.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     results = interleaved(streams, bs, **timed)
+    torch.set_num_threads(threads)
     loader_ratios = results.pop("ratios")
     close(streams)
     ratios = {"dali_train_vs_baseline": loader_ratios["dali_train"]["baseline"],

@@ -26,6 +26,15 @@ def summary(rates: list[float], seconds: list[float], n: int) -> dict:
             "batches_per_window": n, "shortest_window_s": round(min(seconds), 2)}
 
 
+def window_size(run: Callable[[int], float], window_s: float) -> int:
+    """Batches per window, from timed runs that double until one lasts a tenth of a window: a single batch may
+    come straight out of the prefetch queue and would size the window many times too long."""
+    n = 1
+    while (took := run(n)) < window_s / 10:
+        n *= 2
+    return max(1, math.ceil(n * window_s / took))
+
+
 def interleaved(streams: dict[str, tuple[Iterator, Callable | None]], batch_size: int, window_s: float = 2.0,
                 windows: int = 5) -> dict:
     """images/s of each stream (batches, and a step to run on each, or None) over ``windows`` windows of at least
@@ -47,7 +56,7 @@ def interleaved(streams: dict[str, tuple[Iterator, Callable | None]], batch_size
     for name, (batches, step) in streams.items():
         runs[name] = runner(batches, step)
         runs[name](2)  # warm-up: buffers, the first batches' allocations, cuDNN's choice of kernels
-        sizes[name] = max(1, math.ceil(window_s / max(runs[name](1), 1e-4)))
+        sizes[name] = window_size(runs[name], window_s)
     rates = {name: [] for name in streams}
     seconds = {name: [] for name in streams}
     for _ in range(windows):

@@ -35,3 +35,31 @@ def test_gpu_check_stops_at_once_without_a_gpu(tmp_path):
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and r.stderr.startswith("error: gpu_check needs a CUDA GPU")
     assert not (tmp_path / "g.json").exists()
+
+
+def figures(*args, cwd=REPO):
+    return subprocess.run([sys.executable, "scripts/write_figures.py", *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=60)
+
+
+def test_the_docs_quote_the_benchmark_json():
+    r = figures("--check")
+    assert r.returncode == 0, r.stderr
+
+
+def test_a_changed_figure_makes_the_docs_stale_and_a_rewrite_quotes_it(tmp_path):
+    runs = json.loads((REPO / "docs" / "benchmark_cpu_runs.json").read_text())
+    for run in runs:
+        run["ratios"]["dali_train_vs_baseline"] = 9.87
+    store = tmp_path / "runs.json"
+    store.write_text(json.dumps(runs))
+    docs = [tmp_path / "README.md", tmp_path / "BENCHMARKS.md"]
+    for doc in docs:
+        doc.write_text((REPO / ("docs" if doc.name == "BENCHMARKS.md" else "") / doc.name).read_text())
+    before = docs[1].read_text()
+    r = figures("--check", "--store", str(store), "--docs", *map(str, docs))
+    assert r.returncode == 1 and "out of date" in r.stderr
+    assert docs[1].read_text() == before  # --check changes nothing
+    assert figures("--store", str(store), "--docs", *map(str, docs)).returncode == 0
+    assert "9.87x" in docs[0].read_text() and "**9.87x** baseline" in docs[1].read_text()
+    assert figures("--check", "--store", str(store), "--docs", *map(str, docs)).returncode == 0

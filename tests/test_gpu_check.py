@@ -170,3 +170,19 @@ def test_interleaved_windows_give_the_paired_ratio_despite_drift():
     assert r["ratios"]["a"]["b"] == pytest.approx(2, rel=0.15)
     assert abs(r["ratios"]["a"]["b"] - 2) < abs(one_after_the_other - 2)
     assert r["a"]["windows"] == r["b"]["windows"] == 5
+
+
+def test_a_batch_out_of_the_prefetch_queue_does_not_size_the_windows():
+    """The first batches come at once (already prefetched), the rest cost 5 ms each: a window of 0.2 s holds
+    about 40 batches, not the thousands that the instant batch alone would suggest."""
+    import timing
+    calls = []
+
+    def stream():
+        while True:
+            calls.append(1)
+            if len(calls) > 3:  # 2 for the warm-up, then one prefetched batch
+                time.sleep(0.005)
+            yield None
+    r = timing.interleaved({"a": (stream(), None)}, 1, window_s=0.2, windows=2)
+    assert 30 <= r["a"]["batches_per_window"] <= 60, r["a"]
