@@ -44,8 +44,8 @@ def median_run(runs: list[dict]) -> dict:
 
 
 def throughput_table(runs: list[dict]) -> str:
-    run, ratios = median_run(runs), median_run(runs)["ratios"]
-    setup = run["setup"]
+    run = median_run(runs)
+    ratios, setup = run["ratios"], run["setup"]
     notes = {"dali_train_pipeline": f" ({ratios['dali_train_pipeline_vs_decode_ceiling']:.2f} of ceiling)",
              "dali_train": f" ({ratios['dali_train_vs_pipeline']:.2f} of the graph, "
                            f"{ratios['dali_train_vs_decode_ceiling']:.2f} of ceiling, "
