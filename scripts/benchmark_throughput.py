@@ -11,7 +11,7 @@ workers as threads, (4) the eval pipeline, and (5) training steps/s of a timm mo
 by DALI and by the baseline. Each figure: the median (with min, max) of --windows timed
 windows of at least --window-s seconds; the loaders take their windows in turn (A, B,
 A, B, ...), and so do the two training-step figures, so each ratio is the median of the
-rounds' paired ratios (scripts/timing.py).
+rounds' paired ratios; each window runs on a new loader (scripts/timing.py).
 Without --shards it builds realistic shards from scikit-image's sample photographs
 (256-px short side, JPEG q95) with the project's own shard builder.
 """
@@ -49,13 +49,6 @@ def endless(loader):
     finally:
         if hasattr(loader, "close"):
             loader.close()
-
-
-def close(streams: dict) -> None:
-    """Stop every stream's loader (the baseline's worker processes) before the next measurement."""
-    for batches, _ in streams.values():
-        batches.close()
-    gc.collect()
 
 
 def pipeline_runs(pipe):
@@ -107,7 +100,9 @@ def main():
                         help="DALI threads = baseline workers (default: every core on the CPU; on a GPU at most 8, "
                              "as each thread holds its own pinned decoder buffers and nvJPEG does the decoding)")
     parser.add_argument("--window-s", type=float, default=2.0, help="each timed window lasts at least this long")
-    parser.add_argument("--windows", type=int, default=5, help="timed windows per figure (median, min, max)")
+    parser.add_argument("--windows", type=int, default=9,
+                        help="timed windows per figure (median, min, max); 9 kept three back-to-back runs within +-10%% "
+                             "on a 2-core CPU (docs/BENCHMARKS.md)")
     parser.add_argument("--model", default="resnet18", help="timm model for the training-step figures")
     parser.add_argument("--skip-training", action="store_true")
     parser.add_argument("--config", default=str(REPO / "config.yaml"))
@@ -138,26 +133,32 @@ def measure(args, work: Path) -> None:
     bs, timed = args.batch_size, dict(window_s=args.window_s, windows=args.windows)
     print(f"{shards.samples} images in {len(shards.tars)} shards; batch {bs}, {args.threads} threads/workers")
 
-    ceiling = decode_only_pipeline(shards.tars, shards.indexes, on_gpu=device.kind == "gpu", batch_size=bs,
-                                   num_threads=args.threads, device_id=device.device_id,
-                                   prefetch_queue_depth=cfg.pipeline.prefetch_queue_depth)
-    ceiling.build()
-    # every loader in one round-robin of windows: drift on a shared machine hits them alike, and each ratio is
-    # the median of the rounds' paired ratios
+    def ceiling():
+        pipe = decode_only_pipeline(shards.tars, shards.indexes, on_gpu=device.kind == "gpu", batch_size=bs,
+                                    num_threads=args.threads, device_id=device.device_id,
+                                    prefetch_queue_depth=cfg.pipeline.prefetch_queue_depth)
+        pipe.build()
+        return pipeline_runs(pipe)
+
+    f32 = cfg.with_overrides(["pipeline.dtype=float32"])
+    # every loader in one round-robin of windows, each window on a new instance (scripts/timing.py): drift on a
+    # shared machine hits them alike, and each ratio is the median of the rounds' paired ratios
     streams = {
-        "decode_ceiling": (pipeline_runs(ceiling), None),
-        "dali_train_pipeline": (pipeline_runs(build_train_pipeline(cfg, shards, 0, 1, bs, device, amp_dtype=amp_dtype)),
-                                None),
-        "dali_train": (endless(train_loader(cfg, batch_size=bs, device=device, shards=shards, amp_dtype=amp_dtype)),
-                       None),
-        "baseline": (endless(baseline_loader(cfg, batch_size=bs, num_workers=args.threads, shards=shards)), None),
-        "dali_eval": (endless(eval_loader(cfg, "train", batch_size=bs, device=device, shards=shards,
-                                          amp_dtype=amp_dtype)), None),
+        "decode_ceiling": (ceiling, None),
+        "dali_train_pipeline": (lambda: pipeline_runs(build_train_pipeline(cfg, shards, 0, 1, bs, device,
+                                                                           amp_dtype=amp_dtype)), None),
+        "dali_train": (lambda: endless(train_loader(cfg, batch_size=bs, device=device, shards=shards,
+                                                    amp_dtype=amp_dtype)), None),
+        "baseline": (lambda: endless(baseline_loader(cfg, batch_size=bs, num_workers=args.threads, shards=shards)),
+                     None),
+        "dali_eval": (lambda: endless(eval_loader(cfg, "train", batch_size=bs, device=device, shards=shards,
+                                                  amp_dtype=amp_dtype)), None),
+        # for comparison: normalised in DALI
+        "dali_train_float32": (lambda: endless(train_loader(f32, batch_size=bs, device=device, shards=shards)),
+                               None),
     }
-    if output_dtype(cfg.pipeline.dtype, device, amp_dtype) != "float32":  # for comparison: normalised in DALI
-        f32 = cfg.with_overrides(["pipeline.dtype=float32"])
-        streams["dali_train_float32"] = (endless(train_loader(f32, batch_size=bs, device=device, shards=shards)),
-                                         None)
+    if output_dtype(cfg.pipeline.dtype, device, amp_dtype) == "float32":
+        del streams["dali_train_float32"]
     # the loaders' consumer only hands batches over: PyTorch on one thread, as the thread budget gives training on
     # a small CPU; its other intra-op threads would only spin against DALI's (the loader fell from 0.85 to 0.54
     # of the decode ceiling with two, docs/BENCHMARKS.md). The training steps below get every thread back.
@@ -166,7 +167,7 @@ def measure(args, work: Path) -> None:
     results = interleaved(streams, bs, **timed)
     torch.set_num_threads(threads)
     loader_ratios = results.pop("ratios")
-    close(streams)
+    gc.collect()
     ratios = {"dali_train_vs_baseline": loader_ratios["dali_train"]["baseline"],
               "dali_train_vs_pipeline": loader_ratios["dali_train"]["dali_train_pipeline"],
               "dali_train_vs_decode_ceiling": loader_ratios["dali_train"]["decode_ceiling"],
@@ -175,14 +176,15 @@ def measure(args, work: Path) -> None:
         step_with = training_step_fn(args.model, shards.num_classes, device, cfg, amp_dtype)
         layout = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
         streams = {
-            "train_steps_dali": (endless(train_loader(cfg, batch_size=bs, device=device, shards=shards,
-                                                      amp_dtype=amp_dtype)), step_with(lambda x: prepare_input(x, cfg))),
-            "train_steps_baseline": (endless(baseline_loader(cfg, batch_size=bs, num_workers=args.threads,
-                                                             shards=shards)),
+            "train_steps_dali": (lambda: endless(train_loader(cfg, batch_size=bs, device=device, shards=shards,
+                                                              amp_dtype=amp_dtype)),
+                                 step_with(lambda x: prepare_input(x, cfg))),
+            "train_steps_baseline": (lambda: endless(baseline_loader(cfg, batch_size=bs, num_workers=args.threads,
+                                                                     shards=shards)),
                                      step_with(lambda x: x.to(memory_format=layout))),  # normalised float NCHW
         }
         steps = interleaved(streams, bs, **timed)
-        close(streams)
+        gc.collect()
         for name in streams:
             results[name] = {**steps[name], "steps_per_s": round(steps[name]["images_per_s"] / bs, 3)}
         ratios["train_steps_dali_vs_baseline"] = steps["ratios"]["train_steps_dali"]["train_steps_baseline"]

@@ -186,3 +186,29 @@ def test_a_batch_out_of_the_prefetch_queue_does_not_size_the_windows():
             yield None
     r = timing.interleaved({"a": (stream(), None)}, 1, window_s=0.2, windows=2)
     assert 30 <= r["a"]["batches_per_window"] <= 60, r["a"]
+
+
+def test_a_stream_given_as_a_factory_runs_each_window_on_a_new_instance():
+    """Identical loaders differ by up to 18% per instance on a small shared CPU: with a factory, every window is
+    timed on a new one (and the old one closed), so an instance's luck cannot set a whole stream's figure."""
+    import timing
+    events = []
+
+    def factory():
+        speed = [0.001, 0.004][events.count("made") % 2]  # alternate fast and slow instances
+        events.append("made")
+
+        def batches():
+            try:
+                while True:
+                    time.sleep(speed)
+                    yield None
+            finally:
+                events.append("closed")
+        return batches()
+
+    r = timing.interleaved({"a": (factory, None)}, 1, window_s=0.05, windows=4)
+    # one instance per window, each closed before the next is made (a baseline's workers would compete)
+    assert events == ["made", "closed"] * 4
+    rates = sorted(r["a"]["per_window"])
+    assert rates[-1] / rates[0] > 2  # the windows saw both kinds of instance
