@@ -32,6 +32,7 @@ PATH = "path"
 ANY_INT = "int"
 POS_INT = "positive int"
 NONNEG_INT = "non-negative int"
+OPT_INT = "int or null"
 FLOAT = "number"
 FRACTION = "number in [0, 1)"
 SHARE = "number in [0, 1]"
@@ -56,7 +57,7 @@ class Paths:
 
 @dataclass(frozen=True)
 class Data:
-    """Read by preprocessing (shard settings) and by every seeded step (``seed``)."""
+    """Read by preprocessing (shard settings); ``seed`` seeds the splits, and training too unless ``train.seed``."""
     shortest_side: int = key(POS_INT)
     jpeg_quality: int = key(POS_INT)
     val_fraction: float = key(FRACTION)
@@ -108,6 +109,7 @@ class Train:
     max_steps_per_epoch: int = key(NONNEG_INT)
     log_every: int = key(POS_INT)
     checkpoint_every_steps: int = key(NONNEG_INT)
+    seed: int | None = key(OPT_INT)  # None: data.seed (see common.seeds.training_seed)
 
 
 @dataclass(frozen=True)
@@ -125,6 +127,7 @@ class Predict:
     tta: str = key(("none", "flip", "tencrop"))
     batch_size: int = key(POS_INT)
     max_labels: int = key(POS_INT)
+    ensemble_vote: int = key(NONNEG_INT)
 
 
 @dataclass(frozen=True)
@@ -196,6 +199,9 @@ def _check(key: str, spec: Any, value: Any, base: Path) -> Any:
     if spec == ANY_INT:
         if not is_int:
             raise bad("an integer")
+    elif spec == OPT_INT:
+        if value is not None and not is_int:
+            raise bad("an integer, or null")
     elif spec == POS_INT:
         if not is_int or value <= 0:
             raise bad("a positive integer")

@@ -24,7 +24,7 @@ from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
 from common.config import Config
 from common.errors import UserError, is_out_of_memory
-from common.seeds import int_seed
+from common.seeds import int_seed, training_seed
 from common.threads import dali_threads
 from common.shard_format import SplitShards, decode_meta, split_shards
 from dali_pipes.device import PipeDevice, resolve_device
@@ -212,10 +212,10 @@ def shard_errors(shards: SplitShards, config_args: str):
 
 def build_train_pipeline(cfg: Config, shards: SplitShards, rank: int, world_size: int, batch_size: int,
                          device: PipeDevice, epoch: int = 0, checkpoint: str | None = None, amp_dtype=None):
-    """The built train graph; each rank shuffles with its own seed derived from ``data.seed`` (and the epoch
+    """The built train graph; each rank shuffles with its own seed derived from ``train.seed`` (and the epoch
     the pipeline starts at). With ``checkpoint`` (``DaliLoader.checkpoint()`` of an earlier run) it resumes
     exactly where that one stood: reader position, shuffle and augmentation random state."""
-    seed = int_seed(cfg.data.seed, "train_reader", epoch, rank)
+    seed = int_seed(training_seed(cfg), "train_reader", epoch, rank)
     pipe = train_pipeline(shards.tars, shards.indexes, augmentation=cfg.pipeline.augmentation,
                           initial_fill=cfg.pipeline.shuffle_buffer, shard_id=rank, num_shards=world_size,
                           reader_seed=seed, enable_checkpointing=True, checkpoint=checkpoint,

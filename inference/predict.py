@@ -22,6 +22,7 @@ from common.images import check_image_file
 from common.log import progress
 from dali_pipes.device import PipeDevice
 from dali_pipes.loader import ImageFileLoader, prepare_input
+from model.ensemble import Combination
 from model.predict import predict_topk
 
 log = logging.getLogger(__name__)
@@ -65,7 +66,10 @@ class Predictions:
     failed: dict[int, str]  # position -> reason, for files DALI could not decode
 
 
-def predict_files(model, files: list[Path], cfg: Config, device: PipeDevice, amp_dtype=None) -> Predictions:
+def predict_files(models, files: list[Path], cfg: Config, device: PipeDevice, amp_dtype=None,
+                  combination: Combination = Combination()) -> Predictions:
+    """Every file's top-k by the model, or by several models combined (``model.ensemble``) from one pass of the
+    pipeline: each image is decoded, resized and cropped once, whatever the number of models."""
     k, step = cfg.predict.top_k, cfg.predict.batch_size
     pred = Predictions(np.full((len(files), k), -1, dtype=np.int64), np.zeros((len(files), k), dtype=np.float32), {})
 
@@ -75,7 +79,8 @@ def predict_files(model, files: list[Path], cfg: Config, device: PipeDevice, amp
         batches = guarded(lambda: ImageFileLoader(cfg, [files[p] for p in positions], tta=cfg.predict.tta,
                                                   batch_size=batch_size, device=device, amp_dtype=amp_dtype))
         try:
-            for idx, sc, (local,) in predict_topk(model, batches, k, lambda x: prepare_input(x, cfg), amp_dtype):
+            for idx, sc, (local,) in predict_topk(models, batches, k, lambda x: prepare_input(x, cfg), amp_dtype,
+                                                  combination):
                 rows = [positions[i] for i in local.tolist()]
                 pred.indices[rows, : idx.shape[1]] = idx
                 pred.scores[rows, : sc.shape[1]] = sc

@@ -1,6 +1,6 @@
 """Write a Kaggle submission for stage 1 or 2.
 
-    python -m inference.submit --config config.yaml --stage 1|2 [--checkpoint CKPT] [--save-scores PATH]
+    python -m inference.submit --config config.yaml --stage 1|2 [--checkpoint CKPT|ENSEMBLE ...] [--save-scores PATH]
 
 Reads ``stage_N_sample_submission.csv`` and ``stage_N_test_images/``, predicts every image
 with the checkpoint's model through the dali_pipes test-image pipeline (``predict.tta``:
@@ -10,6 +10,10 @@ row of the sample submission, in its order. An image that is missing or does not
 gets the most frequent training labels and a row in ``submission_stageN_problems.csv``;
 when more than ``submit.max_fallback_fraction`` of the images would, nothing is written.
 A run that fails for any reason leaves an earlier submission as it was.
+
+An ENSEMBLE file (``python -m inference.ensemble``) as the checkpoint predicts with all its members, their
+scores combined and its decision rule; several checkpoints make an unscored mix (``predict.ensemble_vote``,
+the config's rule). Either way each image is decoded, resized and cropped once, for every member.
 """
 from __future__ import annotations
 
@@ -32,8 +36,7 @@ from common.threads import apply_thread_budget
 from dali_pipes.device import resolve_device
 from dali_pipes.loader import check_test_image_settings
 from inference.predict import predict_files, screen
-from model.checkpoint import load_checkpoint, model_from_checkpoint
-from model.decision import DecisionRule
+from model.ensemble import member_models, resolve_checkpoints
 from model.network import autocast_dtype
 
 log = logging.getLogger(__name__)
@@ -84,7 +87,15 @@ def warn_if_trained_otherwise(cfg: Config, state: dict, checkpoint: Path) -> Non
                         section, key, then, now)
 
 
-def submit(cfg: Config, stage: int, checkpoint: Path | None = None, save_scores: Path | None = None) -> dict:
+def checkpoint_paths(cfg: Config, given: list[Path] | Path | None) -> list[Path]:
+    if not given:
+        return [default_checkpoint(cfg)]
+    given = [given] if isinstance(given, (str, Path)) else given
+    return [readable_file(Path(p), "--checkpoint") for p in given]
+
+
+def submit(cfg: Config, stage: int, checkpoint: list[Path] | Path | None = None, save_scores: Path | None = None
+           ) -> dict:
     check_test_image_settings(cfg)
     comp = readable_dir(cfg.paths.competition_data, "paths.competition_data")
     out = writable_dir(cfg.paths.output, "paths.output")  # before the long work: it is written last
@@ -94,12 +105,13 @@ def submit(cfg: Config, stage: int, checkpoint: Path | None = None, save_scores:
     folder = comp / f"stage_{stage}_test_images"
     if not folder.is_dir():
         raise UserError(f"image folder not found: {folder}")
-    checkpoint = readable_file(Path(checkpoint), "--checkpoint") if checkpoint else default_checkpoint(cfg)
-    state = load_checkpoint(checkpoint)
-    warn_if_trained_otherwise(cfg, state, checkpoint)
+    predictor = resolve_checkpoints(checkpoint_paths(cfg, checkpoint), cfg)
+    for member in predictor.members:
+        warn_if_trained_otherwise(cfg, member.state, member.path)
+    state, rule = predictor.state, predictor.rule
     codes = state["classes"]
-    rule = DecisionRule.from_dict(state["decision_rule"]) if state.get("decision_rule") else \
-        DecisionRule.from_config(cfg)
+    log.info("predicting with %s; decision rule from %s", ", ".join(str(m.path) for m in predictor.members),
+             predictor.rule_source)
     started = time.time()
 
     problems: dict[int, str] = {}
@@ -117,9 +129,10 @@ def submit(cfg: Config, stage: int, checkpoint: Path | None = None, save_scores:
     # the model goes to the GPU after the screening's worker processes are done: CUDA does not survive a fork
     device = resolve_device(cfg.pipeline.device, announce=True)
     apply_thread_budget(cfg.pipeline.num_threads, device.kind == "gpu")
-    model = model_from_checkpoint(state, cfg.model.channels_last).to(device.torch_device).eval()
-    pred = predict_files(model, [files[i] for i in good], cfg, device,
-                         autocast_dtype(device.kind == "gpu", cfg.model.amp, cfg.model.amp_dtype))
+    models = member_models(predictor.members, cfg.model.channels_last, device.torch_device)
+    pred = predict_files(models, [files[i] for i in good], cfg, device,
+                         autocast_dtype(device.kind == "gpu", cfg.model.amp, cfg.model.amp_dtype),
+                         predictor.combination)
     problems.update({good[p]: r for p, r in pred.failed.items()})
 
     refuse_mostly_fallback(problems, ids, cfg.submit.max_fallback_fraction, folder)
@@ -141,7 +154,8 @@ def submit(cfg: Config, stage: int, checkpoint: Path | None = None, save_scores:
                                 predicted=np.isin(np.arange(len(ids)), predicted_rows))
     atomic_write_csv(submission, ["image_id", "labels"], rows)
     summary = {"images": len(ids), "predicted": len(predicted_rows), "fallback": len(problems),
-               "seconds": round(time.time() - started, 1), "submission": str(submission), "checkpoint": str(checkpoint)}
+               "seconds": round(time.time() - started, 1), "submission": str(submission),
+               "checkpoint": ", ".join(str(m.path) for m in predictor.members), "members": len(predictor.members)}
     log.info(f"stage {stage}: {summary['predicted']} images predicted, {summary['fallback']} given fallback labels "
              f"(see {out / f'submission_stage{stage}_problems.csv'}), {summary['seconds']} s; wrote {submission}")
     return summary
@@ -151,7 +165,10 @@ def submit(cfg: Config, stage: int, checkpoint: Path | None = None, save_scores:
 def main(argv=None):
     parser = config_parser("python -m inference.submit", __doc__)
     parser.add_argument("--stage", type=int, choices=[1, 2], required=True)
-    parser.add_argument("--checkpoint", type=Path, help="default: artifacts/tune (else train)/checkpoints/best.pt")
+    parser.add_argument("--checkpoint", type=Path, action="append",
+                        help="a checkpoint, or an ENSEMBLE file from python -m inference.ensemble; several "
+                             "checkpoints: an unscored mix (predict.ensemble_vote, the config's rule), predicted in "
+                             "one pass; default: artifacts/tune (else train)/checkpoints/best.pt")
     parser.add_argument("--save-scores", type=Path, metavar="PATH",
                         help="also write the rescored top-k labels and scores (compressed .npz), for ensembling")
     args = parser.parse_args(argv)

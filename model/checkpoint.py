@@ -4,8 +4,9 @@ never runs code).
 A payload is a dict of tensors and plain data: ``model`` (the weights, plain keys), ``model_name``,
 ``classes`` (label codes in class-index order), ``class_counts`` (positives per class in the train
 split: inference's fallback labels), ``decision_rule`` (the tune stage's, or None), ``stage``,
-``epoch`` (finished epochs), ``step``, ``metric``, ``best_metric``, ``config``; and, to resume training
-exactly, ``optimizer``, ``scheduler``, ``scaler``, ``rng`` (rank 0's random state) and ``rng_per_rank`` (every
+``epoch`` (finished epochs), ``step``, ``metric``, ``best_metric``, ``config``, ``holdout`` (the tune stage's:
+which images its rule was chosen on, ``common.tune_split.holdout_fingerprint``; None for the train stage);
+and, to resume training exactly, ``optimizer``, ``scheduler``, ``scaler``, ``rng`` (rank 0's random state) and ``rng_per_rank`` (every
 rank's, in rank order: each rank's dropout and other draws go on from its own), ``epoch_progress`` (how far into the next
 epoch a mid-epoch checkpoint stands, with the epoch's running sums) and ``dali`` (every rank's DALI
 pipeline checkpoint, in rank order, for a world of ``world_size`` processes).
@@ -97,7 +98,7 @@ def load_checkpoint(path: Path, require: tuple[str, ...] = FOR_INFERENCE, map_lo
 def training_payload(*, model, optimizer, scheduler, scaler, stage: str, epoch: int, step: int, metric: float | None,
                      best_metric: float, model_name: str, classes: list[str], class_counts: list[int] | None,
                      decision_rule: dict | None, config: dict, epoch_progress: dict, dali: list[str],
-                     rng_per_rank: list[dict], world_size: int) -> dict:
+                     rng_per_rank: list[dict], world_size: int, holdout: dict | None = None) -> dict:
     """The payload as the train and tune stages save it (see the module docstring)."""
     return {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": rng_per_rank[0],
@@ -105,7 +106,7 @@ def training_payload(*, model, optimizer, scheduler, scaler, stage: str, epoch: 
             "stage": stage, "epoch": epoch, "step": step, "metric": metric, "best_metric": best_metric,
             "model_name": model_name, "classes": classes, "class_counts": class_counts,
             "decision_rule": decision_rule, "config": config, "epoch_progress": epoch_progress, "dali": dali,
-            "world_size": world_size}
+            "world_size": world_size, "holdout": holdout}
 
 
 def model_from_checkpoint(state: dict, channels_last: bool = False) -> torch.nn.Module:

@@ -1,4 +1,5 @@
-"""Top-k rescored predictions of a model over a loader's batches: one loop for validation and submissions."""
+"""Top-k rescored predictions of a model, or of several (an ensemble), over a loader's batches: one loop for
+validation, the ensemble's hold-out and submissions."""
 from __future__ import annotations
 
 from typing import Callable, Iterable, Iterator
@@ -6,6 +7,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 import torch
 
+from model.ensemble import Combination, combine_topk
 from model.metrics import topk_rescore
 
 
@@ -17,19 +19,39 @@ def view_averaged_logits(model, x: torch.Tensor, amp_dtype=None) -> torch.Tensor
     return logits.view(-1, views, logits.shape[-1]).mean(1)
 
 
-@torch.no_grad()
-def predict_topk(model, batches: Iterable[tuple], k: int, to_input: Callable[[torch.Tensor], torch.Tensor],
-                 amp_dtype=None) -> Iterator[tuple[np.ndarray, np.ndarray, tuple]]:
-    """For each ``(images, *rest)`` batch: ``(indices [B, k], scores [B, k], rest)``, best first, rescored.
+def _as_list(models) -> list:
+    return list(models) if isinstance(models, (list, tuple)) else [models]
 
-    ``to_input`` turns a loader's images into the model's input (``dali_pipes.loader.prepare_input``).
-    The model is in eval mode while this runs and back in its former mode afterwards.
-    """
-    was_training = model.training
-    model.eval()
+
+@torch.no_grad()
+def predict_member_topk(models, batches: Iterable[tuple], k: int, to_input: Callable[[torch.Tensor], torch.Tensor],
+                        amp_dtype=None) -> Iterator[tuple[list[tuple[torch.Tensor, torch.Tensor]], int, tuple]]:
+    """For each ``(images, *rest)`` batch: every model's ``(indices [B, k], scores [B, k])`` on the device, the
+    number of classes, and ``rest``. The batch is made the models' input once, whatever the number of models
+    (``to_input``: ``dali_pipes.loader.prepare_input``). The models are in eval mode while this runs and back
+    in their former modes afterwards."""
+    models = _as_list(models)
+    was_training = [m.training for m in models]
+    for m in models:
+        m.eval()
     try:
         for images, *rest in batches:
-            indices, scores = topk_rescore(view_averaged_logits(model, to_input(images), amp_dtype), k)
-            yield indices.cpu().numpy(), scores.cpu().numpy(), tuple(rest)
+            x = to_input(images)
+            tops, classes = [], 0
+            for m in models:
+                logits = view_averaged_logits(m, x, amp_dtype)
+                classes = logits.shape[1]
+                tops.append(topk_rescore(logits, k))
+            yield tops, classes, tuple(rest)
     finally:
-        model.train(was_training)
+        for m, mode in zip(models, was_training):
+            m.train(mode)
+
+
+def predict_topk(models, batches: Iterable[tuple], k: int, to_input: Callable[[torch.Tensor], torch.Tensor],
+                 amp_dtype=None, combination: Combination = Combination()) -> Iterator[tuple[np.ndarray, np.ndarray, tuple]]:
+    """For each ``(images, *rest)`` batch: ``(indices [B, k], scores [B, k], rest)``, best first, rescored; with
+    several models, their scores combined as ``combination`` says (``model.ensemble``)."""
+    for tops, classes, rest in predict_member_topk(models, batches, k, to_input, amp_dtype):
+        indices, scores = combine_topk(tops, classes, k, combination)
+        yield indices.cpu().numpy(), scores.cpu().numpy(), rest

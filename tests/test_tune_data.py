@@ -1,7 +1,7 @@
 import webdataset as wds
 
 from common.shard_format import split_shards
-from training.tune_data import split_tune_shards
+from common.tune_split import split_tune_shards
 
 
 def keys(shards) -> list[str]:

@@ -28,7 +28,7 @@ from common.config import Config
 from common.errors import UserError, writing
 from common.paths import readable_dir, readable_file, writable_dir
 from common.log import progress as progress_bar
-from common.seeds import int_seed
+from common.seeds import int_seed, training_seed
 from common.threads import apply_thread_budget
 from common.shard_format import SplitShards, read_manifest, split_shards
 from common.vocab import Vocabulary
@@ -42,7 +42,7 @@ from model.network import autocast_dtype, create_model
 from model.predict import predict_topk
 from training import distributed
 from training.losses import LOSSES
-from training.tune_data import split_tune_shards, tune_parts
+from common.tune_split import holdout_fingerprint, holdout_ids, split_tune_shards, tune_parts
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +121,7 @@ def lr_factor(cfg: Config, stage: Stage, steps_per_epoch: int, world_size: int):
 
 def create_train_state(cfg: Config, stage: Stage, num_classes: int, device: torch.device, amp_dtype,
                        steps_per_epoch: int, world_size: int) -> TrainState:
-    torch.manual_seed(int_seed(cfg.data.seed, "model_init"))
+    torch.manual_seed(int_seed(training_seed(cfg), "model_init"))  # dropout draws from it too
     model = create_model(cfg.model.name, num_classes, cfg.model.channels_last, cfg.model.drop_rate).to(device)
     opt = torch.optim.SGD(model.parameters(), lr=stage.lr, momentum=cfg.train.momentum,
                           nesterov=cfg.train.nesterov, weight_decay=cfg.train.weight_decay)
@@ -138,6 +138,8 @@ class CheckpointSaver:
         self.stage, self.cfg, self.d = stage, cfg, d
         self.classes, self.class_counts = classes, class_counts
         self.last, self.best = stage.checkpoints / "last.pt", stage.checkpoints / "best.pt"
+        # the images the tune stage's rule is chosen on (an ensemble of tuned members must choose on the same)
+        self.holdout = holdout_fingerprint(holdout_ids(stage.out / "data")) if stage.name == "tune" else None
 
     def save(self, state: TrainState, loader, metric: float | None = None, decision_rule: dict | None = None) -> bool:
         """Write ``last.pt`` (every rank takes part: each hands over its DALI state), and at an epoch's end
@@ -155,7 +157,7 @@ class CheckpointSaver:
             best_metric=state.best_metric, model_name=self.cfg.model.name, classes=self.classes,
             class_counts=self.class_counts, decision_rule=decision_rule, config=self.cfg.to_dict(),
             epoch_progress=asdict(state.progress), dali=list(dali), rng_per_rank=list(rngs),
-            world_size=self.d.world_size)
+            world_size=self.d.world_size, holdout=self.holdout)
         save_checkpoint(self.last, payload)
         if improved:
             save_checkpoint(self.best, payload)

@@ -1,11 +1,15 @@
 """The tune stage's data: the ``tune`` shards split into a part to fit and a part to choose the rule on.
 
 The split is a training setting (``tune.holdout_fraction``), not a data one, so it is made
-here, at the start of the stage, by repacking the ~1,000 tuning samples (a few MB) into two
-small shard sets with their DALI indexes.
+at the start of the stage, by repacking the ~1,000 tuning samples (a few MB) into two
+small shard sets with their DALI indexes. It lives in ``common`` because two stages read it:
+the tune stage, and ``inference.ensemble``, which must choose its rule on the very images
+every tuned member held out.
 """
 from __future__ import annotations
 
+import csv
+import hashlib
 from pathlib import Path
 
 from common.seeds import rng
@@ -16,6 +20,19 @@ from common.vocab import Vocabulary
 
 PARTS = ("fit", "holdout")
 HOLDOUT_LABELS = "holdout_labels.csv"
+
+
+def holdout_fingerprint(ids: list[str]) -> dict:
+    """Which images a rule was chosen on: their number and the sha256 of their sorted ids. A tuned checkpoint
+    records it, and an ensemble's rule must be chosen on the same images (``model.ensemble.check_holdout``)."""
+    text = "\n".join(sorted(ids)).encode()
+    return {"images": len(ids), "sha256": hashlib.sha256(text).hexdigest()}
+
+
+def holdout_ids(out_dir: Path) -> list[str]:
+    """The hold-out's image ids, from the labels file ``split_tune_shards`` writes beside its shards."""
+    with open(out_dir / HOLDOUT_LABELS, newline="") as f:
+        return [row[0] for row in csv.reader(f) if row]
 
 
 def tune_parts(shards_dir: Path, out_dir: Path) -> tuple[SplitShards, SplitShards]:

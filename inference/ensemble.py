@@ -1,0 +1,99 @@
+"""Make an ensemble: several checkpoints that predict as one, with a decision rule chosen for their combined scores.
+
+    python -m inference.ensemble --config config.yaml --checkpoint A.pt --checkpoint B.pt [...] --out ENSEMBLE
+
+Predicts the tune stage's hold-out images (the same images, ``data.seed`` and ``tune.holdout_fraction``, that
+each tuned member chose its own rule on) once, with every member from one pass of the eval pipeline and the
+submission's test-time views (``predict.tta``); combines the members' rescored scores (``predict.ensemble_vote``:
+0 = their mean, k = at least k of the n members) and chooses the decision rule on the combined scores exactly as
+the tune stage does for one model. Writes ENSEMBLE, a small JSON file naming the members (path and sha256), the
+combination, the rule and the hold-out, and prints every member's hold-out F2 beside the ensemble's.
+Then: ``python -m inference.submit --stage 2 --checkpoint ENSEMBLE``.
+"""
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from common.cli import command, config_from_args, config_parser
+from common.config import Config
+from common.errors import UserError
+from common.paths import readable_dir, readable_file, writable_file
+from common.threads import apply_thread_budget
+from dali_pipes.device import resolve_device
+from dali_pipes.loader import eval_loader, prepare_input
+from model.decision import choose_rule
+from model.ensemble import (Combination, check_holdout, combine_topk, load_members, member_models,
+                            write_ensemble_file)
+from model.network import autocast_dtype
+from model.predict import predict_member_topk
+from common.tune_split import holdout_fingerprint, holdout_ids, split_tune_shards
+
+log = logging.getLogger(__name__)
+
+
+def predict_holdout(cfg: Config, models: list, holdout, device) -> tuple[list[tuple[np.ndarray, np.ndarray]],
+                                                                          list[list[int]], int]:
+    """Every member's (indices, scores) over the hold-out, from one pass; the true labels; the class count."""
+    amp_dtype = autocast_dtype(device.kind == "gpu", cfg.model.amp, cfg.model.amp_dtype)
+    loader = eval_loader(cfg, batch_size=cfg.predict.batch_size, device=device, shards=holdout, tta=cfg.predict.tta,
+                         amp_dtype=amp_dtype)
+    per_member: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in models]
+    targets: list[list[int]] = []
+    classes = 0
+    for tops, classes, (target, _) in predict_member_topk(models, loader, cfg.predict.top_k,
+                                                          lambda x: prepare_input(x, cfg), amp_dtype):
+        for m, (idx, sc) in enumerate(tops):
+            per_member[m].append((idx.cpu().numpy(), sc.cpu().numpy()))
+        targets += [np.flatnonzero(t).tolist() for t in target.cpu().numpy()]
+    tops = [(np.concatenate([b[0] for b in batches]), np.concatenate([b[1] for b in batches]))
+            for batches in per_member]
+    return tops, targets, classes
+
+
+def make_ensemble(cfg: Config, checkpoints: list[Path], out: Path) -> dict:
+    if len(checkpoints) < 2:
+        raise UserError("an ensemble needs at least two --checkpoint")
+    readable_dir(cfg.paths.shards, "paths.shards")
+    writable_file(out, "--out")
+    members = load_members([readable_file(Path(c), "--checkpoint") for c in checkpoints])
+    combination = Combination.from_vote(cfg.predict.ensemble_vote, len(members))
+    device = resolve_device(cfg.pipeline.device, announce=True)
+    apply_thread_budget(cfg.pipeline.num_threads, device.kind == "gpu")
+    with tempfile.TemporaryDirectory(prefix="iic_holdout_") as folder:
+        # the tune stage's own split, remade from the config (a few MB): the images the members were not fitted on
+        _, holdout = split_tune_shards(cfg.paths.shards, Path(folder), cfg.tune.holdout_fraction, cfg.data.seed)
+        fingerprint = holdout_fingerprint(holdout_ids(Path(folder)))
+        check_holdout(members, fingerprint, "this config's tune hold-out")
+        models = member_models(members, cfg.model.channels_last, device.torch_device)
+        tops, targets, classes = predict_holdout(cfg, models, holdout, device)
+    member_f2 = [choose_rule(idx, sc, targets, cfg.tune.min_class_examples)[1] for idx, sc in tops]
+    indices, scores = combine_topk([(torch.from_numpy(i), torch.from_numpy(s)) for i, s in tops], classes,
+                                   cfg.predict.top_k, combination)
+    rule, f2 = choose_rule(indices.numpy(), scores.numpy(), targets, cfg.tune.min_class_examples)
+    write_ensemble_file(out, members, combination, rule, fingerprint, f2, member_f2)
+    log.info("hold-out F2 (%d images, each with its own rule chosen there): ensemble %.4f (%s), members %s; "
+             "wrote %s", len(targets), f2, combination.describe(len(members)),
+             ", ".join(f"{x:.4f}" for x in member_f2), out)
+    if f2 < max(member_f2):
+        log.warning("the ensemble scores below its best member on the hold-out: check the members "
+                    "(python -m inference.submit --checkpoint on each) or try predict.ensemble_vote")
+    return {"holdout_images": len(targets), "ensemble_f2": f2, "member_f2": member_f2, "out": str(out)}
+
+
+@command(batch_keys="predict.batch_size")
+def main(argv=None):
+    parser = config_parser("python -m inference.ensemble", __doc__)
+    parser.add_argument("--checkpoint", type=Path, action="append", required=True,
+                        help="a member's checkpoint (repeat: at least two), e.g. artifacts/tune/checkpoints/best.pt")
+    parser.add_argument("--out", type=Path, required=True, help="the ENSEMBLE file to write (JSON)")
+    args = parser.parse_args(argv)
+    make_ensemble(config_from_args(args), args.checkpoint, args.out)
+
+
+if __name__ == "__main__":
+    main()
