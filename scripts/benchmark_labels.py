@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import resource
 import subprocess
 import sys
@@ -70,7 +71,9 @@ def main():
     parser.add_argument("--rows", type=int, default=8_040_000)
     parser.add_argument("--images", type=int, default=1_743_042)
     parser.add_argument("--work", type=Path, default=Path("/tmp/iic_label_benchmark"))
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5,
+                        help="runs, each in a fresh process (a run of the full-size file is a window of many seconds)")
+    parser.add_argument("--json", type=Path, help="write the runs and their median, min and max here")
     parser.add_argument("--measure", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.measure:
@@ -86,9 +89,14 @@ def main():
                              capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent)
         runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
         print(runs[-1], flush=True)
-    secs = sorted(r["seconds"] for r in runs)
-    print(f"median {secs[len(secs) // 2]} s, peak {max(r['peak_rss_gb'] for r in runs)} GB "
-          f"for {runs[0]['rows']:,d} rows / {runs[0]['images_with_labels']:,d} images")
+    secs = [r["seconds"] for r in runs]
+    summary = {"seconds": statistics.median(secs), "min": min(secs), "max": max(secs),
+               "peak_rss_gb": max(r["peak_rss_gb"] for r in runs), "rows": runs[0]["rows"],
+               "images_with_labels": runs[0]["images_with_labels"], "runs": runs}
+    print(f"median {summary['seconds']} s (min {summary['min']}, max {summary['max']}), peak "
+          f"{summary['peak_rss_gb']} GB for {runs[0]['rows']:,d} rows / {runs[0]['images_with_labels']:,d} images")
+    if args.json:
+        args.json.write_text(json.dumps(summary, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -1,21 +1,24 @@
 #!/usr/bin/env python3
 """The shard builder's image step against the original solution's, and the repack rate by worker count.
 
-    python scripts/benchmark_prepare.py [--json PATH] [--images 60] [--repeats 3] [--repack 10000]
+    python scripts/benchmark_prepare.py [--json PATH] [--images 60] [--windows 5] [--repeats 5] [--repack 10000]
 
 Side by side in one run, on the same inputs (one core):
 - ``seed_cv2``: the original's loop (OpenCV full decode, ``cv2.resize`` with its default bilinear
   filter, ``cv2.imencode`` at its default quality 95);
 - ``prepare_image``: this project's image step.
 Each gets ``images_per_s`` over 1024-px photographs (scikit-image's samples, the size of the Open
-Images originals) and fine-detail images (zone plates over pixel noise) together, and PSNR against
+Images originals) and fine-detail images (zone plates over pixel noise) together: the median (with min and
+max) of --windows windows of at least --window-s seconds, the two steps taking theirs in turn, so that
+``prepare_vs_seed`` is the median of the rounds' paired ratios (scripts/timing.py); and PSNR against
 a full decode resized with Lanczos to the exact target size: ``psnr_db`` (photos) and
 ``psnr_detail_db`` (fine detail, where a plain bilinear filter aliases); ``size_errors`` counts
 outputs whose size differs from the size computed from the original dimensions.
 
 Then the repack: ``--repack`` already-resized 256-px JPEGs packed as is with 1 and 2 workers, in
-shards of 500, each build in its own process as a user runs it; the steady rate is the
-difference between a 2,000-image and a full build (start-up cancels out). The disk's
+shards of 500, each build in its own process as a user runs it, --repeats times (each build is a
+window of many seconds: median, min and max); the steady rate is the difference between the
+medians of a 2,000-image and a full build (start-up cancels out). The disk's
 sequential read speed (O_DIRECT, so the page cache does not flatter it) is measured beside it,
 and the time for 1.74 M images on 16 cores is projected from the 1-worker steady rate.
 """
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import itertools
 import json
 import math
 import mmap
@@ -38,6 +42,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from timing import interleaved  # noqa: E402  (scripts/timing.py)
 
 from demo.photos import photo_jpegs, write_photo_dataset  # noqa: E402
 from preprocessing.images import prepare_image, resized_size  # noqa: E402
@@ -102,23 +109,26 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
     return 10 * math.log10(255 ** 2 / max(((a - b) ** 2).mean(), 1e-12))
 
 
-def image_step(step, photos, detail, refs_photos, refs_detail, repeats: int, dali_photos=None) -> dict:
+def image_steps(steps: dict, photos, detail, refs_photos, refs_detail, window_s: float, windows: int,
+                dali_photos=None) -> dict:
+    """Each step's images/s (interleaved windows) and the quality of its outputs."""
     inputs = photos + detail
-    step(inputs[0])  # warm-up
-    rates = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for data in inputs:
-            step(data)
-        rates.append(len(inputs) / (time.perf_counter() - start))
-    outputs_p, outputs_d = [decoded(step(d)) for d in photos], [decoded(step(d)) for d in detail]
-    size_errors = sum(o.shape != r.shape for o, r in zip(outputs_p + outputs_d, refs_photos + refs_detail))
-    close_to_dali = [psnr(o, d) for o, d in zip(outputs_p, dali_photos or []) if o.shape == d.shape]
-    return {"images_per_s": round(statistics.median(rates), 1),
+    timed = interleaved({name: (itertools.cycle(inputs), step) for name, step in steps.items()}, 1, window_s, windows)
+    results = {}
+    for name, step in steps.items():
+        outputs_p, outputs_d = [decoded(step(d)) for d in photos], [decoded(step(d)) for d in detail]
+        size_errors = sum(o.shape != r.shape for o, r in zip(outputs_p + outputs_d, refs_photos + refs_detail))
+        close_to_dali = [psnr(o, d) for o, d in zip(outputs_p, dali_photos or []) if o.shape == d.shape]
+        results[name] = {
+            **timed[name],
             "psnr_vs_dali_resize_db": round(statistics.median(close_to_dali), 2) if close_to_dali else None,
             "psnr_db": round(statistics.median(psnr(o, r) for o, r in zip(outputs_p, refs_photos) if o.shape == r.shape), 2),
             "psnr_detail_db": round(statistics.median(psnr(o, r) for o, r in zip(outputs_d, refs_detail) if o.shape == r.shape), 2),
             "size_errors": size_errors}
+    if len(steps) == 2:
+        a, b = steps
+        results[f"{b}_vs_{a}"] = round(timed["ratios"][b][a], 3)
+    return results
 
 
 def disk_read_mb_s(folder: Path, size_mb: int = 512) -> float:
@@ -167,10 +177,14 @@ def repack(work: Path, count: int, repeats: int) -> dict:
 
     result = {"images": count, "small_images": len(small_ids)}
     for workers in (1, 2):
-        small = [build(comp_small, workers) for _ in range(repeats)]
-        full = [build(layout.competition_data, workers) for _ in range(repeats)]
+        small, full = [], []
+        for _ in range(repeats):  # in turn: drift hits both alike
+            small.append(build(comp_small, workers))
+            full.append(build(layout.competition_data, workers))
         steady = (count - len(small_ids)) / (statistics.median(full) - statistics.median(small))
         result[f"workers_{workers}"] = {"small_s": [round(s, 2) for s in small], "full_s": [round(s, 2) for s in full],
+                                        "full_s_median_min_max": [round(statistics.median(full), 2),
+                                                                  round(min(full), 2), round(max(full), 2)],
                                         "startup_s": round(statistics.median(small) - len(small_ids) / steady, 2),
                                         "steady_images_per_s": round(steady, 1)}
     result["scaling_2_vs_1"] = round(result["workers_2"]["steady_images_per_s"]
@@ -181,7 +195,9 @@ def repack(work: Path, count: int, repeats: int) -> dict:
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=60, help="1024-px photographs (and a third as many detail images)")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--window-s", type=float, default=2.0, help="each timed window of the image steps lasts this long")
+    parser.add_argument("--windows", type=int, default=5, help="timed windows per image step")
+    parser.add_argument("--repeats", type=int, default=5, help="builds of each size and worker count")
     parser.add_argument("--repack", type=int, default=10000, help="already-resized images for the repack (0: skip)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
@@ -191,13 +207,11 @@ def main():
     dali_photos = dali_resized(photos)
     results = {"dali_resize_psnr_db": round(statistics.median(psnr(d, r) for d, r in zip(dali_photos, refs_photos)
                                                               if d.shape == r.shape), 2)}
-    try:
-        import cv2
-        cv2.setNumThreads(1)  # one core, like every worker of the builder
-        results["seed_cv2"] = image_step(seed_cv2, photos, detail, refs_photos, refs_detail, args.repeats, dali_photos)
-    except ImportError:
-        print("(opencv-python-headless is not installed: seed_cv2 is not measured)", file=sys.stderr)
-    results["prepare_image"] = image_step(ours, photos, detail, refs_photos, refs_detail, args.repeats, dali_photos)
+    import cv2
+    cv2.setNumThreads(1)  # one core, like every worker of the builder
+    results.update(image_steps({"seed_cv2": seed_cv2, "prepare_image": ours}, photos, detail, refs_photos,
+                               refs_detail, args.window_s, args.windows, dali_photos))
+    print(f"prepare_image / seed_cv2: {results['prepare_image_vs_seed_cv2']}x (median of paired windows)")
     for name in ("seed_cv2", "prepare_image"):
         if name in results:
             r = results[name]

@@ -13,6 +13,9 @@ throughput benchmark), then, each in its own process as a user runs it:
 - verifies the large build (``preprocessing.verify --workers``) and reads it once through the
   DALI train loader on the CPU;
 and projects the build to the 1.74 M images of the real set at the measured rate per worker.
+Unlike the other benchmarks, each figure is one run, not the median of windows: a build of 50,000 images is
+one window of minutes, and what it shows (memory and rate that do not change as a build grows) is read within
+that run, per fifth of its shards.
 """
 from __future__ import annotations
 

@@ -2,11 +2,12 @@
 """Training images/s on a quiet CPU and on one where another process keeps a core busy, with the thread
 budget (common.threads) and without it (every library at its defaults), measured interleaved.
 
-    python scripts/benchmark_threads.py [--repeats 3] [--steps 40] [--json out.json]
+    python scripts/benchmark_threads.py [--repeats 5] [--steps 40] [--json out.json]
 
 Each measurement is one training process on the demo data (``demo/config.yaml``: timm's test_resnet on 56-px
 crops, batch 32), ``--steps`` steps of one epoch, images/s as training reports it (the epoch's images over its
-time, start-up and validation excluded). The order is off-quiet, off-busy, on-quiet, on-busy, repeated, so that
+time, start-up and validation excluded: a window of about 3 s at 40 steps). Each figure is the median, with
+min and max, of --repeats such windows. The order is off-quiet, off-busy, on-quiet, on-busy, repeated, so that
 drift on a shared machine hits every case alike; each ratio (busy / quiet) is the median of the ratios of one
 repeat's pair. The busy process is a Python loop that never sleeps, started before the training process and
 stopped after it.
@@ -64,7 +65,7 @@ def train_rate(config: Path, work: Path, steps: int, budget: bool, busy: bool) -
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5, help="windows (training runs) per case")
     parser.add_argument("--steps", type=int, default=40, help="training steps per measurement (batch 32)")
     parser.add_argument("--images", type=int, default=2000, help="demo training images to generate")
     parser.add_argument("--json", type=Path, help="write the figures here")
@@ -89,6 +90,8 @@ def main(argv=None) -> int:
         quiet, busy = runs[(budget, False)], runs[(budget, True)]
         result[name] = {"quiet_images_per_s": round(statistics.median(quiet), 1),
                         "busy_images_per_s": round(statistics.median(busy), 1),
+                        "quiet_min_max": [round(min(quiet), 1), round(max(quiet), 1)],
+                        "busy_min_max": [round(min(busy), 1), round(max(busy), 1)],
                         "quiet_runs": [round(r, 1) for r in quiet], "busy_runs": [round(r, 1) for r in busy],
                         "busy_vs_quiet": round(statistics.median(b / q for b, q in zip(busy, quiet)), 3)}
         print(f"{name}: quiet {result[name]['quiet_images_per_s']}, busy {result[name]['busy_images_per_s']} "
