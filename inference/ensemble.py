@@ -2,13 +2,14 @@
 
     python -m inference.ensemble --config config.yaml --checkpoint A.pt --checkpoint B.pt [...] --out ENSEMBLE
 
-Predicts the tune stage's hold-out images (the same images, ``data.seed`` and ``tune.holdout_fraction``, that
-each tuned member chose its own rule on) once, with every member from one pass of the eval pipeline and the
-submission's test-time views (``predict.tta``); combines the members' rescored scores (``predict.ensemble_vote``:
-0 = their mean, k = at least k of the n members) and chooses the decision rule on the combined scores exactly as
-the tune stage does for one model. Writes ENSEMBLE, a small JSON file naming the members (path and sha256), the
-combination, the rule and the hold-out, and prints every member's hold-out F2 beside the ensemble's.
-Then: ``python -m inference.submit --stage 2 --checkpoint ENSEMBLE``.
+Predicts the tune stage's hold-out images (the same images, from data.seed and tune.holdout_fraction,
+that each tuned member chose its own rule on) once, with every member from one pass of the eval
+pipeline and the submission's test-time views (predict.tta); combines the members' rescored scores
+(predict.ensemble_vote: 0 = their mean, k = at least k of the n members) and chooses the decision rule
+on the combined scores exactly as the tune stage does for one model. Writes ENSEMBLE, a small JSON file
+naming the members (paths relative to its folder, and sha256), the combination, the rule and the
+hold-out, and prints every member's hold-out F2 beside the ensemble's.
+Then: python -m inference.submit --stage 2 --checkpoint ENSEMBLE
 """
 from __future__ import annotations
 
@@ -62,13 +63,13 @@ def make_ensemble(cfg: Config, checkpoints: list[Path], out: Path) -> dict:
     writable_file(out, "--out")
     members = load_members([readable_file(Path(c), "--checkpoint") for c in checkpoints])
     combination = Combination.from_vote(cfg.predict.ensemble_vote, len(members))
-    device = resolve_device(cfg.pipeline.device, announce=True)
-    apply_thread_budget(cfg.pipeline.num_threads, device.kind == "gpu")
     with tempfile.TemporaryDirectory(prefix="iic_holdout_") as folder:
         # the tune stage's own split, remade from the config (a few MB): the images the members were not fitted on
         _, holdout = split_tune_shards(cfg.paths.shards, Path(folder), cfg.tune.holdout_fraction, cfg.data.seed)
         fingerprint = holdout_fingerprint(holdout_ids(Path(folder)))
         check_holdout(members, fingerprint, "this config's tune hold-out")
+        device = resolve_device(cfg.pipeline.device, announce=True)
+        apply_thread_budget(cfg.pipeline.num_threads, device.kind == "gpu")
         models = member_models(members, cfg.model.channels_last, device.torch_device)
         tops, targets, classes = predict_holdout(cfg, models, holdout, device)
     member_f2 = [choose_rule(idx, sc, targets, cfg.tune.min_class_examples)[1] for idx, sc in tops]

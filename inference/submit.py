@@ -156,21 +156,24 @@ def submit(cfg: Config, stage: int, checkpoint: list[Path] | Path | None = None,
     summary = {"images": len(ids), "predicted": len(predicted_rows), "fallback": len(problems),
                "seconds": round(time.time() - started, 1), "submission": str(submission),
                "checkpoint": ", ".join(str(m.path) for m in predictor.members), "members": len(predictor.members)}
-    log.info(f"stage {stage}: {summary['predicted']} images predicted, {summary['fallback']} given fallback labels "
-             f"(see {out / f'submission_stage{stage}_problems.csv'}), {summary['seconds']} s; wrote {submission}")
+    problems_file = f" (see {out / f'submission_stage{stage}_problems.csv'})" if problems else ""
+    log.info(f"stage {stage}: {summary['predicted']} images predicted, {summary['fallback']} given fallback labels"
+             f"{problems_file}, {summary['seconds']} s; wrote {submission}")
     return summary
 
 
 @command(batch_keys="predict.batch_size")
 def main(argv=None):
     parser = config_parser("python -m inference.submit", __doc__)
-    parser.add_argument("--stage", type=int, choices=[1, 2], required=True)
+    parser.add_argument("--stage", type=int, choices=[1, 2], required=True,
+                        help="which test set: stage_N_sample_submission.csv and stage_N_test_images/")
     parser.add_argument("--checkpoint", type=Path, action="append",
-                        help="a checkpoint, or an ENSEMBLE file from python -m inference.ensemble; several "
-                             "checkpoints: an unscored mix (predict.ensemble_vote, the config's rule), predicted in "
-                             "one pass; default: artifacts/tune (else train)/checkpoints/best.pt")
+                        help="a checkpoint, or an ENSEMBLE file from python -m inference.ensemble (its own "
+                             "combination and rule: predict.ensemble_vote and the config's rule do not apply); "
+                             "several checkpoints: an unscored mix (predict.ensemble_vote, the config's rule), "
+                             "predicted in one pass; default: artifacts/tune (else train)/checkpoints/best.pt")
     parser.add_argument("--save-scores", type=Path, metavar="PATH",
-                        help="also write the rescored top-k labels and scores (compressed .npz), for ensembling")
+                        help="also write the rescored top-k labels and scores (compressed .npz), for analysis")
     args = parser.parse_args(argv)
     submit(config_from_args(args), args.stage, args.checkpoint, args.save_scores)
 

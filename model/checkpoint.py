@@ -85,8 +85,12 @@ def load_checkpoint(path: Path, require: tuple[str, ...] = FOR_INFERENCE, map_lo
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # whatever torch.load meets in a file that is not a checkpoint, it is not one
         text = str(exc).strip()
-        first = text.splitlines()[0][:200] if text else type(exc).__name__
-        raise UserError(f"checkpoint {path} is damaged or not a checkpoint of this project ({first})") from None
+        first = text.splitlines()[0][:200] if text else ""
+        # a bare "101" (the KeyError of a text file) says nothing without its kind
+        said = f"torch.load: {type(exc).__name__} {first}".strip() if len(first) < 20 else first
+        if first.startswith("Weights only load failed"):  # never pass on torch's advice to drop weights_only
+            said = "it holds objects other than tensors and plain data, which a checkpoint never does"
+        raise UserError(f"checkpoint {path} is damaged or not a checkpoint of this project ({said})") from None
     if not isinstance(payload, dict) or "model" not in payload:
         raise UserError(f"checkpoint {path} holds no model weights: not a checkpoint of this project")
     missing = [k for k in require if k not in payload]

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,8 @@ from common.atomic import atomic_write
 from common.errors import UserError
 from model.checkpoint import load_checkpoint, model_from_checkpoint
 from model.decision import DecisionRule
+
+log = logging.getLogger(__name__)
 
 FORMAT = "iic-ensemble/1"
 # what a checkpoint's model sees of its input: members must agree, as one DALI pass serves them all
@@ -124,6 +127,10 @@ def load_members(paths: list[Path], expected_sha256: list[str] | None = None, na
             raise UserError(f"ensemble member {path} has changed since the ensemble was made (sha256 {digest[:12]}, "
                             f"the ensemble names {want[:12]}): its decision rule was chosen for the old model; "
                             "make the ensemble again with python -m inference.ensemble")
+        twin = next((m for m in members if m.sha256 == digest), None)
+        if twin:
+            raise UserError(f"ensemble members {twin.path} and {path} are the same model (the same bytes): an "
+                            "ensemble needs different members, e.g. trained with another train.seed")
         members.append(Member(Path(path), state, digest))
     first = members[0]
     for other in members[1:]:
@@ -233,6 +240,11 @@ def resolve_checkpoints(paths: list[Path], cfg) -> Predictor:
         if len(paths) > 1:
             raise UserError(f"{ensembles[0]} is an ensemble file: pass it as the only --checkpoint")
         ens = EnsembleFile.read(paths[0])
+        vote = cfg.predict.ensemble_vote
+        if vote and Combination("vote", vote) != ens.combination:
+            log.warning("predict.ensemble_vote=%d does not apply: %s combines its members as its rule was chosen "
+                        "for (%s); make another ensemble for another combination", vote,
+                        paths[0], ens.combination.describe(len(ens.member_paths)))
         members = load_members(ens.member_paths, ens.member_sha256, named_by=paths[0])
         check_holdout(members, ens.holdout, f"the hold-out {paths[0]} chose its rule on")
         return Predictor(members, ens.combination, ens.decision_rule, f"{paths[0]} ({ens.combination.describe(len(members))})")

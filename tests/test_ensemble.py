@@ -344,3 +344,17 @@ def test_several_checkpoints_mix_with_the_configs_rule(members, tmp_path):
     cfg = cfg.with_overrides([f"paths.output={tmp_path / 'out'}"])
     summary = submit(cfg, 2, paths)
     assert summary["members"] == 2 and summary["predicted"] > 0
+
+
+def test_the_same_member_twice_is_one_line(members, tmp_path, capsys):
+    cfg, paths, _ = members
+    shutil.copy(paths[0], tmp_path / "copy.pt")
+    code, _, err = make(cfg, [paths[0], tmp_path / "copy.pt"], tmp_path / "E", capsys)
+    assert code == 2 and "are the same model" in err and not (tmp_path / "E").exists()
+
+
+def test_a_vote_setting_beside_an_ensemble_file_is_named_as_not_applying(ensemble_copy, caplog):
+    cfg, copies, ens, out = ensemble_copy
+    summary = submit(cfg.with_overrides(["predict.ensemble_vote=2"]), 2, [ens])
+    assert summary["members"] == 2
+    assert any("predict.ensemble_vote=2 does not apply" in r.getMessage() for r in caplog.records)

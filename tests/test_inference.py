@@ -212,6 +212,7 @@ def test_exactly_the_damaged_and_missing_images_fall_back(setup, tmp_path):
 
 @pytest.mark.parametrize("make", [
     lambda p: p.write_text("not a checkpoint\n"),
+    lambda p: p.write_text("hello\n"),  # torch.load's reason: KeyError(101), the byte 'e'
     lambda p: p.write_bytes(b""),
     lambda p: torch.save(torch.zeros(3), p),
     lambda p: torch.save({"model": {}}, p),
@@ -225,3 +226,5 @@ def test_a_file_that_is_not_a_checkpoint_is_one_line(setup, tmp_path, capsys, ma
     assert code == 2 and "Traceback" not in err
     assert err.strip().splitlines() == [err.strip().splitlines()[-1]]
     assert err.startswith(f"error: checkpoint {tmp_path / 'x.pt'} ") and "checkpoint of this project" in err
+    assert not re.search(r"\(\d+\)", err)  # never a bare number (a text file's KeyError) as the reason
+    assert "set to `False`" not in err  # nor torch's advice to load it with weights_only=False
