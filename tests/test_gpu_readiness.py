@@ -214,14 +214,14 @@ def test_submit_screens_the_images_before_the_model_goes_to_the_device(built, ka
     save_checkpoint(ckpt, {"model": create_model("test_resnet", len(vocab)).state_dict(), "model_name": "test_resnet",
                            "classes": vocab.codes})
     order = []
-    for name in ("screen", "model_from_checkpoint"):
+    for name in ("screen", "member_models"):
         original = getattr(submit_module, name)
         monkeypatch.setattr(submit_module, name, lambda *a, _f=original, _n=name, **kw: (order.append(_n),
                                                                                          _f(*a, **kw))[1])
     cfg_path = write_config(tmp_path / "c.yaml", kaggle[0], cfg.paths.shards, "submit:\n  max_fallback_fraction: 1\n",
                             output=tmp_path / "out")
     submit(load_config(cfg_path), 2, ckpt)
-    assert order == ["screen", "model_from_checkpoint"]
+    assert order == ["screen", "member_models"]
 
 
 def test_model_amp_dtype_chooses_the_autocast_dtype(monkeypatch):
