@@ -21,7 +21,6 @@ that at least k of the n members score above t (the 3rd place's vote).
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -32,6 +31,7 @@ import torch
 
 from common.atomic import atomic_write
 from common.errors import UserError
+from common.shard_format import file_sha256  # the manifest's hash of a file, reused
 from model.checkpoint import load_checkpoint, model_from_checkpoint
 from model.decision import DecisionRule
 
@@ -40,14 +40,6 @@ log = logging.getLogger(__name__)
 FORMAT = "iic-ensemble/1"
 # what a checkpoint's model sees of its input: members must agree, as one DALI pass serves them all
 INPUT_SETTINGS = (("data", "shortest_side"), ("pipeline", "crop_size"), ("pipeline", "mean"), ("pipeline", "std"))
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def is_ensemble_file(path: Path) -> bool:
@@ -121,7 +113,7 @@ def load_members(paths: list[Path], expected_sha256: list[str] | None = None, na
             raise UserError(f"ensemble member {path} (named by {named_by}) not found: was it moved or deleted? "
                             "Member paths are relative to the ensemble file's folder")
         state = load_checkpoint(path)
-        digest = sha256_of(path)
+        digest = file_sha256(path)
         want = expected_sha256[i] if expected_sha256 else None
         if want and digest != want:
             raise UserError(f"ensemble member {path} has changed since the ensemble was made (sha256 {digest[:12]}, "

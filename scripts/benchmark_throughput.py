@@ -8,10 +8,13 @@ Measures (1) the decode-only ceiling (DALI reading + decoding alone, same thread
 (2) the bare DALI train pipeline (``pipe.run()``) and the same pipeline through the
 PyTorch-facing loader, (3) the baseline DataLoader/PIL/torchvision loader with as many
 workers as threads, (4) the eval pipeline, and (5) training steps/s of a timm model fed
-by DALI and by the baseline. Each figure: the median (with min, max) of --windows timed
+by DALI and by the baseline. On a CPU with more than one thread, (1) and (2) again with one
+DALI thread fewer (``*_spare_core``): the hand-over where the consumer has a core of its own,
+as training has under the thread budget. Each figure: the median (with min, max) of --windows timed
 windows of at least --window-s seconds; the loaders take their windows in turn (A, B,
 A, B, ...), and so do the two training-step figures, so each ratio is the median of the
-rounds' paired ratios; each window runs on a new loader (scripts/timing.py).
+rounds' paired ratios; each window runs on a new loader (scripts/timing.py). The headline
+pair (train loader, baseline) is measured on its own afterwards, with --headline-windows.
 Without --shards it builds realistic shards from scikit-image's sample photographs
 (256-px short side, JPEG q95) with the project's own shard builder.
 """
@@ -103,6 +106,8 @@ def main():
     parser.add_argument("--windows", type=int, default=9,
                         help="timed windows per figure (median, min, max); 9 kept three back-to-back runs within +-10%% "
                              "on a 2-core CPU (docs/BENCHMARKS.md)")
+    parser.add_argument("--headline-windows", type=int, default=15,
+                        help="windows of the headline pair (train loader, baseline), measured on their own")
     parser.add_argument("--model", default="resnet18", help="timm model for the training-step figures")
     parser.add_argument("--skip-training", action="store_true")
     parser.add_argument("--config", default=str(REPO / "config.yaml"))
@@ -133,30 +138,40 @@ def measure(args, work: Path) -> None:
     bs, timed = args.batch_size, dict(window_s=args.window_s, windows=args.windows)
     print(f"{shards.samples} images in {len(shards.tars)} shards; batch {bs}, {args.threads} threads/workers")
 
-    def ceiling():
-        pipe = decode_only_pipeline(shards.tars, shards.indexes, on_gpu=device.kind == "gpu", batch_size=bs,
-                                    num_threads=args.threads, device_id=device.device_id,
-                                    prefetch_queue_depth=cfg.pipeline.prefetch_queue_depth)
-        pipe.build()
-        return pipeline_runs(pipe)
+    def ceiling(threads: int = args.threads):
+        def make():
+            pipe = decode_only_pipeline(shards.tars, shards.indexes, on_gpu=device.kind == "gpu", batch_size=bs,
+                                        num_threads=threads, device_id=device.device_id,
+                                        prefetch_queue_depth=cfg.pipeline.prefetch_queue_depth)
+            pipe.build()
+            return pipeline_runs(pipe)
+        return make
 
     f32 = cfg.with_overrides(["pipeline.dtype=float32"])
     # every loader in one round-robin of windows, each window on a new instance (scripts/timing.py): drift on a
     # shared machine hits them alike, and each ratio is the median of the rounds' paired ratios
     streams = {
-        "decode_ceiling": (ceiling, None),
+        "decode_ceiling": (ceiling(), None),
         "dali_train_pipeline": (lambda: pipeline_runs(build_train_pipeline(cfg, shards, 0, 1, bs, device,
                                                                            amp_dtype=amp_dtype)), None),
         "dali_train": (lambda: endless(train_loader(cfg, batch_size=bs, device=device, shards=shards,
                                                     amp_dtype=amp_dtype)), None),
-        "baseline": (lambda: endless(baseline_loader(cfg, batch_size=bs, num_workers=args.threads, shards=shards)),
-                     None),
         "dali_eval": (lambda: endless(eval_loader(cfg, "train", batch_size=bs, device=device, shards=shards,
                                                   amp_dtype=amp_dtype)), None),
         # for comparison: normalised in DALI
         "dali_train_float32": (lambda: endless(train_loader(f32, batch_size=bs, device=device, shards=shards)),
                                None),
     }
+    if device.kind == "cpu" and args.threads > 1:
+        # the hand-over where the consumer has a core of its own, as the thread budget splits the cores for
+        # training (common.threads): with DALI on every core, the consumer's work is taken from DALI's threads
+        spare = cfg.with_overrides([f"pipeline.num_threads={args.threads - 1}"])
+        streams |= {
+            "decode_ceiling_spare_core": (ceiling(args.threads - 1), None),
+            "dali_train_pipeline_spare_core": (lambda: pipeline_runs(build_train_pipeline(spare, shards, 0, 1, bs,
+                                                                                          device)), None),
+            "dali_train_spare_core": (lambda: endless(train_loader(spare, batch_size=bs, device=device,
+                                                                   shards=shards)), None)}
     if output_dtype(cfg.pipeline.dtype, device, amp_dtype) == "float32":
         del streams["dali_train_float32"]
     # the loaders' consumer only hands batches over: PyTorch on one thread, as the thread budget gives training on
@@ -165,13 +180,26 @@ def measure(args, work: Path) -> None:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     results = interleaved(streams, bs, **timed)
-    torch.set_num_threads(threads)
     loader_ratios = results.pop("ratios")
     gc.collect()
-    ratios = {"dali_train_vs_baseline": loader_ratios["dali_train"]["baseline"],
+    # the headline pair on its own, with more windows: the baseline's windows are the noisiest figure (a tenth
+    # from one window to the next), and with 9 windows one run in three strayed 14% from the others' median
+    headline = interleaved({
+        "dali_train": (lambda: endless(train_loader(cfg, batch_size=bs, device=device, shards=shards,
+                                                    amp_dtype=amp_dtype)), None),
+        "baseline": (lambda: endless(baseline_loader(cfg, batch_size=bs, num_workers=args.threads, shards=shards)),
+                     None)}, bs, window_s=args.window_s, windows=args.headline_windows)
+    results["baseline"] = headline["baseline"]
+    results["headline_dali_train"] = headline["dali_train"]
+    gc.collect()
+    torch.set_num_threads(threads)
+    ratios = {"dali_train_vs_baseline": headline["ratios"]["dali_train"]["baseline"],
               "dali_train_vs_pipeline": loader_ratios["dali_train"]["dali_train_pipeline"],
               "dali_train_vs_decode_ceiling": loader_ratios["dali_train"]["decode_ceiling"],
               "dali_train_pipeline_vs_decode_ceiling": loader_ratios["dali_train_pipeline"]["decode_ceiling"]}
+    if "dali_train_spare_core" in loader_ratios:
+        ratios["dali_train_vs_pipeline_spare_core"] = loader_ratios["dali_train_spare_core"]["dali_train_pipeline_spare_core"]
+        ratios["dali_train_vs_decode_ceiling_spare_core"] = loader_ratios["dali_train_spare_core"]["decode_ceiling_spare_core"]
     if not args.skip_training:
         step_with = training_step_fn(args.model, shards.num_classes, device, cfg, amp_dtype)
         layout = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
@@ -193,10 +221,12 @@ def measure(args, work: Path) -> None:
                         "model": args.model, "dtype": output_dtype(cfg.pipeline.dtype, device, amp_dtype),
                         "autocast": str(amp_dtype).removeprefix("torch.") if amp_dtype else None, "channels_last": cfg.model.channels_last,
                         "cpu_count": os.cpu_count(), "window_s": args.window_s, "windows": args.windows,
+                        "headline_windows": args.headline_windows,
                         "gpu": torch.cuda.get_device_name(0) if device.kind == "gpu" else None}
 
     print(f"\n{'measure':28s} {'images/s':>10s}  {'min':>9s} {'max':>9s}")
     for key in ("decode_ceiling", "dali_train_pipeline", "dali_train", "dali_train_float32", "baseline", "dali_eval",
+                "decode_ceiling_spare_core", "dali_train_pipeline_spare_core", "dali_train_spare_core",
                 "train_steps_dali", "train_steps_baseline"):
         if key in results:
             r = results[key]
