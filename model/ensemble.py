@@ -125,6 +125,7 @@ def load_members(paths: list[Path], expected_sha256: list[str] | None = None, na
                             "ensemble needs different members, e.g. trained with another train.seed")
         members.append(Member(Path(path), state, digest))
     first = members[0]
+    first_input = first.input_settings
     for other in members[1:]:
         if other.state["classes"] != first.state["classes"]:
             a, b = len(first.state["classes"]), len(other.state["classes"])
@@ -132,7 +133,7 @@ def load_members(paths: list[Path], expected_sha256: list[str] | None = None, na
             raise UserError(f"ensemble members {first.path} and {other.path} were trained on different class lists "
                             f"({detail}): members must come from the same shards")
         for key, value in other.input_settings.items():
-            mine = first.input_settings[key]
+            mine = first_input[key]
             if value is not None and mine is not None and value != mine:
                 raise UserError(f"ensemble members {first.path} and {other.path} were trained on different input "
                                 f"({key}={mine} and {value}): one DALI pass serves every member, so members must "
@@ -165,8 +166,8 @@ class EnsembleFile:
             members = doc["members"]
             if not members:
                 raise ValueError("no members")
-            return cls(path, [(path.parent / m["path"]).resolve() if not os.path.isabs(m["path"]) else Path(m["path"])
-                              for m in members], [str(m["sha256"]) for m in members],
+            # an absolute member path stays as it is: joining it to the folder keeps it whole
+            return cls(path, [(path.parent / m["path"]).resolve() for m in members], [str(m["sha256"]) for m in members],
                        Combination.from_dict(doc["combination"]), DecisionRule.from_dict(doc["decision_rule"]),
                        dict(doc["holdout"]), doc.get("holdout_f2"))
         except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as exc:
