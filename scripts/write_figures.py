@@ -1,11 +1,12 @@
 #!/usr/bin/env python3
-"""Writes the throughput figures into README.md and docs/BENCHMARKS.md from the benchmark's JSON, so that the
+"""Writes the throughput figures into README.md and docs/BENCHMARKS.md from the benchmarks' JSON, so that the
 figures the docs quote are the measured ones, never copied by hand.
 
     python scripts/benchmark_throughput.py --json run1.json   # as many back-to-back runs as wanted
     python scripts/write_figures.py --runs run1.json run2.json run3.json   # stores them in docs/benchmark_cpu_runs.json
     python scripts/write_figures.py            # (re)writes the docs' figure blocks from docs/benchmark_cpu_runs.json
     python scripts/write_figures.py --check    # exit 1 if a block differs from what the JSON says (the test suite)
+    python scripts/benchmark_handover.py --json docs/benchmark_handover.json   # then write_figures.py again
 
 A figure block is the text between ``<!-- figures:NAME -->`` and ``<!-- /figures -->``; everything outside the
 blocks is left alone. The run shown in full is the one with the median headline ratio (train loader / baseline);
@@ -22,6 +23,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 RUNS = REPO / "docs" / "benchmark_cpu_runs.json"
+HANDOVER = REPO / "docs" / "benchmark_handover.json"
 DOCS = (REPO / "README.md", REPO / "docs" / "BENCHMARKS.md")
 BLOCK = re.compile(r"(<!-- figures:(\w+) -->\n)(.*?)(<!-- /figures -->)", re.DOTALL)
 HEADLINE = "dali_train_vs_baseline"
@@ -97,14 +99,45 @@ def readme_summary(runs: list[dict]) -> str:
             + " (docs/BENCHMARKS.md; written by scripts/write_figures.py).\n")
 
 
-RENDERERS = {"throughput_cpu": throughput_table, "throughput_summary": readme_summary}
+HANDOVER_ROWS = (("dali_train_pipeline", "train graph alone (`pipe.run()`, outputs dropped)"),
+                 ("dali_train_pipeline_held", "the graph, each batch held as torch tensors until the next"),
+                 ("dali_train", "train loader (iterator, mirror, multi-hot targets)"))
 
 
-def rewrite(text: str, runs: list[dict]) -> str:
+def handover_table(result: dict) -> str:
+    """Per-thread CPU of graph, held graph and loader, with DALI on every core and with a core to spare."""
+    setup, streams = result["setup"], result["streams"]
+    lines = [f"Batch {setup['batch_size']}, {setup['images']:,} train images, medians of {setup['windows']} windows "
+             f"of at least {setup['window_s']:g} s, streams in turn, a new instance each window; CPU in ms per batch; "
+             "\"of the graph\": the ratio of the medians.",
+             "", "| DALI threads | stream | images/s | of the graph | wall | DALI's CPU (workers + executor) | "
+             "consumer's CPU | DALI busy |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for suffix in ("", "_spare_core"):
+        graph = streams.get("dali_train_pipeline" + suffix)
+        for key, label in HANDOVER_ROWS:
+            s = streams.get(key + suffix)
+            if s is None or graph is None:
+                continue
+            cpu = s["cpu_ms_per_batch"]
+            threads = f"{s['dali_threads']}" + (" (a core for the consumer)" if suffix else "")
+            lines.append(f"| {threads} | {label} | {s['images_per_s']:,.0f} | "
+                         f"{s['images_per_s'] / graph['images_per_s']:.2f} | {s['wall_ms_per_batch']:.2f} | "
+                         f"{cpu['dali_workers'] + cpu['dali_executor']:.2f} | {cpu['consumer']:.2f} | "
+                         f"{s['dali_busy']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+# block name -> (the JSON it is written from, its renderer)
+RENDERERS = {"throughput_cpu": ("runs", throughput_table), "throughput_summary": ("runs", readme_summary),
+             "handover_cpu": ("handover", handover_table)}
+
+
+def rewrite(text: str, sources: dict) -> str:
     def block(m: re.Match) -> str:
         if m.group(2) not in RENDERERS:
             raise SystemExit(f"error: unknown figure block '{m.group(2)}' (known: {', '.join(RENDERERS)})")
-        return m.group(1) + RENDERERS[m.group(2)](runs) + m.group(4)
+        source, render = RENDERERS[m.group(2)]
+        return m.group(1) + render(sources[source]) + m.group(4)
     return BLOCK.sub(block, text)
 
 
@@ -113,17 +146,18 @@ def main() -> int:
     parser.add_argument("--runs", nargs="+", type=Path, help="benchmark_throughput.py JSON files to store first")
     parser.add_argument("--check", action="store_true", help="change nothing; exit 1 if a block is out of date")
     parser.add_argument("--store", type=Path, default=RUNS, help=argparse.SUPPRESS)
+    parser.add_argument("--handover", type=Path, default=HANDOVER, help=argparse.SUPPRESS)
     parser.add_argument("--docs", nargs="+", type=Path, default=DOCS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     try:
         if args.runs:
             runs = [json.loads(p.read_text()) for p in args.runs]
             args.store.write_text(json.dumps(runs, indent=1) + "\n")
-        runs = json.loads(args.store.read_text())
+        sources = {"runs": json.loads(args.store.read_text()), "handover": json.loads(args.handover.read_text())}
         stale = []
         for doc in args.docs:
             text = doc.read_text()
-            new = rewrite(text, runs)
+            new = rewrite(text, sources)
             if new != text:
                 stale.append(str(doc))
                 if not args.check:
@@ -135,7 +169,7 @@ def main() -> int:
         print(f"error: figures out of date in {', '.join(stale)}: run python scripts/write_figures.py",
               file=sys.stderr)
         return 1
-    print("figures " + ("checked" if args.check else "written") + f" from {args.store}")
+    print("figures " + ("checked" if args.check else "written") + f" from {args.store} and {args.handover}")
     return 0
 
 

@@ -63,3 +63,51 @@ def test_a_changed_figure_makes_the_docs_stale_and_a_rewrite_quotes_it(tmp_path)
     assert figures("--store", str(store), "--docs", *map(str, docs)).returncode == 0
     assert "9.87x" in docs[0].read_text() and "**9.87x** baseline" in docs[1].read_text()
     assert figures("--check", "--store", str(store), "--docs", *map(str, docs)).returncode == 0
+
+
+def test_handover_benchmark_puts_every_thread_in_a_group_and_counts_dali_busy(tmp_path):
+    out = tmp_path / "h.json"
+    r = subprocess.run([sys.executable, "scripts/benchmark_handover.py", "--images", "80", "--batch-size", "8",
+                        "--threads", "2", "--window-s", "0.2", "--windows", "2", "--json", str(out),
+                        "--set", "pipeline.crop_size=64", "--set", "data.shortest_side=72"],
+                       cwd=REPO, capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "TMPDIR": str(tmp_path)})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert not list(tmp_path.glob("iic_handover_*"))  # its generated shards are removed
+    streams = json.loads(out.read_text())["streams"]
+    names = ["dali_train_pipeline", "dali_train_pipeline_held", "dali_train"]
+    assert list(streams) == names + [n + "_spare_core" for n in names]
+    for name, s in streams.items():
+        cpu = s["cpu_ms_per_batch"]
+        assert s["dali_threads"] == (1 if name.endswith("_spare_core") else 2) and s["windows"] == 2
+        # DALI's decoding lands in its own groups (with one thread, on its executor), not in "other"
+        dali = cpu["dali_workers"] + cpu["dali_executor"]
+        assert dali > 2 * cpu["other"] and dali > cpu["consumer"] > 0
+        assert 0.05 < s["dali_busy"] <= 1.05
+    assert streams["dali_train_pipeline"]["cpu_ms_per_batch"]["dali_workers"] > 0
+    assert streams["dali_train_pipeline_spare_core"]["cpu_ms_per_batch"]["dali_executor"] > 0
+
+
+def test_a_thread_that_ends_or_starts_between_snapshots_counts_only_its_share():
+    sys.path.insert(0, str(REPO / "scripts"))
+    from benchmark_handover import cpu_by_group
+    pid = os.getpid()
+    before = {pid: ("python", 1.0), 11: ("[DALI][TP0]Exec", 5.0), 12: ("gone", 3.0)}
+    after = {pid: ("python", 1.5), 11: ("[DALI][TP0]Exec", 7.0), 13: ("[DALI] Executor", 0.25),
+             14: ("PrefetchWorker ", 0.5)}
+    assert cpu_by_group(before, after) == {"dali_workers": 2.0, "dali_executor": 0.25, "reader_prefetch": 0.5,
+                                           "consumer": 0.5, "other": 0.0}
+
+
+def test_the_per_thread_figures_are_written_from_their_own_json(tmp_path):
+    handover = json.loads((REPO / "docs" / "benchmark_handover.json").read_text())
+    handover["streams"]["dali_train_spare_core"]["dali_busy"] = 0.421
+    store = tmp_path / "handover.json"
+    store.write_text(json.dumps(handover))
+    doc = tmp_path / "BENCHMARKS.md"
+    doc.write_text((REPO / "docs" / "BENCHMARKS.md").read_text())
+    r = figures("--check", "--handover", str(store), "--docs", str(doc))
+    assert r.returncode == 1 and "out of date" in r.stderr
+    assert figures("--handover", str(store), "--docs", str(doc)).returncode == 0
+    row = next(line for line in doc.read_text().splitlines() if line.startswith("| 1 (a core for the consumer) | train loader"))
+    assert row.endswith("| 0.42 |")
