@@ -30,7 +30,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from benchmark_throughput import REPO, endless, make_shards, pipeline_runs  # noqa: E402 (scripts/)
+from common.cli import command  # noqa: E402
 from common.config import load_config  # noqa: E402
+from common.paths import writable_file  # noqa: E402
 from common.shard_format import split_shards  # noqa: E402
 from dali_pipes.device import resolve_device  # noqa: E402
 from dali_pipes.loader import build_train_pipeline, train_loader  # noqa: E402
@@ -124,7 +126,8 @@ def summarise(windows: list[dict], batch_size: int, threads: int) -> dict:
     return out
 
 
-def main():
+@command
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shards", type=Path, help="a shard folder made by preprocessing.build_shards")
     parser.add_argument("--images", type=int, default=2000, help="images to generate when --shards is not given")
@@ -136,7 +139,14 @@ def main():
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="config overrides (data.* ones also shape the generated shards)")
     parser.add_argument("--json", type=Path)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    for name in ("threads", "windows", "batch_size", "images"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.window_s <= 0:
+        parser.error("--window-s must be more than 0")
+    if args.json:
+        writable_file(args.json, "--json")  # now, not after minutes of measuring
     if not Path("/proc/self/task").is_dir():
         sys.exit("error: this benchmark reads each thread's CPU time from /proc/self/task, which only Linux has")
     os.environ.setdefault("IIC_THREAD_BUDGET", "off")  # DALI's threads as given, as in benchmark_throughput.py

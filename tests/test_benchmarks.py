@@ -111,3 +111,12 @@ def test_the_per_thread_figures_are_written_from_their_own_json(tmp_path):
     assert figures("--handover", str(store), "--docs", str(doc)).returncode == 0
     row = next(line for line in doc.read_text().splitlines() if line.startswith("| 1 (a core for the consumer) | train loader"))
     assert row.endswith("| 0.42 |")
+
+
+def test_handover_benchmark_refuses_bad_arguments_before_measuring(tmp_path):
+    for args, words in ((["--windows", "0"], "--windows must be at least 1"),
+                        (["--json", str(tmp_path)], "is a folder; it must be a file"),
+                        (["--shards", str(tmp_path)], "no manifest at")):
+        r = subprocess.run([sys.executable, "scripts/benchmark_handover.py", *args], cwd=REPO, capture_output=True,
+                           text=True, timeout=120)
+        assert r.returncode == 2 and words in r.stderr and "Traceback" not in r.stderr, (args, r.stderr[-500:])
