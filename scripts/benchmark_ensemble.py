@@ -25,6 +25,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from common.cli import command  # noqa: E402
+from benchmark_args import at_least_one, positive_seconds, output_file  # noqa: E402 (scripts/)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -38,16 +40,17 @@ def run(args: list[str], env=None) -> float:
     return time.perf_counter() - started
 
 
-def main():
+@command
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, default=REPO / "demo_ensemble",
                         help="data, shards, members and submissions (default: demo_ensemble/, kept for reruns)")
-    parser.add_argument("--members", type=int, default=3, help="members trained (the F2 uses the first two)")
-    parser.add_argument("--rounds", type=int, default=3, help="timed rounds of the three submissions")
-    parser.add_argument("--window-s", type=float, default=2.0)
-    parser.add_argument("--windows", type=int, default=5)
-    parser.add_argument("--json", type=Path)
-    args = parser.parse_args()
+    parser.add_argument("--members", type=at_least_one, default=3, help="members trained (the F2 uses the first two)")
+    parser.add_argument("--rounds", type=at_least_one, default=3, help="timed rounds of the three submissions")
+    parser.add_argument("--window-s", type=positive_seconds, default=2.0)
+    parser.add_argument("--windows", type=at_least_one, default=5)
+    parser.add_argument("--json", type=output_file)
+    args = parser.parse_args(argv)
     work = args.work.resolve()
     cfg_args = ["--config", str(REPO / "demo" / "config.yaml"), "--set", f"paths.original_images={work}/data/original_images",
                 "--set", f"paths.competition_data={work}/data/inclusive", "--set", f"paths.shards={work}/shards"]
@@ -75,8 +78,8 @@ def main():
                            work / "out_ensemble")
     seconds = {name: [] for name in submits}
     for _ in range(args.rounds):
-        for name, (command, _) in submits.items():
-            seconds[name].append(run(["-m", "inference.submit", *command, "--stage", "2"]))
+        for name, (submit_args, _) in submits.items():
+            seconds[name].append(run(["-m", "inference.submit", *submit_args, "--stage", "2"]))
     f2 = {name: score(read_labels(out / "submission_stage2.csv", "SUBMISSION"), solution)[0]
           for name, (_, out) in submits.items()}
     time_ratio = statistics.median(e / (a + b) for e, a, b in zip(seconds["ensemble"], seconds["seed1"],

@@ -32,11 +32,11 @@ import torch  # noqa: E402
 from benchmark_throughput import REPO, endless, make_shards, pipeline_runs  # noqa: E402 (scripts/)
 from common.cli import command  # noqa: E402
 from common.config import load_config  # noqa: E402
-from common.paths import writable_file  # noqa: E402
 from common.shard_format import split_shards  # noqa: E402
 from dali_pipes.device import resolve_device  # noqa: E402
 from dali_pipes.loader import build_train_pipeline, train_loader  # noqa: E402
 from timing import window_size  # noqa: E402
+from benchmark_args import at_least_one, positive_seconds, output_file  # noqa: E402 (scripts/)
 
 GROUPS = ("dali_workers", "dali_executor", "reader_prefetch", "consumer", "other")
 
@@ -130,23 +130,16 @@ def summarise(windows: list[dict], batch_size: int, threads: int) -> dict:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shards", type=Path, help="a shard folder made by preprocessing.build_shards")
-    parser.add_argument("--images", type=int, default=2000, help="images to generate when --shards is not given")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="DALI threads (default: every core)")
-    parser.add_argument("--window-s", type=float, default=2.0, help="each timed window lasts at least this long")
-    parser.add_argument("--windows", type=int, default=9, help="windows per stream (medians)")
+    parser.add_argument("--images", type=at_least_one, default=2000, help="images to generate when --shards is not given")
+    parser.add_argument("--batch-size", type=at_least_one, default=32)
+    parser.add_argument("--threads", type=at_least_one, default=os.cpu_count() or 1, help="DALI threads (default: every core)")
+    parser.add_argument("--window-s", type=positive_seconds, default=2.0, help="each timed window lasts at least this long")
+    parser.add_argument("--windows", type=at_least_one, default=9, help="windows per stream (medians)")
     parser.add_argument("--config", default=str(REPO / "config.yaml"))
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="config overrides (data.* ones also shape the generated shards)")
-    parser.add_argument("--json", type=Path)
+    parser.add_argument("--json", type=output_file)
     args = parser.parse_args(argv)
-    for name in ("threads", "windows", "batch_size", "images"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1")
-    if args.window_s <= 0:
-        parser.error("--window-s must be more than 0")
-    if args.json:
-        writable_file(args.json, "--json")  # now, not after minutes of measuring
     if not Path("/proc/self/task").is_dir():
         sys.exit("error: this benchmark reads each thread's CPU time from /proc/self/task, which only Linux has")
     os.environ.setdefault("IIC_THREAD_BUDGET", "off")  # DALI's threads as given, as in benchmark_throughput.py

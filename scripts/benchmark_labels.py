@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from common.cli import command  # noqa: E402
+from benchmark_args import at_least_one, output_file  # noqa: E402 (scripts/)
 
 N_CLASSES = 7178
 
@@ -66,16 +68,17 @@ def measure(folder: Path) -> dict:
             "rows": problems.rows, "images_with_labels": len(table), "positive_pairs": int(len(table.classes))}
 
 
-def main():
+@command
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rows", type=int, default=8_040_000)
-    parser.add_argument("--images", type=int, default=1_743_042)
+    parser.add_argument("--rows", type=at_least_one, default=8_040_000)
+    parser.add_argument("--images", type=at_least_one, default=1_743_042)
     parser.add_argument("--work", type=Path, default=Path("/tmp/iic_label_benchmark"))
-    parser.add_argument("--repeats", type=int, default=5,
+    parser.add_argument("--repeats", type=at_least_one, default=5,
                         help="runs, each in a fresh process (a run of the full-size file is a window of many seconds)")
-    parser.add_argument("--json", type=Path, help="write the runs and their median, min and max here")
+    parser.add_argument("--json", type=output_file, help="write the runs and their median, min and max here")
     parser.add_argument("--measure", type=Path, help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.measure:
         print(json.dumps(measure(args.measure)))
         return

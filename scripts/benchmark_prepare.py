@@ -48,6 +48,8 @@ from timing import interleaved  # noqa: E402  (scripts/timing.py)
 
 from demo.photos import photo_jpegs, write_photo_dataset  # noqa: E402
 from preprocessing.images import prepare_image, resized_size  # noqa: E402
+from common.cli import command  # noqa: E402
+from benchmark_args import at_least_one, positive_seconds, output_file  # noqa: E402 (scripts/)
 
 REPO = Path(__file__).resolve().parent.parent
 SIDE, QUALITY = 256, 95
@@ -192,15 +194,16 @@ def repack(work: Path, count: int, repeats: int) -> dict:
     return result
 
 
-def main():
+@command
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--images", type=int, default=60, help="1024-px photographs (and a third as many detail images)")
-    parser.add_argument("--window-s", type=float, default=2.0, help="each timed window of the image steps lasts this long")
-    parser.add_argument("--windows", type=int, default=5, help="timed windows per image step")
-    parser.add_argument("--repeats", type=int, default=5, help="builds of each size and worker count")
+    parser.add_argument("--images", type=at_least_one, default=60, help="1024-px photographs (and a third as many detail images)")
+    parser.add_argument("--window-s", type=positive_seconds, default=2.0, help="each timed window of the image steps lasts this long")
+    parser.add_argument("--windows", type=at_least_one, default=5, help="timed windows per image step")
+    parser.add_argument("--repeats", type=at_least_one, default=5, help="builds of each size and worker count")
     parser.add_argument("--repack", type=int, default=10000, help="already-resized images for the repack (0: skip)")
-    parser.add_argument("--json", type=Path)
-    args = parser.parse_args()
+    parser.add_argument("--json", type=output_file)
+    args = parser.parse_args(argv)
     photos = photo_jpegs(args.images, long_side=1024, quality=90)
     detail = detail_images(max(1, args.images // 3))
     refs_photos, refs_detail = [reference(d) for d in photos], [reference(d) for d in detail]

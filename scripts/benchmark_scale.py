@@ -27,6 +27,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from common.cli import command  # noqa: E402
+from benchmark_args import at_least_one, output_file  # noqa: E402 (scripts/)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -54,13 +56,14 @@ def rate_by_fifth(folder: Path, manifest: dict, started: float) -> list[float]:
     return rates
 
 
-def main():
+@command
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--images", type=int, default=50000)
-    parser.add_argument("--small", type=int, default=10000)
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--json", type=Path)
-    args = parser.parse_args()
+    parser.add_argument("--images", type=at_least_one, default=50000)
+    parser.add_argument("--small", type=at_least_one, default=10000)
+    parser.add_argument("--workers", type=at_least_one, default=os.cpu_count() or 1)
+    parser.add_argument("--json", type=output_file)
+    args = parser.parse_args(argv)
     from demo.photos import write_photo_dataset
 
     result = {"images": args.images, "small": args.small, "workers": args.workers, "cpu_count": os.cpu_count()}

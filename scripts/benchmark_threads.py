@@ -23,6 +23,8 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from common.cli import command  # noqa: E402
+from benchmark_args import at_least_one, output_file  # noqa: E402 (scripts/)
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -63,12 +65,13 @@ def train_rate(config: Path, work: Path, steps: int, budget: bool, busy: bool) -
     return epochs[-1]["images_per_s"]
 
 
+@command
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=5, help="windows (training runs) per case")
-    parser.add_argument("--steps", type=int, default=40, help="training steps per measurement (batch 32)")
-    parser.add_argument("--images", type=int, default=2000, help="demo training images to generate")
-    parser.add_argument("--json", type=Path, help="write the figures here")
+    parser.add_argument("--repeats", type=at_least_one, default=5, help="windows (training runs) per case")
+    parser.add_argument("--steps", type=at_least_one, default=40, help="training steps per measurement (batch 32)")
+    parser.add_argument("--images", type=at_least_one, default=2000, help="demo training images to generate")
+    parser.add_argument("--json", type=output_file, help="write the figures here")
     args = parser.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="iic_bench_threads_"))
     try:

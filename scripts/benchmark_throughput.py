@@ -40,6 +40,8 @@ from dali_pipes.loader import build_train_pipeline, eval_loader, output_dtype, p
 from dali_pipes.pipelines import decode_only_pipeline  # noqa: E402
 from model.network import autocast_dtype  # noqa: E402
 from timing import interleaved  # noqa: E402  (scripts/timing.py)
+from common.cli import command  # noqa: E402
+from benchmark_args import at_least_one, positive_seconds, output_file  # noqa: E402 (scripts/)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -93,28 +95,29 @@ def training_step_fn(model_name: str, num_classes: int, device, cfg, amp_dtype):
     return step_with
 
 
-def main():
+@command
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shards", type=Path, help="a shard folder made by preprocessing.build_shards")
-    parser.add_argument("--images", type=int, default=2000, help="images to generate when --shards is not given")
+    parser.add_argument("--images", type=at_least_one, default=2000, help="images to generate when --shards is not given")
     parser.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--threads", type=int, default=None,
+    parser.add_argument("--batch-size", type=at_least_one, default=32)
+    parser.add_argument("--threads", type=at_least_one, default=None,
                         help="DALI threads = baseline workers (default: every core on the CPU; on a GPU at most 8, "
                              "as each thread holds its own pinned decoder buffers and nvJPEG does the decoding)")
-    parser.add_argument("--window-s", type=float, default=2.0, help="each timed window lasts at least this long")
-    parser.add_argument("--windows", type=int, default=9,
+    parser.add_argument("--window-s", type=positive_seconds, default=2.0, help="each timed window lasts at least this long")
+    parser.add_argument("--windows", type=at_least_one, default=9,
                         help="timed windows per figure (median, min, max); 9 kept three back-to-back runs within +-10%% "
                              "on a 2-core CPU (docs/BENCHMARKS.md)")
-    parser.add_argument("--headline-windows", type=int, default=15,
+    parser.add_argument("--headline-windows", type=at_least_one, default=15,
                         help="windows of the headline pair (train loader, baseline), measured on their own")
     parser.add_argument("--model", default="resnet18", help="timm model for the training-step figures")
     parser.add_argument("--skip-training", action="store_true")
     parser.add_argument("--config", default=str(REPO / "config.yaml"))
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--json", type=Path)
-    parser.add_argument("--plot", type=Path)
-    args = parser.parse_args()
+    parser.add_argument("--json", type=output_file)
+    parser.add_argument("--plot", type=output_file)
+    args = parser.parse_args(argv)
     if args.threads is None:
         args.threads = min(os.cpu_count() or 1, 8) if args.device == "gpu" else os.cpu_count() or 1
 

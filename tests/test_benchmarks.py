@@ -3,6 +3,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from tests.fixtures import REPO
 
 
@@ -113,10 +115,17 @@ def test_the_per_thread_figures_are_written_from_their_own_json(tmp_path):
     assert row.endswith("| 0.42 |")
 
 
-def test_handover_benchmark_refuses_bad_arguments_before_measuring(tmp_path):
-    for args, words in ((["--windows", "0"], "--windows must be at least 1"),
-                        (["--json", str(tmp_path)], "is a folder; it must be a file"),
-                        (["--shards", str(tmp_path)], "no manifest at")):
-        r = subprocess.run([sys.executable, "scripts/benchmark_handover.py", *args], cwd=REPO, capture_output=True,
-                           text=True, timeout=120)
+BENCHMARKS = sorted(p.name for p in (REPO / "scripts").glob("benchmark_*.py") if p.name != "benchmark_args.py")
+
+
+@pytest.mark.parametrize("script", BENCHMARKS)
+def test_every_benchmark_refuses_bad_arguments_before_measuring(script, tmp_path):
+    count = {"benchmark_scale.py": "--workers", "benchmark_labels.py": "--repeats",
+             "benchmark_threads.py": "--repeats"}.get(script, "--windows")
+    cases = [([count, "0"], f"argument {count}: 0 is too small"), (["--json", str(tmp_path)], "argument --json: the path")]
+    if script in ("benchmark_throughput.py", "benchmark_handover.py"):
+        cases.append((["--shards", str(tmp_path)], "error: no manifest at"))
+    for args, words in cases:
+        r = subprocess.run([sys.executable, f"scripts/{script}", *args], cwd=REPO, capture_output=True, text=True,
+                           timeout=120)
         assert r.returncode == 2 and words in r.stderr and "Traceback" not in r.stderr, (args, r.stderr[-500:])
