@@ -1,17 +1,22 @@
 #!/usr/bin/env python3
 """Where the train loader's time goes: CPU per batch of each of the process's threads, graph against loader.
 
-    python scripts/benchmark_handover.py [--shards DIR] [--threads N] [--windows 9] [--json out.json]
-        [--set KEY=VALUE ...]
+    python scripts/benchmark_handover.py [--shards DIR] [--images 2000] [--batch-size 32] [--threads N]
+        [--window-s 2] [--windows 9] [--config config.yaml] [--set KEY=VALUE ...] [--json out.json]
 
 Three streams over the same shards: the bare DALI train graph (``pipe.run()``, outputs dropped at once), the
 same graph with its outputs held as torch tensors until the next batch is taken (as every consumer holds a
-batch while it works on it; nothing else done) and the PyTorch-facing train loader. They take windows in turn, each window on a new instance (as in benchmark_throughput.py), once with DALI on
-every core and once with one DALI thread fewer (the consumer's core, as the thread budget gives training). For
-each window it reads every thread's CPU time from /proc (Linux) and reports, per batch, the medians of: wall
-time, CPU of DALI's worker threads, its executor thread, the reader's prefetch thread, the consuming (main)
-thread and any other thread; and how busy DALI was (its CPU over its threads x wall). A rate says
-how fast; this says which thread paid for the difference, which a throughput figure alone cannot.
+batch while it works on it; nothing else done) and the PyTorch-facing train loader. They take windows in
+turn, each window on a new instance (as in benchmark_throughput.py), once with DALI on every core and once with
+one DALI thread fewer (the consumer's core, as the thread budget gives training; not with --threads 1).
+
+For each window it reads every thread's CPU clock (Linux) and reports, per batch, the medians of: wall time;
+CPU of DALI's worker threads and of its executor thread (with one thread DALI runs the operators on its
+executor, so "DALI" is their sum), of the reader's prefetch thread, of the consuming (main) thread and of any
+other thread; how busy DALI was (its CPU over its threads x wall: below 1, its threads waited); and the CPU
+that other processes took meanwhile (from /proc/stat), with a warning when they took a tenth of a core or
+more: figures from a busy machine do not compare. A rate says how fast; this says which thread paid for the
+difference, which a throughput figure alone cannot. About 2.5 minutes on 2 cores.
 """
 from __future__ import annotations
 
@@ -69,6 +74,13 @@ def thread_cpu() -> dict[int, tuple[str, float]]:
     return out
 
 
+def machine_busy_s() -> float:
+    """CPU seconds every process on the machine has used so far (/proc/stat: all but idle and iowait)."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")  # user..steal; guest time is inside user
+
+
 def cpu_by_group(before: dict, after: dict) -> dict[str, float]:
     """CPU seconds each group used between two ``thread_cpu`` snapshots."""
     used = dict.fromkeys(GROUPS, 0.0)
@@ -103,13 +115,14 @@ def measure_window(make, batches_per_window: int | None, window_s: float) -> dic
             return time.perf_counter() - start
 
         n = batches_per_window or window_size(run, window_s)
-        before = thread_cpu()
+        before, machine_before = thread_cpu(), machine_busy_s()
         took = run(n)
         used = cpu_by_group(before, thread_cpu())
+        machine = machine_busy_s() - machine_before
     finally:
         batches.close()
     gc.collect()
-    return {"batches": n, "wall_s": took, "cpu_s": used}
+    return {"batches": n, "wall_s": took, "cpu_s": used, "others_s": max(0.0, machine - sum(used.values()))}
 
 
 def summarise(windows: list[dict], batch_size: int, threads: int) -> dict:
@@ -119,6 +132,9 @@ def summarise(windows: list[dict], batch_size: int, threads: int) -> dict:
            "cpu_ms_per_batch": {g: round(per_batch(lambda w, g=g: w["cpu_s"][g]), 3) for g in GROUPS},
            "dali_threads": threads, "windows": len(windows), "batches_per_window": windows[0]["batches"]}
     out["cpu_ms_per_batch"]["total"] = round(per_batch(lambda w: sum(w["cpu_s"].values())), 3)
+    out["cpu_ms_per_batch"]["dali"] = round(per_batch(lambda w: w["cpu_s"]["dali_workers"] + w["cpu_s"]["dali_executor"]), 3)
+    # cores' worth of CPU that other processes used during the windows (the worst window): 0 on a quiet machine
+    out["other_processes_cores"] = round(max(w["others_s"] / w["wall_s"] for w in windows), 2)
     # DALI's CPU over what its threads could have had: below 1, they waited (for work, or for a core). With one
     # thread DALI runs the operators on its executor thread, so both groups count.
     out["dali_busy"] = round(statistics.median(
@@ -143,14 +159,22 @@ def main(argv=None):
     if not Path("/proc/self/task").is_dir():
         sys.exit("error: this benchmark reads each thread's CPU time from /proc/self/task, which only Linux has")
     os.environ.setdefault("IIC_THREAD_BUDGET", "off")  # DALI's threads as given, as in benchmark_throughput.py
+    load_config(args.config, args.overrides)  # a wrong key or file: one line now, not after building shards
     with tempfile.TemporaryDirectory(prefix="iic_handover_") as work:
         results = measure(args, Path(work))
-    print(f"\n{'stream':36s} {'images/s':>9s} {'wall ms':>8s} " + " ".join(f"{g:>15s}" for g in GROUPS)
-          + f" {'total':>7s} {'DALI busy':>9s}")
+    print("\nCPU in ms per batch (medians); DALI = its workers + executor; busy = DALI's CPU / (threads x wall)")
+    print(f"{'stream':36s} {'images/s':>9s} {'of graph':>8s} {'wall':>6s} {'DALI':>6s} {'prefetch':>8s} "
+          f"{'consumer':>8s} {'other':>6s} {'busy':>5s} {'others':>6s}")
     for name, r in results["streams"].items():
         cpu = r["cpu_ms_per_batch"]
-        print(f"{name:36s} {r['images_per_s']:9.1f} {r['wall_ms_per_batch']:8.2f} "
-              + " ".join(f"{cpu[g]:15.2f}" for g in GROUPS) + f" {cpu['total']:7.2f} {r['dali_busy']:9.2f}")
+        graph = results["streams"]["dali_train_pipeline" + ("_spare_core" if name.endswith("_spare_core") else "")]
+        print(f"{name:36s} {r['images_per_s']:9.1f} {r['images_per_s'] / graph['images_per_s']:8.2f} "
+              f"{r['wall_ms_per_batch']:6.2f} {cpu['dali']:6.2f} {cpu['reader_prefetch']:8.2f} {cpu['consumer']:8.2f} "
+              f"{cpu['other']:6.2f} {r['dali_busy']:5.2f} {r['other_processes_cores']:6.2f}")
+    busy = max(r["other_processes_cores"] for r in results["streams"].values())
+    if busy >= 0.1:
+        print(f"warning: other processes took up to {busy:.2f} of a core during a window ('others', in cores): "
+              "the figures are not those of a quiet machine; run again when it is", file=sys.stderr)
     if args.json:
         args.json.write_text(json.dumps(results, indent=1) + "\n")
 

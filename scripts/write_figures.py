@@ -109,7 +109,10 @@ def handover_table(result: dict) -> str:
     setup, streams = result["setup"], result["streams"]
     lines = [f"Batch {setup['batch_size']}, {setup['images']:,} train images, medians of {setup['windows']} windows "
              f"of at least {setup['window_s']:g} s, streams in turn, a new instance each window; CPU in ms per batch; "
-             "\"of the graph\": the ratio of the medians.",
+             "\"of the graph\": the ratio of the medians"
+             + (f"; other processes took at most {max(v['other_processes_cores'] for v in streams.values()):.2f} of "
+                "a core in any window" if all("other_processes_cores" in v for v in streams.values()) else "")
+             + ".",
              "", "| DALI threads | stream | images/s | of the graph | wall | DALI's CPU (workers + executor) | "
              "consumer's CPU | DALI busy |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for suffix in ("", "_spare_core"):
@@ -122,7 +125,7 @@ def handover_table(result: dict) -> str:
             threads = f"{s['dali_threads']}" + (" (a core for the consumer)" if suffix else "")
             lines.append(f"| {threads} | {label} | {s['images_per_s']:,.0f} | "
                          f"{s['images_per_s'] / graph['images_per_s']:.2f} | {s['wall_ms_per_batch']:.2f} | "
-                         f"{cpu['dali_workers'] + cpu['dali_executor']:.2f} | {cpu['consumer']:.2f} | "
+                         f"{cpu.get('dali', cpu['dali_workers'] + cpu['dali_executor']):.2f} | {cpu['consumer']:.2f} | "
                          f"{s['dali_busy']:.2f} |")
     return "\n".join(lines) + "\n"
 
