@@ -106,7 +106,7 @@ def images_per_s(checkpoints: list[Path], cfg_args: list[str], work: Path, windo
     from dali_pipes.device import resolve_device
     from inference.predict import predict_files, screen
     from model.ensemble import Combination, load_members, member_models
-    from timing import interleaved  # scripts/timing.py
+    from timing import busy_machine, interleaved  # scripts/timing.py
 
     overrides = [a for a in cfg_args[3:] if a != "--set"]
     cfg = load_config(cfg_args[1], overrides)
@@ -123,8 +123,10 @@ def images_per_s(checkpoints: list[Path], cfg_args: list[str], work: Path, windo
     with torch.no_grad():
         r = interleaved({f"{n}_members": (passes(n), None) for n in range(1, len(models) + 1)}, len(files),
                         window_s, windows)
-    out = {name: {"images_per_s": v["images_per_s"], "min": v["min"], "max": v["max"]}
+    out = {name: {k: v[k] for k in ("images_per_s", "min", "max", "other_processes_cores") if k in v}
            for name, v in r.items() if name != "ratios"}
+    if warning := busy_machine(out):
+        print(warning, file=sys.stderr)
     for n in range(2, len(models) + 1):
         out[f"{n}_members"]["vs_1_member"] = round(r["ratios"][f"{n}_members"]["1_members"], 3)
     return out

@@ -14,8 +14,8 @@ For each window it reads every thread's CPU clock (Linux) and reports, per batch
 CPU of DALI's worker threads and of its executor thread (with one thread DALI runs the operators on its
 executor, so "DALI" is their sum), of the reader's prefetch thread, of the consuming (main) thread and of any
 other thread; how busy DALI was (its CPU over its threads x wall: below 1, its threads waited); and the CPU
-that other processes took meanwhile (from /proc/stat), with a warning when they took a tenth of a core or
-more: figures from a busy machine do not compare. A rate says how fast; this says which thread paid for the
+that other processes took meanwhile (timing.OtherProcesses), with a warning when they took a tenth of a core
+or more: figures from a busy machine do not compare. A rate says how fast; this says which thread paid for the
 difference, which a throughput figure alone cannot. About 2.5 minutes on 2 cores.
 """
 from __future__ import annotations
@@ -40,7 +40,7 @@ from common.config import load_config  # noqa: E402
 from common.shard_format import split_shards  # noqa: E402
 from dali_pipes.device import resolve_device  # noqa: E402
 from dali_pipes.loader import build_train_pipeline, train_loader  # noqa: E402
-from timing import window_size  # noqa: E402
+from timing import OtherProcesses, busy_machine, window_size  # noqa: E402 (scripts/timing.py)
 from benchmark_args import at_least_one, positive_seconds, output_file  # noqa: E402 (scripts/)
 
 GROUPS = ("dali_workers", "dali_executor", "reader_prefetch", "consumer", "other")
@@ -72,13 +72,6 @@ def thread_cpu() -> dict[int, tuple[str, float]]:
         except (FileNotFoundError, ProcessLookupError, OSError):  # a thread that ended while being listed
             continue
     return out
-
-
-def machine_busy_s() -> float:
-    """CPU seconds every process on the machine has used so far (/proc/stat: all but idle and iowait)."""
-    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
-    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")  # user..steal; guest time is inside user
 
 
 def cpu_by_group(before: dict, after: dict) -> dict[str, float]:
@@ -115,14 +108,15 @@ def measure_window(make, batches_per_window: int | None, window_s: float) -> dic
             return time.perf_counter() - start
 
         n = batches_per_window or window_size(run, window_s)
-        before, machine_before = thread_cpu(), machine_busy_s()
+        before, others = thread_cpu(), OtherProcesses()
+        others.start()
         took = run(n)
         used = cpu_by_group(before, thread_cpu())
-        machine = machine_busy_s() - machine_before
+        other_cores = others.stop()
     finally:
         batches.close()
     gc.collect()
-    return {"batches": n, "wall_s": took, "cpu_s": used, "others_s": max(0.0, machine - sum(used.values()))}
+    return {"batches": n, "wall_s": took, "cpu_s": used, "other_cores": other_cores}
 
 
 def summarise(windows: list[dict], batch_size: int, threads: int) -> dict:
@@ -134,7 +128,7 @@ def summarise(windows: list[dict], batch_size: int, threads: int) -> dict:
     out["cpu_ms_per_batch"]["total"] = round(per_batch(lambda w: sum(w["cpu_s"].values())), 3)
     out["cpu_ms_per_batch"]["dali"] = round(per_batch(lambda w: w["cpu_s"]["dali_workers"] + w["cpu_s"]["dali_executor"]), 3)
     # cores' worth of CPU that other processes used during the windows (the worst window): 0 on a quiet machine
-    out["other_processes_cores"] = round(max(w["others_s"] / w["wall_s"] for w in windows), 2)
+    out["other_processes_cores"] = round(max(w["other_cores"] or 0.0 for w in windows), 2)
     # DALI's CPU over what its threads could have had: below 1, they waited (for work, or for a core). With one
     # thread DALI runs the operators on its executor thread, so both groups count.
     out["dali_busy"] = round(statistics.median(
@@ -171,10 +165,8 @@ def main(argv=None):
         print(f"{name:36s} {r['images_per_s']:9.1f} {r['images_per_s'] / graph['images_per_s']:8.2f} "
               f"{r['wall_ms_per_batch']:6.2f} {cpu['dali']:6.2f} {cpu['reader_prefetch']:8.2f} {cpu['consumer']:8.2f} "
               f"{cpu['other']:6.2f} {r['dali_busy']:5.2f} {r['other_processes_cores']:6.2f}")
-    busy = max(r["other_processes_cores"] for r in results["streams"].values())
-    if busy >= 0.1:
-        print(f"warning: other processes took up to {busy:.2f} of a core during a window ('others', in cores): "
-              "the figures are not those of a quiet machine; run again when it is", file=sys.stderr)
+    if warning := busy_machine(results["streams"]):
+        print(warning, file=sys.stderr)
     if args.json:
         args.json.write_text(json.dumps(results, indent=1) + "\n")
 

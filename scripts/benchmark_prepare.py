@@ -44,7 +44,7 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from timing import interleaved  # noqa: E402  (scripts/timing.py)
+from timing import busy_machine, interleaved  # noqa: E402  (scripts/timing.py)
 
 from demo.photos import photo_jpegs, write_photo_dataset  # noqa: E402
 from preprocessing.images import prepare_image, resized_size  # noqa: E402
@@ -222,6 +222,8 @@ def main(argv=None):
                   f"detail {r['psnr_detail_db']:5.2f} dB  size errors {r['size_errors']}  "
                   f"vs DALI's resize {r['psnr_vs_dali_resize_db']} dB")
     print(f"DALI's antialiased resize (inference) against the reference: {results['dali_resize_psnr_db']} dB")
+    if warning := busy_machine(results):
+        print(warning, file=sys.stderr)
     if args.repack:
         with tempfile.TemporaryDirectory(prefix="iic_repack_", dir=os.environ.get("TMPDIR")) as tmp:
             results["repack"] = repack(Path(tmp), args.repack, args.repeats)

@@ -39,7 +39,7 @@ from dali_pipes.device import resolve_device  # noqa: E402
 from dali_pipes.loader import build_train_pipeline, eval_loader, output_dtype, prepare_input, train_loader  # noqa: E402
 from dali_pipes.pipelines import decode_only_pipeline  # noqa: E402
 from model.network import autocast_dtype  # noqa: E402
-from timing import interleaved  # noqa: E402  (scripts/timing.py)
+from timing import busy_machine, interleaved  # noqa: E402  (scripts/timing.py)
 from common.cli import command  # noqa: E402
 from benchmark_args import at_least_one, positive_seconds, output_file  # noqa: E402 (scripts/)
 
@@ -236,6 +236,8 @@ def measure(args, work: Path) -> None:
             print(f"{key:28s} {r['images_per_s']:10.1f}  {r['min']:9.1f} {r['max']:9.1f}")
     for k, v in results["ratios"].items():
         print(f"{k:28s} {v:10.2f}")
+    if warning := busy_machine(results):
+        print(warning, file=sys.stderr)
     if args.json:
         args.json.write_text(json.dumps(results, indent=1) + "\n")
     if args.plot:

@@ -137,3 +137,30 @@ def test_every_benchmark_refuses_bad_arguments_before_measuring(script, tmp_path
         r = subprocess.run([sys.executable, f"scripts/{script}", *args], cwd=REPO, capture_output=True, text=True,
                            timeout=120)
         assert r.returncode == 2 and words in r.stderr and "Traceback" not in r.stderr, (args, r.stderr[-500:])
+
+
+def test_other_processes_cpu_counts_a_stranger_and_not_our_own_children():
+    import signal
+    import time
+    sys.path.insert(0, str(REPO / "scripts"))
+    import timing
+    watch = timing.OtherProcesses()
+    # our own child burning a core is the benchmark's own work (the baseline's DataLoader workers)
+    child = subprocess.Popen([sys.executable, "-c", "import time\nt = time.time()\nwhile time.time() - t < 1.2: pass"])
+    watch.start()
+    child.wait()
+    ours = watch.stop()
+    # a process that is not ours (its parent shell exits, so it is nobody's child here)
+    pid = int(subprocess.run(["sh", "-c", f"'{sys.executable}' -c 'while True: pass' >/dev/null 2>&1 & echo $!"],
+                             capture_output=True, text=True, check=True).stdout)
+    try:
+        time.sleep(0.2)
+        watch.start()
+        time.sleep(1.2)
+        stranger = watch.stop()
+    finally:
+        os.kill(pid, signal.SIGKILL)
+    assert ours < 0.3 and stranger > 0.6, (ours, stranger)
+    assert timing.busy_machine({"a": {"other_processes_cores": 0.05}, "ratios": {}}) is None
+    warning = timing.busy_machine({"a": {"other_processes_cores": 0.05}, "b": {"other_processes_cores": stranger}})
+    assert warning.startswith("warning: other processes took up to") and "(b)" in warning
