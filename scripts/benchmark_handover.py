@@ -156,15 +156,16 @@ def main(argv=None):
     load_config(args.config, args.overrides)  # a wrong key or file: one line now, not after building shards
     with tempfile.TemporaryDirectory(prefix="iic_handover_") as work:
         results = measure(args, Path(work))
-    print("\nCPU in ms per batch (medians); DALI = its workers + executor; busy = DALI's CPU / (threads x wall)")
+    print("\nCPU in ms per batch (medians); DALI = its workers + executor; other = this process's other threads; "
+          "busy = DALI's CPU / (threads x wall); other procs = cores' worth of CPU other processes took (worst window)")
     print(f"{'stream':36s} {'images/s':>9s} {'of graph':>8s} {'wall':>6s} {'DALI':>6s} {'prefetch':>8s} "
-          f"{'consumer':>8s} {'other':>6s} {'busy':>5s} {'others':>6s}")
+          f"{'consumer':>8s} {'other':>6s} {'busy':>5s} {'other procs':>11s}")
     for name, r in results["streams"].items():
         cpu = r["cpu_ms_per_batch"]
         graph = results["streams"]["dali_train_pipeline" + ("_spare_core" if name.endswith("_spare_core") else "")]
         print(f"{name:36s} {r['images_per_s']:9.1f} {r['images_per_s'] / graph['images_per_s']:8.2f} "
               f"{r['wall_ms_per_batch']:6.2f} {cpu['dali']:6.2f} {cpu['reader_prefetch']:8.2f} {cpu['consumer']:8.2f} "
-              f"{cpu['other']:6.2f} {r['dali_busy']:5.2f} {r['other_processes_cores']:6.2f}")
+              f"{cpu['other']:6.2f} {r['dali_busy']:5.2f} {r['other_processes_cores']:11.2f}")
     if warning := busy_machine(results["streams"]):
         print(warning, file=sys.stderr)
     if args.json:

@@ -124,6 +124,7 @@ def main(argv=None):
     # loaders measured alone, with DALI's threads equal to the baseline's workers: no thread budget
     # (common.threads) splitting the cores with a model that is not running
     os.environ.setdefault("IIC_THREAD_BUDGET", "off")
+    load_config(args.config, args.overrides)  # a wrong key or file: one line now, not after building shards
     with tempfile.TemporaryDirectory(prefix="iic_bench_") as work:  # generated shards: gone when it ends
         measure(args, Path(work))
 
@@ -228,7 +229,8 @@ def measure(args, work: Path) -> None:
                         "gpu": torch.cuda.get_device_name(0) if device.kind == "gpu" else None}
 
     print(f"\n{'measure':28s} {'images/s':>10s}  {'min':>9s} {'max':>9s}")
-    for key in ("decode_ceiling", "dali_train_pipeline", "dali_train", "dali_train_float32", "baseline", "dali_eval",
+    for key in ("decode_ceiling", "dali_train_pipeline", "dali_train", "dali_train_float32", "headline_dali_train",
+                "baseline", "dali_eval",
                 "decode_ceiling_spare_core", "dali_train_pipeline_spare_core", "dali_train_spare_core",
                 "train_steps_dali", "train_steps_baseline"):
         if key in results:

@@ -54,7 +54,10 @@ def throughput_table(runs: list[dict]) -> str:
     notes = {"dali_train_pipeline": f" ({ratios['dali_train_pipeline_vs_decode_ceiling']:.2f} of ceiling)",
              "dali_train": f" ({ratios['dali_train_vs_pipeline']:.2f} of the graph, "
                            f"{ratios['dali_train_vs_decode_ceiling']:.2f} of ceiling, "
-                           f"**{ratios[HEADLINE]:.2f}x** baseline)"}
+                           f"**{ratios[HEADLINE]:.2f}x** baseline"
+                           + (f": the pair measured on its own, loader {run['headline_dali_train']['images_per_s']:,.0f} "
+                              f"against {run['baseline']['images_per_s']:,.0f}, the median of the paired windows' ratios"
+                              if "headline_dali_train" in run else "") + ")"}
     if "dali_train_vs_pipeline_spare_core" in ratios:
         notes["dali_train_spare_core"] = (f" ({ratios['dali_train_vs_pipeline_spare_core']:.2f} of the graph, "
                                           f"{ratios['dali_train_vs_decode_ceiling_spare_core']:.2f} of ceiling)")
@@ -89,9 +92,10 @@ def readme_summary(runs: list[dict]) -> str:
     run = median_run(runs)
     ratios = run["ratios"]
     headline = [r["ratios"][HEADLINE] for r in runs]
-    return (f"On the 2-core CPU box, the DALI train loader delivers {run['dali_train']['images_per_s']:,.0f} "
+    loader = run.get("headline_dali_train", run["dali_train"])  # the rate the headline ratio was measured with
+    return (f"On the 2-core CPU box, the DALI train loader delivers {loader['images_per_s']:,.0f} "
             f"images/s, {ratios[HEADLINE]:.2f}x the original DataLoader ({run['baseline']['images_per_s']:,.0f} "
-            f"images/s), {ratios['dali_train_vs_pipeline']:.2f} of the bare train graph and "
+            f"images/s, measured as a pair), {ratios['dali_train_vs_pipeline']:.2f} of the bare train graph and "
             f"{ratios['dali_train_vs_decode_ceiling']:.2f} of the decode-only ceiling "
             f"({run['decode_ceiling']['images_per_s']:,.0f} images/s): the median of {len(runs)} back-to-back "
             f"runs, whose headline ratios were {', '.join(f'{h:.2f}x' for h in headline)}"
