@@ -119,6 +119,11 @@ def measure_window(make, batches_per_window: int | None, window_s: float) -> dic
     return {"batches": n, "wall_s": took, "cpu_s": used, "other_cores": other_cores}
 
 
+def dali_cpu_s(window: dict) -> float:
+    """DALI's CPU in a window: with one thread DALI runs the operators on its executor, so both groups count."""
+    return window["cpu_s"]["dali_workers"] + window["cpu_s"]["dali_executor"]
+
+
 def summarise(windows: list[dict], batch_size: int, threads: int) -> dict:
     per_batch = lambda key: statistics.median(1e3 * key(w) / w["batches"] for w in windows)  # noqa: E731
     out = {"images_per_s": round(statistics.median(w["batches"] * batch_size / w["wall_s"] for w in windows), 1),
@@ -126,13 +131,11 @@ def summarise(windows: list[dict], batch_size: int, threads: int) -> dict:
            "cpu_ms_per_batch": {g: round(per_batch(lambda w, g=g: w["cpu_s"][g]), 3) for g in GROUPS},
            "dali_threads": threads, "windows": len(windows), "batches_per_window": windows[0]["batches"]}
     out["cpu_ms_per_batch"]["total"] = round(per_batch(lambda w: sum(w["cpu_s"].values())), 3)
-    out["cpu_ms_per_batch"]["dali"] = round(per_batch(lambda w: w["cpu_s"]["dali_workers"] + w["cpu_s"]["dali_executor"]), 3)
+    out["cpu_ms_per_batch"]["dali"] = round(per_batch(dali_cpu_s), 3)
     # cores' worth of CPU that other processes used during the windows (the worst window): 0 on a quiet machine
     out["other_processes_cores"] = round(max(w["other_cores"] or 0.0 for w in windows), 2)
-    # DALI's CPU over what its threads could have had: below 1, they waited (for work, or for a core). With one
-    # thread DALI runs the operators on its executor thread, so both groups count.
-    out["dali_busy"] = round(statistics.median(
-        (w["cpu_s"]["dali_workers"] + w["cpu_s"]["dali_executor"]) / (threads * w["wall_s"]) for w in windows), 3)
+    # DALI's CPU over what its threads could have had: below 1, they waited (for work, or for a core)
+    out["dali_busy"] = round(statistics.median(dali_cpu_s(w) / (threads * w["wall_s"]) for w in windows), 3)
     return out
 
 

@@ -28,14 +28,6 @@ def sync() -> None:
 BUSY_CORES = 0.1
 
 
-def _ticks(stat: str) -> int:
-    """utime + stime + cutime + cstime from a /proc/<pid>/stat line (fields after the parenthesised name): a
-    child that ends and is waited for moves its CPU into its parent's cutime, so the sum over a process tree
-    stays whole when a worker ends mid-window."""
-    fields = stat[stat.rindex(")") + 2:].split()
-    return sum(int(f) for f in fields[11:15])
-
-
 def machine_cpu_s() -> float | None:
     """CPU seconds every process on the machine has used so far (/proc/stat: all but idle and iowait); None
     where there is no /proc."""
@@ -48,8 +40,10 @@ def machine_cpu_s() -> float | None:
 
 def own_cpu_s() -> float | None:
     """CPU seconds used so far by this process and every process below it (the baseline's DataLoader workers,
-    a training run's children), from /proc; None where there is no /proc."""
-    parents: dict[int, int] = {}
+    a training run's children), from /proc; None where there is no /proc. Each process counts its own CPU and
+    its waited-for children's (cutime, cstime): a worker that ends mid-window moves its CPU into its parent's,
+    so the tree's sum stays whole."""
+    children: dict[int, list[int]] = {}
     ticks: dict[int, int] = {}
     try:
         entries = [e for e in os.scandir("/proc") if e.name.isdigit()]
@@ -60,15 +54,15 @@ def own_cpu_s() -> float | None:
             stat = Path(entry.path, "stat").read_text()
         except OSError:  # a process that ended while being listed
             continue
-        pid = int(entry.name)
-        parents[pid] = int(stat[stat.rindex(")") + 2:].split()[1])
-        ticks[pid] = _ticks(stat)
-    ours, frontier = set(), [os.getpid()]
-    while frontier:
+        pid, fields = int(entry.name), stat[stat.rindex(")") + 2:].split()
+        children.setdefault(int(fields[1]), []).append(pid)  # fields[1]: the parent's pid
+        ticks[pid] = sum(int(f) for f in fields[11:15])  # utime, stime, cutime, cstime: see below
+    total, frontier = 0, [os.getpid()]
+    while frontier:  # a process tree: every pid is reached once
         pid = frontier.pop()
-        ours.add(pid)
-        frontier += [child for child, parent in parents.items() if parent == pid and child not in ours]
-    return sum(ticks.get(pid, 0) for pid in ours) / os.sysconf("SC_CLK_TCK")
+        total += ticks.get(pid, 0)
+        frontier += children.get(pid, [])
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 class OtherProcesses:
