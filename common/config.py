@@ -41,9 +41,13 @@ FLOAT_LIST = "list of numbers"
 STR = "str"
 
 
-def key(kind: Any):
-    """A required config key of the given kind (one of the constants above, or a tuple of choices)."""
-    return field(metadata={"kind": kind})
+NO_DEFAULT = object()
+
+
+def key(kind: Any, default: Any = NO_DEFAULT):
+    """A config key of the given kind (one of the constants above, or a tuple of choices). Keys added after the
+    first release take a ``default``, so that a config file written before them still loads as it did."""
+    return field(metadata={"kind": kind, "default": default})
 
 
 @dataclass(frozen=True)
@@ -89,6 +93,7 @@ class Model:
     drop_rate: float = key(FRACTION)
     channels_last: bool = key(BOOL)
     compile: bool = key(BOOL)
+    compile_backend: str = key(STR, default="inductor")
     amp: bool = key(BOOL)
     amp_dtype: str = key(("auto", "bfloat16", "float16"))
 
@@ -141,6 +146,8 @@ SECTIONS: dict[str, type] = {"paths": Paths, "data": Data, "pipeline": Pipeline,
                              "tune": Tune, "predict": Predict, "submit": Submit}
 SCHEMA: dict[str, dict[str, Any]] = {name: {f.name: f.metadata["kind"] for f in dataclasses.fields(cls)}
                                      for name, cls in SECTIONS.items()}
+DEFAULTS: dict[str, Any] = {f"{name}.{f.name}": f.metadata["default"] for name, cls in SECTIONS.items()
+                            for f in dataclasses.fields(cls) if f.metadata["default"] is not NO_DEFAULT}
 
 
 def _layout_to_channels_last(value: Any) -> Any:
@@ -354,9 +361,10 @@ def _validate(raw: dict[str, Any], base: Path) -> dict[str, dict[str, Any]]:
                 raise ConfigError(f"unknown config key '{section}.{name}'")
         out[section] = {}
         for name, kind in spec.items():
-            if name not in given:
+            if name not in given and f"{section}.{name}" not in DEFAULTS:
                 raise ConfigError(f"config key '{section}.{name}' is missing")
-            out[section][name] = _check(f"{section}.{name}", kind, given[name], base)
+            value = given[name] if name in given else DEFAULTS[f"{section}.{name}"]
+            out[section][name] = _check(f"{section}.{name}", kind, value, base)
     return out
 
 

@@ -12,7 +12,7 @@ busy core elsewhere makes training 20x slower (issue 16: 32-41 images/s instead 
   (reading, the host half of nvJPEG's decoding) less one for PyTorch, which only launches kernels;
 - OpenCV (the shard builder's resize) runs one thread per builder worker process.
 
-``IIC_THREAD_BUDGET=off`` leaves every library at its defaults (for comparison: scripts/benchmark_threads.py).
+``IIC_THREAD_BUDGET=off`` leaves every library at its defaults (for comparison; docs/BENCHMARKS.md, "Thread budget").
 """
 from __future__ import annotations
 

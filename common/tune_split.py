@@ -24,7 +24,7 @@ HOLDOUT_LABELS = "holdout_labels.csv"
 
 def holdout_fingerprint(ids: list[str]) -> dict:
     """Which images a rule was chosen on: their number and the sha256 of their sorted ids. A tuned checkpoint
-    records it, and an ensemble's rule must be chosen on the same images (``model.ensemble.check_holdout``)."""
+    records it, and an ensemble's rule must be chosen on the same images (``model.members.check_holdout``)."""
     text = "\n".join(sorted(ids)).encode()
     return {"images": len(ids), "sha256": hashlib.sha256(text).hexdigest()}
 

@@ -28,7 +28,7 @@ from common.threads import apply_thread_budget
 from dali_pipes.device import resolve_device
 from dali_pipes.loader import eval_loader, prepare_input
 from model.decision import choose_rule
-from model.ensemble import (Combination, check_holdout, combine_topk, load_members, member_models,
+from model.members import (Combination, check_holdout, combine_topk, load_members, member_models,
                             write_ensemble_file)
 from model.network import autocast_dtype
 from model.predict import predict_member_topk

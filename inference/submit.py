@@ -35,8 +35,8 @@ from common.paths import readable_dir, readable_file, writable_dir, writable_fil
 from common.threads import apply_thread_budget
 from dali_pipes.device import resolve_device
 from dali_pipes.loader import check_test_image_settings
-from inference.predict import predict_files, screen
-from model.ensemble import member_models, resolve_checkpoints
+from inference.file_predictions import predict_files, screen
+from model.members import member_models, resolve_checkpoints
 from model.network import autocast_dtype
 
 log = logging.getLogger(__name__)

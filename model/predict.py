@@ -7,7 +7,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 import torch
 
-from model.ensemble import Combination, combine_topk
+from model.members import Combination, combine_topk
 from model.metrics import topk_rescore
 
 
@@ -51,7 +51,7 @@ def predict_member_topk(models, batches: Iterable[tuple], k: int, to_input: Call
 def predict_topk(models, batches: Iterable[tuple], k: int, to_input: Callable[[torch.Tensor], torch.Tensor],
                  amp_dtype=None, combination: Combination = Combination()) -> Iterator[tuple[np.ndarray, np.ndarray, tuple]]:
     """For each ``(images, *rest)`` batch: ``(indices [B, k], scores [B, k], rest)``, best first, rescored; with
-    several models, their scores combined as ``combination`` says (``model.ensemble``)."""
+    several models, their scores combined as ``combination`` says (``model.members``)."""
     for tops, classes, rest in predict_member_topk(models, batches, k, to_input, amp_dtype):
         indices, scores = combine_topk(tops, classes, k, combination)
         yield indices.cpu().numpy(), scores.cpu().numpy(), rest

@@ -36,12 +36,12 @@ from common.cli import command, config_from_args, config_parser
 from common.config import Config, ConfigError, require_file
 from common.errors import UserError
 from common.paths import readable_dir, writable_dir
-from common.images import ImageProblem, read_image_file
+from common.image_checks import ImageProblem, read_image_file
 from common.log import progress
 from common.shard_format import (INDEX_GLOB, MANIFEST, SHARD_GLOB, SPLITS, ShardWriter, encode_sample,
                                  read_manifest, shard_name, write_manifest)
 from common.vocab import Vocabulary
-from preprocessing.images import prepare_image
+from preprocessing.resize import prepare_image
 from preprocessing.labels import LabelProblems, LabelTable, read_human_labels, read_tuning_labels
 from preprocessing.splits import permutation, split_train_val
 

@@ -2,8 +2,7 @@
 
 ``train_human_labels.csv`` has about 8 million rows over 1.74 million images, so it
 is parsed by pandas' C reader into categoricals and grouped with numpy (no Python
-loop over rows): about 10 s and well under 4 GB on a 2-core machine
-(``scripts/benchmark_labels.py``).
+loop over rows), in seconds and well under 4 GB on a 2-core machine (docs/BENCHMARKS.md, "The label file").
 """
 from __future__ import annotations
 

@@ -29,7 +29,7 @@ from PIL import Image
 from common.cli import command, config_from_args, config_parser
 from common.config import Config
 from common.errors import UserError
-from common.images import ImageProblem, decoding
+from common.image_checks import ImageProblem, decoding
 from common.paths import readable_dir
 from common.log import progress
 from common.shard_format import (EXTENSIONS, SHARD_GLOB, ShardWriter, decode_labels, file_sha256, iter_samples,

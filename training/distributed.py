@@ -22,7 +22,7 @@ class Dist:
     @property
     def active(self) -> bool:
         """DDP and the collectives run: under torchrun, whatever the number of processes, so that a one-GPU
-        torchrun run (``scripts/train.sh`` on one GPU, ``scripts/gpu_check.py``) exercises the same code as eight."""
+        torchrun run (``scripts/train.sh`` on one GPU, ``python -m benchmarks.gpu_check``) exercises the same code as eight."""
         return self.group
 
 

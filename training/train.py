@@ -373,14 +373,6 @@ def validate(model, stage: Stage, cfg: Config, device: PipeDevice, d: distribute
     return result
 
 
-def param_checksum(model: torch.nn.Module) -> float:
-    """A cheap fingerprint of the weights and buffers (BatchNorm statistics), to check that every rank holds
-    the same model."""
-    with torch.no_grad():
-        tensors = [t for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()]
-        return float(sum(t.double().sum() * (i + 1) for i, t in enumerate(tensors)))
-
-
 def log_epoch(record: dict, val: dict, stage: Stage, improved: bool) -> None:
     extra = f", rule F2 {val['val_f2_rule']:.4f}" if stage.name == "tune" else ""
     log.info(f"{stage.name} epoch {record['epoch']}: loss {record['loss']:.4f}, val GAP {val['val_gap']:.4f}, "
@@ -408,6 +400,9 @@ def _run(cfg: Config, stage_name: str, init: str | None, device: PipeDevice, d: 
         writable_dir(cfg.paths.artifacts, "paths.artifacts")
     if init:
         readable_file(Path(init), "--init")
+    if cfg.model.compile and cfg.model.compile_backend not in torch._dynamo.list_backends(exclude_tags=()):
+        raise UserError(f"model.compile_backend {cfg.model.compile_backend!r} is not a torch.compile backend "
+                        f"(inductor, eager, ...: torch._dynamo.list_backends())")
     if device.kind == "gpu":
         torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick its fastest kernels once
     stage = make_stage(cfg, stage_name, d)
@@ -431,7 +426,7 @@ def _run(cfg: Config, stage_name: str, init: str | None, device: PipeDevice, d: 
     if d.active:
         net = DistributedDataParallel(net, device_ids=[device.device_id] if device.kind == "gpu" else None)
     if cfg.model.compile:
-        net = torch.compile(net)  # after DDP, so that the compiler sees DDP's buckets
+        net = torch.compile(net, backend=cfg.model.compile_backend)  # after DDP, so that it sees DDP's buckets
     metrics = MetricsLog(stage.out, d.is_main, state.step)
     record: dict = {}
     try:
@@ -442,13 +437,13 @@ def _run(cfg: Config, stage_name: str, init: str | None, device: PipeDevice, d: 
             # rank 0's on every rank, as DDP itself does at the start of each forward
             distributed.broadcast_buffers(d, state.model)
             val = validate(state.model, stage, cfg, device, d, amp_dtype)
-            checks = distributed.gather_objects(d, (param_checksum(state.model), epoch.seen))
+            seen = distributed.gather_objects(d, epoch.seen)
             state.epoch += 1
             record = {"stage": stage.name, "epoch": state.epoch, "step": state.step, "loss": epoch.loss_sum / steps,
-                      "lr": lr, "images_per_s": sum(c[1] for c in checks) / epoch.seconds,
+                      "lr": lr, "images_per_s": sum(seen) / epoch.seconds,
                       "data_wait_share": epoch.wait / epoch.seconds,
                       **{k: v for k, v in val.items() if k != "decision_rule"},
-                      "rank_param_checksums": [c[0] for c in checks], "samples_per_rank": [c[1] for c in checks],
+                      "samples_per_rank": seen,
                       "process_group": distributed.backend(d)}
             state.progress = EpochProgress()
             improved = saver.save(state, loader, val[stage.metric], val.get("decision_rule"))

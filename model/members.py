@@ -1,4 +1,5 @@
-"""Ensembles: several checkpoints that predict as one. The ENSEMBLE file's one home.
+"""Ensemble members: several checkpoints that predict as one, how their scores combine, and the ENSEMBLE file's
+one home (``python -m inference.ensemble`` is the command that makes one).
 
 An ENSEMBLE file is a small JSON document written by ``python -m inference.ensemble``::
 

@@ -18,11 +18,11 @@ import numpy as np
 
 from common.config import Config
 from common.errors import is_out_of_memory
-from common.images import check_image_file
+from common.image_checks import check_image_file
 from common.log import progress
 from dali_pipes.device import PipeDevice
 from dali_pipes.loader import ImageFileLoader, prepare_input
-from model.ensemble import Combination
+from model.members import Combination
 from model.predict import predict_topk
 
 log = logging.getLogger(__name__)
@@ -68,7 +68,7 @@ class Predictions:
 
 def predict_files(models, files: list[Path], cfg: Config, device: PipeDevice, amp_dtype=None,
                   combination: Combination = Combination()) -> Predictions:
-    """Every file's top-k by the model, or by several models combined (``model.ensemble``) from one pass of the
+    """Every file's top-k by the model, or by several models combined (``model.members``) from one pass of the
     pipeline: each image is decoded, resized and cropped once, whatever the number of models."""
     k, step = cfg.predict.top_k, cfg.predict.batch_size
     pred = Predictions(np.full((len(files), k), -1, dtype=np.int64), np.zeros((len(files), k), dtype=np.float32), {})

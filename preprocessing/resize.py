@@ -11,7 +11,7 @@ import cv2
 import numpy as np
 from PIL import Image, ImageOps
 
-from common.images import ImageProblem, decoding
+from common.image_checks import ImageProblem, decoding
 
 cv2.setNumThreads(1)  # one builder worker, one core: OpenCV's own threads would only oversubscribe them
 
@@ -49,7 +49,7 @@ def prepare_image(data: bytes, shortest_side: int, quality: int, reduced_decode:
     the target (the DCT-domain reduction is itself a good antialiasing filter, and skips most of the
     decoding work), then resized to the exact target, computed from the original's dimensions, with
     OpenCV's bilinear filter, which does the remaining factor of at most 2 in a tenth of Pillow's time.
-    (Measured against the original solution's OpenCV loop: scripts/benchmark_prepare.py.)
+    (Measured against the original solution's OpenCV loop: python -m benchmarks.shard_builder.)
     """
     if not data:
         raise ImageProblem("zero-byte file")
