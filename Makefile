@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	if $(PY) -m pip show -q nvidia-dali-cuda120 2>/dev/null; then $(PY) -m pip uninstall -y -q nvidia-dali-cuda120 \
 	  nvidia-nvimgcodec-cu12 nvidia-libnvcomp-cu12 nvidia-nvjpeg-cu12 nvidia-nvjpeg2k-cu12 nvidia-nvtiff-cu12 \
 	  nvidia-dali-cuda130 nvidia-nvimgcodec-cu13 nvidia-libnvcomp-cu13 nvidia-nvjpeg nvidia-nvjpeg2k-cu13 nvidia-nvtiff-cu13; fi
-	$(PY) -m pip install -e '.[test]'
+	$(PY) -m pip install -e '.[test,bench]'
 	touch $(STAMP)
 
 test: $(STAMP)
@@ -26,7 +26,7 @@ demo: $(STAMP)
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash scripts/demo.sh
 
 benchmark: $(STAMP)
-	$(PY) scripts/benchmark_throughput.py
+	$(PY) -m benchmarks.throughput
 
 clean:
 	rm -rf $(VENV) demo_run .pytest_cache

@@ -1,4 +1,4 @@
-"""Realistic benchmark data: scikit-image's sample photographs cropped and rescaled into many JPEGs.
+"""Photographs for the benchmarks and the GPU check: scikit-image's samples cropped and rescaled into many JPEGs.
 
 Synthetic noise compresses and decodes unlike photographs; these behave like Open Images.
 """

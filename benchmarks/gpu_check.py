@@ -1,0 +1,719 @@
+#!/usr/bin/env python3
+"""Every GPU path of the project in one run, each figure with a rule that can fail, and a JSON report.
+
+    python -m benchmarks.gpu_check --json gpu_check.json                  # on a GPU machine: about 8 minutes
+    python -m benchmarks.gpu_check --rehearse --json rehearsal.json       # the same parts on the CPU
+    python -m benchmarks.gpu_check --only parity,resume --json part.json  # some parts only
+
+The parts, each a list of gates (name, measured value, rule, passed):
+  parity          every GPU graph against its CPU graph on the same data (eval with and without resize, every
+                  predict.tta and output dtype, full-size test images, train with the same seed): batch and image
+                  counts, ids, labels (also against the shards), the mean and the worst batch's 99.9th percentile
+                  of the pixel difference, the ten-crop order on every batch
+  throughput      the decode-only ceiling, the train and eval loaders (images/s, median of timed windows); the
+                  train loader must deliver 1.5x the model's own training steps
+  training_steps  the share of step time the model's steps wait for the DALI train loader, against the same steps
+                  on one batch kept on the device (GPU: SE-ResNet101, bf16, channels-last); memory as the driver
+                  sees the process (DALI's pools included) beside torch's own figure
+  ddp             torchrun with NCCL (GPUs) or gloo (CPU), two processes where two GPUs or the CPU allow: the
+                  validation figures gathered from every rank's replica must be those one process computes from
+                  the saved weights (a rank with other weights or BatchNorm statistics would move them)
+  compile         model.compile: true trains, saves, resumes into a new process and submits
+  resume          a run killed with SIGKILL at a mid-epoch checkpoint and resumed, against the run uninterrupted
+                  (GPU: fp16 with its GradScaler), within what a second uninterrupted run differs by
+  commands        the README's commands on demo data (build, train, tune, stage-2 submission); the train run's
+                  validation GAP must clear a floor no image-blind model reaches
+
+Report: {"passed", "rehearsal", "device", "parts": {NAME: {"passed", "gates": [...], ...}}}, written after every
+part. Exit 0 when every gate passed, 1 when one failed (or a part broke), 2 when the check cannot run here.
+--rehearse: every part on the CPU with CPU thresholds (gloo, the CPU graphs against the other output dtypes,
+timm's test_resnet, small data); --quick: small enough for the test suite (0.5 s windows, eager torch.compile).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import math
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import asdict, dataclass, replace
+from functools import cached_property
+from itertools import islice, repeat
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+
+from benchmarks import harness
+from benchmarks.harness import REPO
+from common.atomic import atomic_write_text
+from common.config import load_config
+from common.errors import UserError
+from common.log import setup_logging
+from common.paths import writable_dir, writable_file
+from common.shard_format import decode_labels, decode_meta, iter_samples, read_manifest, split_shards
+from common.threads import usable_cores
+
+PARTS = ("parity", "throughput", "training_steps", "ddp", "compile", "resume", "commands")
+TRAINING = ("-m", "training.train")  # what the training children run: python -m training.train ARGS
+
+
+@dataclass
+class Gate:
+    name: str
+    value: Any
+    rule: str
+    passed: bool
+
+
+def at_least(name: str, value: float, floor: float) -> Gate:
+    return Gate(name, _round(value), f">= {_round(floor)}", bool(value >= floor))
+
+
+def at_most(name: str, value: float, ceiling: float) -> Gate:
+    return Gate(name, _round(value), f"<= {_round(ceiling)}", bool(value <= ceiling))
+
+
+def equal(name: str, value: Any, expected: Any) -> Gate:
+    return Gate(name, value, f"== {expected}", bool(value == expected))
+
+
+def _round(x):
+    return round(float(x), 6) if isinstance(x, (float, np.floating)) else x
+
+
+@dataclass
+class Batch:
+    """A loader batch on the CPU: input as float (``[B, (V,) C, H, W]``), targets (test images: positions), ids."""
+    images: torch.Tensor
+    labels: torch.Tensor
+    ids: list | None
+
+
+def batch_parity(name: str, device: list[Batch], reference: list[Batch], mean_tol: float,
+                 p999_tol: float) -> list[Gate]:
+    """Counts before pixels, so that a short list cannot compare equal over its common prefix; the worst batch's
+    figures beside the overall mean, so that one bad batch among many cannot hide in an average."""
+    gates = [equal(f"{name}: batches", len(device), len(reference)),
+             equal(f"{name}: images", sum(len(b.images) for b in device), sum(len(b.images) for b in reference))]
+    if not all(g.passed for g in gates):
+        return gates
+    pairs = list(zip(device, reference))
+    shapes = all(d.images.shape == r.images.shape for d, r in pairs)
+    gates += [equal(f"{name}: shapes equal", shapes, True),
+              equal(f"{name}: ids equal", all(d.ids == r.ids for d, r in pairs), True),
+              equal(f"{name}: labels equal", all(torch.equal(d.labels, r.labels) for d, r in pairs), True)]
+    if not shapes:
+        return gates
+    total, count, worst_mean, worst_p999 = 0.0, 0, 0.0, 0.0
+    for d, r in pairs:
+        diff = (d.images.float() - r.images.float()).abs().flatten().numpy()
+        total += float(diff.sum(dtype=np.float64))
+        count += diff.size
+        worst_mean = max(worst_mean, float(diff.mean()))
+        k = min(diff.size - 1, int(math.ceil(0.999 * diff.size)) - 1)
+        worst_p999 = max(worst_p999, float(np.partition(diff, k)[k]))
+    return gates + [at_most(f"{name}: mean abs diff", total / max(count, 1), mean_tol),
+                    at_most(f"{name}: worst batch mean abs diff", worst_mean, 2 * mean_tol),
+                    at_most(f"{name}: worst batch p99.9 abs diff", worst_p999, p999_tol)]
+
+
+def tencrop_order(name: str, batches: list[Batch], centre: list[Batch] | None = None, tol: float = 1e-3) -> list[Gate]:
+    """Views 5..9 mirror views 0..4 on every batch, and view 4 is the plain centre crop (``centre``: the same
+    images through tta none), as the model's view averaging and the tests assume."""
+    mirrored = sum(bool((b.images[:, 5:] - b.images[:, :5].flip(-1)).abs().max() <= tol) for b in batches)
+    gates = [equal(f"{name}: batches whose views 5-9 mirror 0-4", mirrored, len(batches))]
+    if centre is not None:
+        same = len(centre) == len(batches) and all(
+            c.images.shape == b.images[:, 4].shape and bool((b.images[:, 4] - c.images).abs().max() <= tol)
+            for b, c in zip(batches, centre))
+        gates.append(equal(f"{name}: view 4 is the centre crop", same, True))
+    return gates
+
+
+def labels_match_truth(name: str, batches: list[Batch], truth: dict[str, list[int]]) -> Gate:
+    """Each image's targets against the classes its shard sample holds (read from the tar, not through DALI):
+    catches labels handed over with the wrong images."""
+    rows = [(image_id, row) for b in batches for image_id, row in zip(b.ids, b.labels)]
+    wrong = sum(torch.nonzero(row).flatten().tolist() != truth.get(image_id) for image_id, row in rows)
+    return Gate(f"{name}: images whose labels are their shard sample's", f"{len(rows) - wrong} of {len(rows)}",
+                f"all of {len(truth)}", len(rows) == len(truth) and wrong == 0)
+
+
+def loader_keeps_up(loader_rate: float, step_rate: float, min_ratio: float = 1.5) -> Gate:
+    return at_least("train loader / model training steps (images/s)", loader_rate / step_rate, min_ratio)
+
+
+def data_wait_share(fed_rate: float, synthetic_rate: float) -> float:
+    """1 - fed/synthetic, as measured: noise can make it negative, and it is recorded so, not clipped."""
+    return 1.0 - fed_rate / synthetic_rate
+
+
+def data_wait(fed_rate: float, synthetic_rate: float, max_share: float) -> Gate:
+    return at_most("share of step time waiting for data", data_wait_share(fed_rate, synthetic_rate), max_share)
+
+
+def relative_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    """||a - b|| / ||b|| over every floating-point tensor of two state dicts (inf when the keys differ)."""
+    if a.keys() != b.keys():
+        return math.inf
+    floats = [k for k in b if b[k].is_floating_point()]
+    num = sum(float((a[k].double() - b[k].double()).pow(2).sum()) for k in floats)
+    den = sum(float(b[k].double().pow(2).sum()) for k in floats)
+    return math.sqrt(num) / max(math.sqrt(den), 1e-30)
+
+
+def weights_match(resumed: dict, clean: dict, clean_again: dict, floor: float) -> Gate:
+    """Within what a second uninterrupted run differs by (twice it, or ``floor``): bitwise where the device is
+    deterministic (the CPU), measured where it is not."""
+    noise = relative_difference(clean_again, clean)
+    tolerance = max(2 * noise, floor)
+    difference = relative_difference(resumed, clean)
+    return Gate("weights: resumed vs uninterrupted (relative L2)", _round(difference),
+                f"<= {_round(tolerance)} (2 x a second uninterrupted run's {_round(noise)}, at least {floor})",
+                difference <= tolerance)
+
+
+@dataclass(frozen=True)
+class Profile:
+    """What a run of the check uses, and its thresholds."""
+    rehearsal: bool
+    device: str  # pipeline.device
+    model: str  # the training_steps part's model
+    batch_size: int  # throughput and training_steps
+    photos: int  # photographs for the parity and throughput shards
+    test_images: int  # full-size originals for the test-image graph
+    demo_train: int  # demo images for the training parts
+    window_s: float
+    windows: int
+    parity_mean: float  # normalised pixel units (1 level of 0..255 is about 0.017)
+    parity_p999: float
+    max_wait_share: float
+    resume_floor: float  # the resume tolerance's floor (relative L2)
+    gap_margin: float  # the commands part's GAP must beat the best image-blind predictor by this much
+    max_spread: float | None  # a timed figure's windows may differ by this factor at most (None: not gated)
+    ddp_tolerance: float  # ddp: the ranks' validation figures against one process's on the saved weights
+    quick: bool = False
+
+
+# nvJPEG and libjpeg-turbo round their IDCTs differently (with the same chroma upsampling): a level or two on a few
+# pixels, 0.03 in the mean, 15 levels at the 99.9th percentile of the worst batch
+GPU = Profile(rehearsal=False, device="gpu", model="seresnet101", batch_size=128, photos=2000, test_images=64,
+              demo_train=1200, window_s=2.0, windows=3, parity_mean=0.03, parity_p999=0.25, max_wait_share=0.05,
+              resume_floor=1e-4, gap_margin=0.05, max_spread=1.25, ddp_tolerance=1e-3)
+# on the CPU both sides decode with libjpeg-turbo: the only difference is float16 rounding (half a step at 2.6,
+# 0.001); the CPU's cores are shared by DALI's threads and the model's, so a fed step waits for data more
+REHEARSAL = Profile(rehearsal=True, device="cpu", model="test_resnet", batch_size=32, photos=600, test_images=24,
+                    demo_train=600, window_s=2.0, windows=3, parity_mean=0.002, parity_p999=0.005,
+                    max_wait_share=0.15, resume_floor=0.0, gap_margin=0.05, max_spread=1.5, ddp_tolerance=1e-4)
+# the test suite's form: the parts' wiring and their gates, on windows too short to gate their spread
+QUICK = replace(REHEARSAL, photos=200, test_images=8, demo_train=240, window_s=0.5, max_spread=None, quick=True)
+
+
+def steady(figures: dict, profile: Profile) -> list[Gate]:
+    """Timed figures whose windows disagree this much were taken on a busy machine: say so, not trust them."""
+    if profile.max_spread is None:
+        return []
+    return [at_most(f"{name}: window spread (max / min images/s)", figure["spread"], profile.max_spread)
+            for name, figure in figures.items() if "spread" in figure]
+
+
+def gpu_memory() -> dict:
+    """Memory as the driver sees this process (DALI's pools and cuDNN's workspaces included) beside torch's own
+    peak; on the CPU, the process's peak resident memory."""
+    out = {"peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, 2)}
+    if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
+        return out
+    out["torch_peak_allocated_gib"] = round(torch.cuda.max_memory_allocated() / 2 ** 30, 2)
+    out["torch_peak_reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2 ** 30, 2)
+    try:
+        text = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+                              capture_output=True, text=True, timeout=30).stdout
+        mine = [int(mem) for pid, mem in (line.split(",") for line in text.splitlines() if "," in line)
+                if int(pid) == os.getpid()]
+    except (OSError, subprocess.SubprocessError, ValueError):
+        mine = []
+    if mine:
+        out["driver_process_gib"] = round(mine[0] / 1024, 2)
+    else:  # in a container the driver lists host pids: the whole device's use instead
+        free, total = torch.cuda.mem_get_info()
+        out["driver_device_used_gib"] = round((total - free) / 2 ** 30, 2)
+    return out
+
+
+@contextlib.contextmanager
+def jpeg_engine_watch(index: int) -> Iterator[dict]:
+    """Whether the hardware JPEG decoder (NVJPG) worked while the block ran (filled in at its end), from ``nvidia-smi
+    dmon``'s jpg utilisation column (drivers that have one); None when it cannot be told."""
+    result = {"hardware_decoder_used": None}
+    if not shutil.which("nvidia-smi"):
+        yield result
+        result["why"] = "no nvidia-smi"
+        return
+    proc = subprocess.Popen(["nvidia-smi", "dmon", "-s", "u", "-d", "1", "-i", str(index)], stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True)
+    try:
+        yield result
+    finally:
+        proc.terminate()
+        lines = proc.communicate(timeout=30)[0].splitlines()
+    header = next((line.lstrip("#").split() for line in lines if line.startswith("# gpu")), [])
+    if "jpg" not in header:
+        result["why"] = "nvidia-smi dmon reports no jpg column on this driver"
+        return
+    col = header.index("jpg")
+    values = [int(v[col]) for v in (line.split() for line in lines if line and line[0] != "#")
+              if len(v) > col and v[col].isdigit()]
+    result.update(hardware_decoder_used=bool(values) and max(values) > 0,
+                  max_jpg_utilisation_percent=max(values, default=None))
+
+
+class Check:
+    """The data, configs and measurements the parts share; everything under one work folder."""
+
+    def __init__(self, profile: Profile, work: Path, train_program: tuple[str, ...] = TRAINING):
+        from dali_pipes.device import resolve_device
+        from model.network import autocast_dtype
+        self.profile, self.work, self.train_program = profile, work, tuple(train_program)
+        self.device = resolve_device(profile.device)
+        self.amp_dtype = autocast_dtype(self.device.kind == "gpu", True)
+
+    @cached_property
+    def photo_shards(self) -> Path:
+        return harness.photo_shards(self.work / "photos", self.profile.photos)
+
+    @cached_property
+    def test_images(self) -> list[Path]:
+        """Full-size originals (1024 px on the long side), as the stage-1/2 test folders hold them."""
+        from benchmarks.photos import photo_jpegs
+        folder = self.work / "test_images"
+        folder.mkdir(parents=True, exist_ok=True)
+        files = [folder / f"{k:016x}.jpg" for k in range(self.profile.test_images)]
+        for file, jpeg in zip(files, photo_jpegs(self.profile.test_images, long_side=1024, seed=7)):
+            file.write_bytes(jpeg)
+        return files
+
+    def photo_config(self, *overrides: str):
+        return load_config(REPO / "config.yaml", [f"paths.shards={self.photo_shards}", "model.channels_last=true",
+                                                  f"pipeline.device={self.profile.device}", *overrides])
+
+    @cached_property
+    def demo(self):
+        from demo.data import generate_demo_data
+        from preprocessing.build_shards import build_shards
+        layout = generate_demo_data(self.work / "demo", n_train=self.profile.demo_train, n_stage1=80, n_stage2=120,
+                                    n_tune=60)
+        build_shards(load_config(self.demo_config("demo_build")), workers=min(4, usable_cores()))
+        return layout
+
+    def demo_config(self, name: str, changes: dict | None = None, fresh: bool = True) -> Path:
+        """The demo config on the check's demo data, with artifacts of its own (``fresh``: none from an earlier run)."""
+        import yaml
+        work = self.work
+        if fresh:
+            shutil.rmtree(work / name, ignore_errors=True)
+        values = {"extends": str(REPO / "demo" / "config.yaml"),
+                  "paths": {"original_images": str(work / "demo" / "original_images"),
+                            "competition_data": str(work / "demo" / "inclusive"),
+                            "shards": str(work / "demo_shards"), "artifacts": str(work / name / "artifacts"),
+                            "output": str(work / name / "output")},
+                  "pipeline": {"device": self.profile.device}}
+        if not self.profile.rehearsal:  # the GPU's habits: channels-last, bigger batches
+            values.update(model={"channels_last": True}, train={"batch_size": 64})
+        for section, keys in (changes or {}).items():
+            values.setdefault(section, {}).update(keys)
+        path = work / name / "config.yaml"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, yaml.safe_dump(values, sort_keys=False))
+        return path
+
+    def checkpoint(self, name: str, file: str = "last.pt") -> Path:
+        """A checkpoint of the train stage run with ``demo_config(name)``."""
+        return self.work / name / "artifacts" / "train" / "checkpoints" / file
+
+    def train_command(self, *args: str) -> list[str]:
+        """A training process: ``python -m training.train ARGS`` (or the program the check was given)."""
+        return [sys.executable, *self.train_program, *args]
+
+    def run_logged(self, command: list[str], log_name: str | None = None) -> subprocess.CompletedProcess:
+        r = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=1800)
+        if log_name:
+            (self.work / f"{log_name}.log").write_text(r.stdout + r.stderr)
+        return r
+
+    def timed(self, batches, step: Callable | None = None) -> dict:
+        return self.interleaved({"it": (batches, step)})["it"]
+
+    def interleaved(self, streams: dict) -> dict:
+        return harness.interleaved(streams, self.profile.batch_size, self.profile.window_s, self.profile.windows)
+
+    @cached_property
+    def steps(self) -> dict:
+        """The model's own training steps, built once for throughput and training_steps."""
+        from dali_pipes.loader import prepare_input, train_loader
+        from model.network import create_model
+        from training.losses import per_positive_softmax_loss
+        from training.train import training_step
+        cfg, shards = self.photo_config(), split_shards(self.photo_shards, "train")
+        if self.device.kind == "gpu":
+            torch.backends.cudnn.benchmark = True
+        model = create_model(self.profile.model, shards.num_classes, channels_last=True).to(self.device.torch_device)
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True)
+        scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
+
+        def step(batch):
+            training_step(model, opt, scaler, per_positive_softmax_loss, prepare_input(batch[0], cfg), batch[1],
+                          self.amp_dtype)
+        # one stream for the run: a second iter() would restart DALI mid-epoch
+        stream = train_loader(cfg, batch_size=self.profile.batch_size, device=self.device, shards=shards,
+                              amp_dtype=self.amp_dtype).stream()
+        images, targets = next(stream)
+        return {"step": step, "stream": stream, "one_batch": repeat((images.clone(), targets.clone()))}
+
+
+def part_result(gates: list[Gate], failed_run: subprocess.CompletedProcess | None = None, **figures) -> dict:
+    tail = {"stderr_tail": failed_run.stderr[-1500:]} if failed_run else {}
+    return {"passed": all(g.passed for g in gates), "gates": [asdict(g) for g in gates], **figures, **tail}
+
+
+def collect(batches, cfg, limit: int | None = None) -> list[Batch]:
+    from dali_pipes.loader import prepare_input
+    return [Batch(prepare_input(b[0], cfg).float().cpu(), b[1].cpu(), list(b[2]) if len(b) > 2 else None)
+            for b in islice(batches, limit)]
+
+
+def shard_truth(shards) -> dict[str, list[int]]:
+    return {decode_meta(files["json"])["image_id"]: sorted(int(c) for c in decode_labels(files["labels"]))
+            for tar in shards.tars for _, files in iter_samples(tar)}
+
+
+def parity(check: Check) -> dict:
+    from dali_pipes.device import resolve_device
+    from dali_pipes.loader import ImageFileLoader, eval_loader, train_loader
+    p, cpu = check.profile, resolve_device("cpu")
+    val, train = split_shards(check.photo_shards, "val"), split_shards(check.photo_shards, "train")
+    truth = shard_truth(val)
+    reference_cfg = check.photo_config("pipeline.dtype=uint8")
+    gates, centre = [], {}
+
+    def compare(name, loader, overrides, limit=None) -> list[Batch]:
+        """``loader(cfg, **kw)`` on the device against the CPU reference (uint8 output, the other overrides alike):
+        adds the parity gates, returns the device's batches."""
+        dev_cfg, ref_cfg = check.photo_config(*overrides), reference_cfg.with_overrides(overrides[1:])
+        dev = collect(loader(dev_cfg, device=check.device, amp_dtype=check.amp_dtype), dev_cfg, limit)
+        ref = collect(loader(ref_cfg, device=cpu), ref_cfg, limit)
+        gates.extend(batch_parity(name, dev, ref, p.parity_mean, p.parity_p999))
+        return dev
+
+    # (name, overrides, tta): every output dtype; every tta with and without the eval resize
+    cases = [(f"eval {dtype}", [f"pipeline.dtype={dtype}"], "none") for dtype in ("float32", "uint8")]
+    cases += [(f"eval float16 tta={tta}{' resized' if resize else ''}",
+               ["pipeline.dtype=float16"] + (["data.shortest_side=288"] if resize else []), tta)
+              for resize in (False, True) for tta in ("none", "flip", "tencrop")]
+    for name, overrides, tta in cases:
+        dev = compare(name, lambda cfg, **kw: eval_loader(cfg, batch_size=16, tta=tta, shards=val, **kw), overrides)
+        gates.append(labels_match_truth(name, dev, truth))
+        if tta == "none":
+            centre[bool(overrides[1:])] = dev
+        if tta == "tencrop":
+            gates += tencrop_order(name, dev, centre.get(bool(overrides[1:])))
+    # the test-image graph: full-size originals, resized with antialiasing, centre crop and ten crops
+    for tta in ("none", "tencrop"):
+        compare(f"test images tta={tta}",
+                lambda cfg, **kw: ImageFileLoader(cfg, check.test_images, tta=tta, batch_size=8, **kw),
+                ["pipeline.dtype=float16"])
+    # the train graph: its random windows and flips are drawn on the CPU from the same seed on either device
+    compare("train float16 (same seed)", lambda cfg, **kw: train_loader(cfg, batch_size=16, shards=train, **kw),
+            ["pipeline.dtype=float16"], limit=4)
+    return part_result(gates, compared_images=len(truth), test_images=len(check.test_images))
+
+
+def throughput(check: Check) -> dict:
+    from dali_pipes.loader import eval_loader, pipeline_threads, train_loader
+    from dali_pipes.pipelines import decode_only_pipeline
+    p, bs, on_gpu = check.profile, check.profile.batch_size, check.device.kind == "gpu"
+    cfg, shards = check.photo_config(), split_shards(check.photo_shards, "train")
+    ceiling = decode_only_pipeline(shards.tars, shards.indexes, on_gpu=on_gpu, batch_size=bs,
+                                   num_threads=pipeline_threads(cfg.pipeline.num_threads, on_gpu),
+                                   device_id=check.device.device_id,
+                                   prefetch_queue_depth=cfg.pipeline.prefetch_queue_depth)
+    ceiling.build()
+    with jpeg_engine_watch(check.device.device_id) if on_gpu else contextlib.nullcontext() as nvjpeg:
+        figures = {"decode_ceiling": check.timed(harness.pipeline_runs(ceiling))}
+    if on_gpu:
+        figures["nvjpeg"] = nvjpeg
+    del ceiling
+    figures["eval_loader"] = check.timed(eval_loader(cfg, "train", batch_size=bs, device=check.device, shards=shards,
+                                                     amp_dtype=check.amp_dtype).stream())
+    # the loader against the model's own steps on one batch kept on the device, windows in turn
+    train = train_loader(cfg, batch_size=bs, device=check.device, shards=shards, amp_dtype=check.amp_dtype)
+    both = check.interleaved({"train_loader": (train.stream(), None),
+                              "model_training_steps": (check.steps["one_batch"], check.steps["step"])})
+    figures.update(train_loader=both["train_loader"], model_training_steps=both["model_training_steps"])
+    gates = [loader_keeps_up(both["ratios"]["train_loader"]["model_training_steps"], 1.0), *steady(figures, p)]
+    return part_result(gates, model=p.model, batch_size=bs, **figures)
+
+
+def training_steps(check: Check) -> dict:
+    """The waiting share is 1 - the median of the paired ratios of the fed steps to the steps on one batch."""
+    steps, p = check.steps, check.profile
+    both = check.interleaved({"dali_fed": (steps["stream"], steps["step"]),
+                              "one_batch_on_device": (steps["one_batch"], steps["step"])})
+    ratio = both["ratios"]["dali_fed"]["one_batch_on_device"]
+    gates = [data_wait(ratio, 1.0, p.max_wait_share), *steady(both, p)]
+    return part_result(gates, model=p.model, batch_size=p.batch_size,
+                       autocast=str(check.amp_dtype).removeprefix("torch.") if check.amp_dtype else None,
+                       channels_last=True, dali_fed=both["dali_fed"], one_batch_on_device=both["one_batch_on_device"],
+                       data_wait_share=round(data_wait_share(ratio, 1.0), 4), memory=gpu_memory())
+
+
+def ddp(check: Check) -> dict:
+    check.demo  # noqa: B018 (builds the data)
+    n = 2 if check.device.kind == "cpu" or torch.cuda.device_count() >= 2 else 1
+    config = check.demo_config("ddp", {"train": {"epochs": 2}})
+    r = check.run_logged([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}",
+                          *check.train_program, "--config", str(config), "--stage", "train"], "ddp")
+    metrics = check.work / "ddp" / "artifacts" / "train" / "metrics.jsonl"
+    lines = metrics.read_text().splitlines() if metrics.exists() else []
+    epochs = [e for e in (json.loads(line) for line in lines if line.strip()) if "val_gap" in e]
+    val = read_manifest(check.work / "demo_shards")["splits"]["val"]["samples"]
+    backend = "nccl" if check.device.kind == "gpu" else "gloo"
+    gates = [equal("exit code", r.returncode, 0), equal("epochs recorded", len(epochs), 2)]
+    for e in epochs:
+        tag = f"epoch {e['epoch']}"
+        gates += [equal(f"{tag}: process group", e.get("process_group"), backend),
+                  equal(f"{tag}: processes", len(e["samples_per_rank"]), n),
+                  equal(f"{tag}: distinct image counts trained on over the ranks", len(set(e["samples_per_rank"])), 1),
+                  equal(f"{tag}: validation images gathered from every rank", e["val_images"], val),
+                  equal(f"{tag}: loss finite", math.isfinite(e["loss"]), True)]
+    if r.returncode or not epochs:
+        return part_result(gates, r, processes=n, backend=backend)
+    # every rank validated its part with its own replica: with the same weights and BatchNorm statistics on every
+    # rank, the gathered figures are those of the saved weights, which one process computes again here
+    alone = validation_from_checkpoint(config, check.checkpoint("ddp"), check.device, check.amp_dtype)
+    last, keys = epochs[-1], ("val_gap", "val_f2")
+    gates += [at_most(f"last epoch: {key} of the ranks' replicas against one process on the saved weights "
+                      "(absolute difference)", abs(last[key] - alone[key]), check.profile.ddp_tolerance)
+              for key in keys]
+    return part_result(gates, processes=n, backend=backend, recorded={k: last[k] for k in keys},
+                       from_saved_weights={k: alone[k] for k in keys})
+
+
+def validation_from_checkpoint(config: Path, checkpoint: Path, device, amp_dtype=None) -> dict:
+    """The train stage's validation figures of a saved model, computed by this process alone."""
+    from model.checkpoint import load_checkpoint, model_from_checkpoint
+    from training.distributed import Dist
+    from training.train import make_stage, validate
+    cfg = load_config(config)
+    model = model_from_checkpoint(load_checkpoint(checkpoint), cfg.model.channels_last).to(device.torch_device)
+    return validate(model, make_stage(cfg, "train", Dist()), cfg, device, Dist(), amp_dtype)
+
+
+def compile_part(check: Check) -> dict:
+    from model.checkpoint import load_checkpoint
+    check.demo  # noqa: B018
+    gates = []
+    for epochs in (1, 2):  # the second run resumes the first's checkpoint into a freshly compiled model
+        # --quick: torch.compile's eager backend (no code generation: seconds instead of minutes on a small CPU)
+        model = {"compile": True, **({"compile_backend": "eager"} if check.profile.quick else {})}
+        config = check.demo_config("compile", {"model": model, "train": {"epochs": epochs}}, fresh=epochs == 1)
+        r = check.run_logged(check.train_command("--config", str(config), "--stage", "train"), f"compile_{epochs}")
+        gates.append(equal(f"train to epoch {epochs}: exit code", r.returncode, 0))
+        if r.returncode:
+            return part_result(gates, r)
+    saved = load_checkpoint(check.checkpoint("compile"))
+    gates += [equal("epochs in last.pt after the resumed run", saved["epoch"], 2),
+              equal("weights saved without compile's prefixes",
+                    [k for k in saved["model"] if "_orig_mod" in k or k.startswith("module.")], [])]
+    r = check.run_logged([sys.executable, "-m", "inference.submit", "--config", str(config), "--stage", "2",
+                          "--checkpoint", str(check.checkpoint("compile", "best.pt"))])
+    gates.append(equal("submit with the compiled run's checkpoint: exit code", r.returncode, 0))
+    return part_result(gates, backend="eager" if check.profile.quick else "inductor")
+
+
+def resume(check: Check) -> dict:
+    """Two uninterrupted runs (the second measures the device's own nondeterminism), one killed at its first
+    mid-epoch checkpoint and run again."""
+    from model.checkpoint import load_checkpoint
+    check.demo  # noqa: B018
+    # dropout draws random numbers every step and the lr steps after epoch 1: a resume that forgot the random
+    # state, the schedule or DALI's position ends elsewhere; fp16 on a GPU so that the GradScaler's state matters
+    changes = {"model": {"drop_rate": 0.3, **({} if check.profile.rehearsal else {"amp_dtype": "float16"})},
+               "train": {"epochs": 2, "lr_step_epochs": 1, "log_every": 1, "checkpoint_every_steps": 4}}
+    runs = {name: check.train_command("--config", str(check.demo_config(f"resume_{name}", changes)), "--stage", "train")
+            for name in ("clean", "clean_again", "killed")}
+    for name in ("clean", "clean_again"):
+        r = check.run_logged(runs[name], f"resume_{name}")
+        if r.returncode:
+            return part_result([equal(f"{name} run: exit code", r.returncode, 0)], r)
+    last = check.checkpoint("resume_killed")
+    proc = subprocess.Popen(runs["killed"], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while not last.exists() and proc.poll() is None:
+        time.sleep(0.01)
+    proc.kill()  # SIGKILL: no handler runs, as in a crash
+    proc.wait()
+    killed_at = load_checkpoint(last) if last.exists() else {}
+    step_in_epoch = (killed_at.get("epoch_progress") or {}).get("step", 0)
+    r = check.run_logged(runs["killed"], "resume_resumed")
+    gates = [equal("killed run: finished epochs in its last.pt", killed_at.get("epoch"), 0),
+             at_least("killed run: steps into the epoch in its last.pt (a mid-epoch checkpoint)", step_in_epoch, 1),
+             equal("resumed run: exit code", r.returncode, 0),
+             equal("resumed run says where it resumed", "resuming train" in r.stdout + r.stderr, True)]
+    if r.returncode:
+        return part_result(gates, r)
+    clean, again, resumed = (load_checkpoint(check.checkpoint(f"resume_{name}"))
+                             for name in ("clean", "clean_again", "killed"))
+    gates += [equal("steps", resumed["step"], clean["step"]),
+              weights_match(resumed["model"], clean["model"], again["model"], check.profile.resume_floor)]
+    return part_result(gates, killed_at_step=step_in_epoch,
+                       autocast=None if check.profile.rehearsal else "float16 with GradScaler")
+
+
+def image_blind_gap(val_targets: list[list[int]], class_counts: list[int], k: int, seed: int = 0) -> dict:
+    """The GAP of predictors blind to the image: training class frequencies (the best a model trained on labels
+    shuffled across images can learn) and random scores (an untrained model)."""
+    from model.metrics import global_average_precision
+    n, c = len(val_targets), len(class_counts)
+    prior = np.tile(np.asarray(class_counts, dtype=np.float64), (n, 1))
+    prior += np.random.default_rng(seed).random((n, c)) * 1e-6  # ties broken at random, not by class index
+    rand = np.random.default_rng(seed + 1).random((n, c))
+
+    def gap(scores):
+        idx = np.argsort(-scores, axis=1)[:, :k]
+        return float(global_average_precision(idx, np.take_along_axis(scores, idx, 1), val_targets))
+    return {"class_frequency": gap(prior), "random": gap(rand)}
+
+
+def commands(check: Check) -> dict:
+    """The README's path on demo data, in this process: build (done), train, tune, submit stage 2."""
+    from inference.score import read_labels, score
+    from inference.submit import submit
+    from model.checkpoint import load_checkpoint
+    from training.train import train
+    check.demo  # noqa: B018
+    cfg = load_config(check.demo_config("commands", {"train": {"epochs": 6}, "tune": {"epochs": 10}}))
+    record = train(cfg, "train")
+    train(cfg, "tune")
+    tuned = cfg.paths.artifacts / "tune" / "checkpoints" / "best.pt"
+    summary = submit(cfg, 2, tuned)
+    val = shard_truth(split_shards(cfg.paths.shards, "val"))
+    blind = image_blind_gap(list(val.values()), read_manifest(cfg.paths.shards)["class_counts"]["train"],
+                            cfg.predict.top_k)
+    f2, missing, _ = score(read_labels(Path(summary["submission"])),
+                           read_labels(cfg.paths.competition_data / "stage_2_solution.csv"))
+    gates = [at_least("train: validation GAP", record["val_gap"], max(blind.values()) + check.profile.gap_margin),
+             equal("tune: checkpoint holds a decision rule", bool(load_checkpoint(tuned).get("decision_rule")), True),
+             equal("submission: images predicted", summary["predicted"], summary["images"]),
+             equal("submission: solution images missing", missing, 0)]
+    return part_result(gates, val_gap=round(record["val_gap"], 4),
+                       image_blind_gap={k: round(v, 4) for k, v in blind.items()},
+                       gap_floor_rule=f"best image-blind GAP + {check.profile.gap_margin}",
+                       train_images_per_s=round(record["images_per_s"], 1),
+                       data_wait_share=round(record["data_wait_share"], 3), stage2_f2=round(f2, 4))
+
+
+RUNNERS: dict[str, Callable[[Check], dict]] = dict(zip(PARTS, (parity, throughput, training_steps, ddp, compile_part,
+                                                              resume, commands)))
+
+
+def device_description(check: Check) -> dict:
+    import nvidia.dali
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        cpu = platform.processor()
+    out = {"kind": check.device.kind, "torch": torch.__version__, "cuda": torch.version.cuda,
+           "dali": nvidia.dali.__version__, "cores": usable_cores(), "cpu": cpu}
+    if check.device.kind == "gpu":
+        out.update(name=torch.cuda.get_device_name(check.device.device_id), gpus=torch.cuda.device_count(),
+                   autocast=str(check.amp_dtype).removeprefix("torch."))
+    return out
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.gpu_check", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json", type=Path, required=True, metavar="PATH", help="where to write the report")
+    parser.add_argument("--rehearse", action="store_true", help="run every part on the CPU, with CPU thresholds")
+    parser.add_argument("--quick", action="store_true", help="with --rehearse: small data and short windows")
+    parser.add_argument("--only", metavar="PART[,PART]", help=f"run these parts only: {', '.join(PARTS)}")
+    parser.add_argument("--work", type=Path, help="keep the data and logs here (default: a temporary folder, "
+                                                  "removed at the end)")
+    args = parser.parse_args(argv)
+    args.parts = PARTS if args.only is None else tuple(p.strip() for p in args.only.split(",") if p.strip())
+    unknown = [p for p in args.parts if p not in PARTS]
+    if unknown or not args.parts:
+        parser.error((f"unknown part(s) {', '.join(unknown)}" if unknown else "--only names no part")
+                     + f"; the parts are {', '.join(PARTS)}")
+    if args.quick and not args.rehearse:
+        parser.error("--quick goes with --rehearse (a GPU check with short windows would prove nothing)")
+    return args
+
+
+def run_check(profile: Profile, parts: tuple[str, ...], report_path: Path, work: Path,
+              train_program: tuple[str, ...] = TRAINING) -> dict:
+    """Run ``parts`` in ``work``, writing the report to ``report_path`` after each part; returns the report.
+    ``train_program``: what the training children run after ``python`` (and ``torchrun``), ``-m training.train``
+    unless a test hands in a program of its own (one with a known bug, to see the gate that notices it)."""
+    check = Check(profile, work, train_program)
+    report = {"passed": False, "rehearsal": profile.rehearsal, "quick": profile.quick,
+              "date": time.strftime("%Y-%m-%d %H:%M"), "device": device_description(check),
+              "profile": asdict(profile), "parts": {}}
+    for name in parts:
+        started = time.perf_counter()
+        try:
+            result = RUNNERS[name](check)
+        except Exception as exc:  # one broken part must not hide the others' figures
+            result = {"passed": False, "gates": [], "error": f"{type(exc).__name__}: {exc}"[:2000],
+                      "traceback": traceback.format_exc()[-3000:]}
+        result["seconds"] = round(time.perf_counter() - started, 1)
+        report["parts"][name] = result
+        report["passed"] = all(p["passed"] for p in report["parts"].values())
+        harness.write_json(report_path, report)  # after each part: a run cut short keeps what it measured
+        failed = [g["name"] for g in result["gates"] if not g["passed"]]
+        verdict = "passed" if result["passed"] else "FAILED: " + ("; ".join(failed) or result.get("error", ""))
+        print(f"{name}: {verdict} ({result['seconds']} s)", flush=True)
+    return report
+
+
+def main(argv=None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    if not args.rehearse and not torch.cuda.is_available():
+        print("error: gpu_check needs a CUDA GPU that PyTorch can use, and this machine has none "
+              f"(torch {torch.__version__}, CUDA build {torch.version.cuda}); "
+              "--rehearse runs the same parts on the CPU", file=sys.stderr)
+        return 2
+    try:
+        writable_file(args.json, "--json")  # now, not after the first part has run
+        if args.work:
+            writable_dir(args.work, "--work")
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(logging.WARNING)  # the parts' own progress bars and notes would bury the report's lines
+    profile = (QUICK if args.quick else REHEARSAL) if args.rehearse else GPU
+    work = args.work or Path(tempfile.mkdtemp(prefix="iic_gpu_check_"))
+    print(f"data and logs in {work}" + ("" if args.work else " (removed at the end; --work DIR keeps them)"),
+          flush=True)
+    try:
+        report = run_check(profile, args.parts, args.json, work)
+    finally:
+        if args.work is None:
+            shutil.rmtree(work, ignore_errors=True)
+    print(f"{'all gates passed' if report['passed'] else 'some gates FAILED'}; report in {args.json}")
+    return 0 if report["passed"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
