@@ -15,7 +15,7 @@ from torchvision import transforms
 from common.shard_format import split_shards
 from demo.data import generate_demo_data, render_image
 from model.metrics import f2_per_image
-from preprocessing.images import resized_size
+from preprocessing.resize import resized_size
 
 REPO = Path(__file__).resolve().parent.parent
 SIDE = 64  # data.shortest_side of the demo config

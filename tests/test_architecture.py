@@ -13,6 +13,7 @@ ALLOWED = {
     "training": {"common", "dali_pipes", "model"},
     "inference": {"common", "dali_pipes", "model"},
     "demo": {"common"},
+    "benchmarks": {"common", "preprocessing", "dali_pipes", "model", "training", "inference", "demo"},
 }
 
 
@@ -34,6 +35,16 @@ def test_packages_import_only_what_the_data_flow_allows(package):
     for module, imported in project_imports(package).items():
         assert imported <= ALLOWED[package], f"{module} imports {sorted(imported - ALLOWED[package])}"
     assert "May import" in (REPO / package / "__init__.py").read_text()
+
+
+def test_no_module_name_is_used_twice_and_nothing_edits_sys_path():
+    modules = [p for folder in ALLOWED for p in (REPO / folder).glob("*.py") if p.name != "__init__.py"]
+    names = [p.name for p in modules]
+    assert sorted({n for n in names if names.count(n) > 1}) == []
+    assert not [p.name for p in REPO.glob("*.py")]  # no top-level module outside a package
+    edits = [str(p.relative_to(REPO)) for p in [*modules, *(REPO / "scripts").glob("*.py"), *(REPO / "tests").glob("*.py")]
+             if "sys.path." in p.read_text() and p.name not in ("conftest.py", "test_architecture.py")]
+    assert edits == []
 
 
 def test_dali_pipes_never_runs_a_model():

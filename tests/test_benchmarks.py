@@ -1,3 +1,5 @@
+"""The benchmarks package: its harness's arithmetic (on a clock of the test's own, so no figure depends on how
+fast this machine is), the figures it writes into the docs, its commands' arguments and their old names."""
 import json
 import os
 import subprocess
@@ -5,43 +7,120 @@ import sys
 
 import pytest
 
+from benchmarks import harness
 from tests.fixtures import REPO
 
 
+class Clock:
+    """``time.perf_counter`` for the harness, moved on only by the streams' batches."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def perf_counter(self):
+        return self.now
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    c = Clock()
+    monkeypatch.setattr(harness, "time", c)
+    return c
+
+
+def stream(clock, cost):
+    """Batches that take ``cost(k)`` seconds of the test's clock, k counting from 0."""
+    k = 0
+    while True:
+        clock.now += cost(k)
+        k += 1
+        yield None
+
+
+def test_timed_windows_last_long_enough_and_report_the_spread(clock):
+    r = harness.timed_windows(stream(clock, lambda k: 0.01 if k % 2 else 0.03), 4, window_s=0.2, windows=3)
+    assert r["windows"] == 3 and r["shortest_window_s"] >= 0.2
+    assert r["images_per_s"] == pytest.approx(4 / 0.02, rel=0.1)  # alternating 10 and 30 ms: 20 ms a batch
+    assert r["min"] <= r["images_per_s"] <= r["max"]
+
+
+def test_interleaved_windows_give_the_paired_ratio_despite_drift(clock):
+    """A is twice as fast as B while the machine keeps slowing down: measured one after the other their medians
+    are off by the drift; taken in turn, each round's pair sees nearly the same machine."""
+    def drifting(cost):
+        return stream(clock, lambda k: cost * (1 + 3 * clock.now))
+    r = harness.interleaved({"a": (drifting(0.002), None), "b": (drifting(0.004), None)}, 1, window_s=0.05,
+                            windows=5)
+    a_alone = harness.timed_windows(drifting(0.002), 1, window_s=0.05, windows=5)
+    b_alone = harness.timed_windows(drifting(0.004), 1, window_s=0.05, windows=5)
+    assert r["ratios"]["a"]["b"] == pytest.approx(2, rel=0.15)
+    assert abs(r["ratios"]["a"]["b"] - 2) < abs(a_alone["images_per_s"] / b_alone["images_per_s"] - 2)
+    assert r["a"]["windows"] == r["b"]["windows"] == 5
+
+
+def test_a_batch_out_of_the_prefetch_queue_does_not_size_the_windows(clock):
+    """The first batches come at once (already prefetched), the rest cost 5 ms each: a window of 0.2 s holds
+    about 40 batches, not the thousands that the instant batch alone would suggest."""
+    r = harness.interleaved({"a": (stream(clock, lambda k: 0.0 if k < 3 else 0.005), None)}, 1, window_s=0.2,
+                            windows=2)
+    assert 30 <= r["a"]["batches_per_window"] <= 60, r["a"]
+
+
+def test_a_stream_given_as_a_factory_runs_each_window_on_a_new_instance(clock):
+    """With a factory every window is timed on a new instance (and the old one closed), so one instance's luck
+    cannot set a whole stream's figure."""
+    events = []
+
+    def factory():
+        cost = [0.001, 0.004][events.count("made") % 2]  # alternate fast and slow instances
+        events.append("made")
+
+        def batches():
+            try:
+                yield from stream(clock, lambda k: cost)
+            finally:
+                events.append("closed")
+        return batches()
+
+    r = harness.interleaved({"a": (factory, None)}, 1, window_s=0.05, windows=4)
+    assert events == ["made", "closed"] * 4  # each closed before the next is made
+    rates = sorted(r["a"]["per_window"])
+    assert rates[-1] / rates[0] == pytest.approx(4, rel=0.1)  # the windows saw both kinds of instance
+
+
+def run_module(module, *args, timeout=120, env=None):
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+@pytest.mark.slow
 def test_throughput_benchmark_runs_end_to_end_and_writes_its_json(tmp_path):
     out = tmp_path / "b.json"
-    r = subprocess.run([sys.executable, "scripts/benchmark_throughput.py", "--images", "80", "--batch-size", "8",
-                        "--window-s", "0.1", "--windows", "2", "--headline-windows", "3",
-                        "--json", str(out), "--plot", str(tmp_path / "b.png"),
-                        "--set", "pipeline.crop_size=64", "--set", "data.shortest_side=72"],
-                       cwd=REPO, capture_output=True, text=True, timeout=600,
-                       env={**os.environ, "TMPDIR": str(tmp_path)})
+    r = run_module("benchmarks.throughput", "--images", "80", "--batch-size", "8", "--window-s", "0.1",
+                   "--windows", "2", "--headline-windows", "3", "--json", str(out), "--plot", str(tmp_path / "b.png"),
+                   "--set", "pipeline.crop_size=64", "--set", "data.shortest_side=72", timeout=600,
+                   env={**os.environ, "TMPDIR": str(tmp_path)})
     assert r.returncode == 0, r.stderr[-2000:]
     assert not list(tmp_path.glob("iic_bench_*"))  # its generated shards are removed
     result = json.loads(out.read_text())
     for key in ("decode_ceiling", "dali_train", "baseline", "dali_eval", "train_steps_dali", "train_steps_baseline"):
         assert result[key]["images_per_s"] > 0
-    assert result["ratios"]["dali_train_vs_baseline"] > 0
     for key, windows in (("decode_ceiling", 2), ("dali_train", 2), ("baseline", 3), ("headline_dali_train", 3)):
-        r = result[key]
-        assert r["windows"] == windows and r["shortest_window_s"] >= 0.1 and r["min"] <= r["images_per_s"] <= r["max"]
+        assert result[key]["windows"] == windows and result[key]["shortest_window_s"] >= 0.1
     assert (tmp_path / "b.png").stat().st_size > 1000
 
 
 def test_gpu_check_stops_at_once_without_a_gpu(tmp_path):
     import torch
     if torch.cuda.is_available():
-        import pytest
-        pytest.skip("this machine has a GPU: run scripts/gpu_check.py itself")
-    r = subprocess.run([sys.executable, "scripts/gpu_check.py", "--json", str(tmp_path / "g.json")], cwd=REPO,
-                       capture_output=True, text=True, timeout=120)
+        pytest.skip("this machine has a GPU: run python -m benchmarks.gpu_check itself")
+    r = run_module("benchmarks.gpu_check", "--json", str(tmp_path / "g.json"))
     assert r.returncode == 2 and r.stderr.startswith("error: gpu_check needs a CUDA GPU")
     assert not (tmp_path / "g.json").exists()
 
 
-def figures(*args, cwd=REPO):
-    return subprocess.run([sys.executable, "scripts/write_figures.py", *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=60)
+def figures(*args):
+    return run_module("benchmarks.figures", *args, timeout=60)
 
 
 def test_the_docs_quote_the_benchmark_json():
@@ -67,100 +146,37 @@ def test_a_changed_figure_makes_the_docs_stale_and_a_rewrite_quotes_it(tmp_path)
     assert figures("--check", "--store", str(store), "--docs", *map(str, docs)).returncode == 0
 
 
-def test_handover_benchmark_puts_every_thread_in_a_group_and_notices_other_processes(tmp_path):
-    out = tmp_path / "h.json"
-    # another process keeping a core busy the whole time: its CPU must show up as others', with a warning
-    burner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
-    try:
-        r = subprocess.run([sys.executable, "scripts/benchmark_handover.py", "--images", "80", "--batch-size", "8",
-                            "--threads", "2", "--window-s", "0.2", "--windows", "2", "--json", str(out),
-                            "--set", "pipeline.crop_size=64", "--set", "data.shortest_side=72"],
-                           cwd=REPO, capture_output=True, text=True, timeout=600,
-                           env={**os.environ, "TMPDIR": str(tmp_path)})
-    finally:
-        burner.kill()
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert "warning: other processes took up to" in r.stderr
-    assert not list(tmp_path.glob("iic_handover_*"))  # its generated shards are removed
-    streams = json.loads(out.read_text())["streams"]
-    names = ["dali_train_pipeline", "dali_train_pipeline_held", "dali_train"]
-    assert list(streams) == names + [n + "_spare_core" for n in names]
-    for name, s in streams.items():
-        cpu = s["cpu_ms_per_batch"]
-        assert s["dali_threads"] == (1 if name.endswith("_spare_core") else 2) and s["windows"] == 2
-        # DALI's decoding lands in its own groups (with one thread, on its executor), not in "other"
-        dali = cpu["dali_workers"] + cpu["dali_executor"]
-        assert dali > 2 * cpu["other"] and dali > cpu["consumer"] > 0
-        assert 0.05 < s["dali_busy"] <= 1.05
-        assert s["other_processes_cores"] >= 0.3  # the burner's core, not this process's own threads
-        assert abs(cpu["dali"] - dali) < 0.01
-    assert streams["dali_train_pipeline"]["cpu_ms_per_batch"]["dali_workers"] > 0
-    assert streams["dali_train_pipeline_spare_core"]["cpu_ms_per_batch"]["dali_executor"] > 0
+BAD_ARGUMENTS = {
+    "benchmarks.throughput": [(["--windows", "0"], "argument --windows: 0 is too small"),
+                              (["--shards", "{tmp}"], "error: no manifest at")],
+    "benchmarks.shard_builder": [(["--workers", "0"], "argument --workers: 0 is too small"),
+                                 (["--parts", "image_step,nope"], "argument --parts: 'image_step,nope'")],
+    "benchmarks.ensemble_cost": [(["--members", "0"], "argument --members: 0 is too small")],
+}
 
 
-def test_a_thread_that_ends_or_starts_between_snapshots_counts_only_its_share():
-    sys.path.insert(0, str(REPO / "scripts"))
-    from benchmark_handover import cpu_by_group
-    pid = os.getpid()
-    before = {pid: ("python", 1.0), 11: ("[DALI][TP0]Exec", 5.0), 12: ("gone", 3.0)}
-    after = {pid: ("python", 1.5), 11: ("[DALI][TP0]Exec", 7.0), 13: ("[DALI] Executor", 0.25),
-             14: ("PrefetchWorker ", 0.5)}
-    assert cpu_by_group(before, after) == {"dali_workers": 2.0, "dali_executor": 0.25, "reader_prefetch": 0.5,
-                                           "consumer": 0.5, "other": 0.0}
+@pytest.mark.parametrize("module", sorted(BAD_ARGUMENTS))
+def test_every_benchmark_refuses_bad_arguments_before_measuring(module, tmp_path, capsys, monkeypatch):
+    import importlib
+    monkeypatch.setenv("IIC_THREAD_BUDGET", "on")  # the throughput benchmark turns it off for its run
+    main = importlib.import_module(module).main
+    for args, words in BAD_ARGUMENTS[module] + [(["--json", "{tmp}"], "argument --json: the path")]:
+        with pytest.raises(SystemExit) as exit_:
+            main([a.format(tmp=tmp_path) for a in args])
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and words in err and "Traceback" not in err, (args, err[-500:])
 
 
-def test_the_per_thread_figures_are_written_from_their_own_json(tmp_path):
-    handover = json.loads((REPO / "docs" / "benchmark_handover.json").read_text())
-    handover["streams"]["dali_train_spare_core"]["dali_busy"] = 0.421
-    store = tmp_path / "handover.json"
-    store.write_text(json.dumps(handover))
-    doc = tmp_path / "BENCHMARKS.md"
-    doc.write_text((REPO / "docs" / "BENCHMARKS.md").read_text())
-    r = figures("--check", "--handover", str(store), "--docs", str(doc))
-    assert r.returncode == 1 and "out of date" in r.stderr
-    assert figures("--handover", str(store), "--docs", str(doc)).returncode == 0
-    row = next(line for line in doc.read_text().splitlines() if line.startswith("| 1 (a core for the consumer) | train loader"))
-    assert row.endswith("| 0.42 |")
+OLD_NAMES = {"benchmark_throughput.py": "benchmarks.throughput", "benchmark_prepare.py": "benchmarks.shard_builder",
+             "benchmark_scale.py": "benchmarks.shard_builder", "benchmark_ensemble.py": "benchmarks.ensemble_cost",
+             "gpu_check.py": "benchmarks.gpu_check", "write_figures.py": "benchmarks.figures"}
 
 
-BENCHMARKS = sorted(p.name for p in (REPO / "scripts").glob("benchmark_*.py") if p.name != "benchmark_args.py")
-
-
-@pytest.mark.parametrize("script", BENCHMARKS)
-def test_every_benchmark_refuses_bad_arguments_before_measuring(script, tmp_path):
-    count = {"benchmark_scale.py": "--workers", "benchmark_labels.py": "--repeats",
-             "benchmark_threads.py": "--repeats"}.get(script, "--windows")
-    cases = [([count, "0"], f"argument {count}: 0 is too small"), (["--json", str(tmp_path)], "argument --json: the path")]
-    if script in ("benchmark_throughput.py", "benchmark_handover.py"):
-        cases.append((["--shards", str(tmp_path)], "error: no manifest at"))
-    for args, words in cases:
-        r = subprocess.run([sys.executable, f"scripts/{script}", *args], cwd=REPO, capture_output=True, text=True,
-                           timeout=120)
-        assert r.returncode == 2 and words in r.stderr and "Traceback" not in r.stderr, (args, r.stderr[-500:])
-
-
-def test_other_processes_cpu_counts_a_stranger_and_not_our_own_children():
-    import signal
-    import time
-    sys.path.insert(0, str(REPO / "scripts"))
-    import timing
-    watch = timing.OtherProcesses()
-    # our own child burning a core is the benchmark's own work (the baseline's DataLoader workers)
-    child = subprocess.Popen([sys.executable, "-c", "import time\nt = time.time()\nwhile time.time() - t < 1.2: pass"])
-    watch.start()
-    child.wait()
-    ours = watch.stop()
-    # a process that is not ours (its parent shell exits, so it is nobody's child here)
-    pid = int(subprocess.run(["sh", "-c", f"'{sys.executable}' -c 'while True: pass' >/dev/null 2>&1 & echo $!"],
-                             capture_output=True, text=True, check=True).stdout)
-    try:
-        time.sleep(0.2)
-        watch.start()
-        time.sleep(1.2)
-        stranger = watch.stop()
-    finally:
-        os.kill(pid, signal.SIGKILL)
-    assert ours < 0.3 and stranger > 0.6, (ours, stranger)
-    assert timing.busy_machine({"a": {"other_processes_cores": 0.05}, "ratios": {}}) is None
-    warning = timing.busy_machine({"a": {"other_processes_cores": 0.05}, "b": {"other_processes_cores": stranger}})
-    assert warning.startswith("warning: other processes took up to") and "(b)" in warning
+@pytest.mark.parametrize("script", sorted(OLD_NAMES))
+def test_a_benchmark_s_old_name_still_runs_it_with_a_one_line_warning(script):
+    r = subprocess.run([sys.executable, f"scripts/{script}", "--help"], cwd=REPO, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr[-1000:]
+    assert r.stderr.strip() == f"warning: scripts/{script} is now python -m {OLD_NAMES[script]}; the old name " \
+                               "still works but will go"
+    assert f"usage: python -m {OLD_NAMES[script]}" in r.stdout

@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import pandas as pd
+import pytest
 from PIL import Image
 
 from demo.data import class_codes, generate_demo_data
@@ -37,6 +38,7 @@ def test_generator_writes_the_exact_kaggle_layout(tmp_path):
     assert {i for i, _ in tuning} <= set(pd.read_csv(comp / "stage_1_solution.csv").image_id)
 
 
+@pytest.mark.slow
 def test_the_whole_path_end_to_end_through_the_commands(tmp_path):
     """data -> build_shards -> verify -> train -> tune -> submit -> score, the README's commands on a tiny set."""
     layout = generate_demo_data(tmp_path / "data", n_train=600, n_stage1=120, n_stage2=60, n_tune=100)

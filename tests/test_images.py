@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from common.images import ImageProblem
-from preprocessing.images import prepare_image, resized_size
+from common.image_checks import ImageProblem
+from preprocessing.resize import prepare_image, resized_size
 from tests.fixtures import SIDE, jpeg_bytes, photo, png_bytes, special_images
 
 

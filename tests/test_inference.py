@@ -14,7 +14,7 @@ from sklearn.preprocessing import MultiLabelBinarizer
 from common.config import load_config
 from common.vocab import Vocabulary
 from dali_pipes.device import resolve_device
-from inference.predict import predict_files
+from inference.file_predictions import predict_files
 from inference.score import read_labels, score
 from inference.submit import main as submit_main, submit
 from tests.fixtures import REPO, centre_crop_reference, corrupt_huffman_table, jpeg_bytes, photo, run_main, write_config

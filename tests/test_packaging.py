@@ -42,45 +42,70 @@ def test_ci_runs_the_readme_test_command():
     assert "make test" in (REPO / "README.md").read_text()
 
 
-RUNTIME_FOLDERS = ("common", "preprocessing", "dali_pipes", "model", "training", "inference", "demo", "scripts")
+PRODUCT = ("common", "preprocessing", "dali_pipes", "model", "training", "inference", "demo")
 
 
-def imported_top_level_modules() -> dict[str, set[str]]:
-    """top-level module -> the non-test files that import it (absolute imports only)."""
+def imported_modules(folders) -> dict[str, set[str]]:
+    """module imported (absolute imports only) -> the files under ``folders`` that import it."""
     import ast
     out: dict[str, set[str]] = {}
-    for folder in RUNTIME_FOLDERS:
+    for folder in folders:
         for path in (REPO / folder).glob("*.py"):
             for node in ast.walk(ast.parse(path.read_text())):
                 names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
                     [node.module] if isinstance(node, ast.ImportFrom) and node.module and not node.level else []
                 for name in names:
-                    out.setdefault(name.split(".")[0], set()).add(f"{folder}/{path.name}")
+                    out.setdefault(name, set()).add(f"{folder}/{path.name}")
     return out
 
 
-def test_runtime_code_imports_only_runtime_dependencies():
-    """Scripts, the demo and the benchmarks run in the Docker image, which installs [project.dependencies] only
-    (an image once stopped with "No module named 'skimage'")."""
+def requirements(group: str | None = None) -> set[str]:
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    listed = project["dependencies"] if group is None else project["optional-dependencies"][group]
+    return {Requirement(d).name.lower() for d in listed}
+
+
+def distributions_imported(folders) -> tuple[set[str], dict[str, list[str]]]:
+    """(the distributions the code under ``folders`` imports, {module: files} of imports no distribution owns)."""
     import sys
-    from importlib.metadata import packages_distributions, requires
-    project = {*RUNTIME_FOLDERS, "tests"} | {p.stem for p in (REPO / "scripts").glob("*.py")}
-    declared = {Requirement(d).name.lower() for d in
-                tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]}
-    # what a dependency itself requires is installed with it (wds2idx and nvidia.* come with DALI, ...)
-    provided = set(declared)
-    for dist in declared:
-        provided |= {Requirement(r).name.lower() for r in requires(dist) or [] if "extra ==" not in r}
+    from importlib.metadata import packages_distributions
     owners = packages_distributions()
-    missing = {}
-    for module, files in imported_top_level_modules().items():
-        if module in sys.stdlib_module_names or module in project:
+    ours = {*PRODUCT, "benchmarks", "tests"}
+    used, unowned = set(), {}
+    for module, files in imported_modules(folders).items():
+        top = module.split(".")[0]
+        if top in sys.stdlib_module_names or top in ours:
             continue
-        dists = {d.lower() for d in owners.get(module, [])}
-        if not dists & declared and not (module == "wds2idx" and "nvidia-dali-cuda130" in declared):
-            missing[module] = sorted(files)
-    assert not missing, f"imported but not in [project.dependencies]: {missing}"
-    assert provided >= declared
+        if module.startswith("torch.utils.tensorboard"):  # torch's writer, tensorboard's code
+            used.add("tensorboard")
+        dists = {d.lower() for d in owners.get(top, [])} or ({"nvidia-dali-cuda130"} if top == "wds2idx" else set())
+        listed = requirements() | requirements("bench")
+        if len(dists) > 1 and dists & listed:  # a namespace many share (nvidia): the listed one among them
+            dists &= listed
+        used |= dists
+        if not dists:
+            unowned[module] = sorted(files)
+    return used, unowned
+
+
+def test_runtime_dependencies_are_what_the_product_imports():
+    """The Docker image installs [project.dependencies] only: the product must import nothing else (an image once
+    stopped with "No module named 'skimage'"), and each of them must be imported by the product or needed by
+    another of them (timm's torchvision), not carried for a benchmark."""
+    from importlib.metadata import requires
+    declared = requirements()
+    used, unowned = distributions_imported(PRODUCT)
+    assert not unowned, f"imported by the product, installed by nothing: {unowned}"
+    assert used <= declared, f"imported by the product but not in [project.dependencies]: {used - declared}"
+    needed = {Requirement(r).name.lower() for dist in declared for r in requires(dist) or [] if "extra ==" not in r}
+    assert declared <= used | needed, f"declared but neither imported nor needed: {declared - used - needed}"
+
+
+def test_the_benchmarks_import_the_product_s_dependencies_and_their_extra():
+    used, unowned = distributions_imported(("benchmarks", "scripts"))
+    assert not unowned, unowned
+    assert used <= requirements() | requirements("bench"), used - requirements() - requirements("bench")
+    assert requirements("bench") <= used  # each extra is there for a benchmark that imports it
 
 
 def test_dockerfile_has_a_compiler_the_hardware_jpeg_decoder_and_the_tested_dali():

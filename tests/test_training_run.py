@@ -11,7 +11,9 @@ import pytest
 import torch
 
 from common.config import load_config
+from benchmarks.gpu_check import validation_from_checkpoint
 from common.errors import UserError
+from dali_pipes.device import resolve_device
 from model.checkpoint import load_checkpoint
 from training.train import TrainingDiverged, main as train_main, train
 from preprocessing.verify import main as verify_main
@@ -82,6 +84,7 @@ def test_tune_stage_saves_its_decision_rule(trained):
     assert best["metric"] == max(r["val_f2_rule"] for r in rows)
 
 
+@pytest.mark.slow
 def test_a_killed_run_resumes_to_the_weights_of_a_clean_run(trained, tmp_path):
     cfg_path, artifacts = trained
     cfg = load_config(cfg_path)
@@ -106,6 +109,7 @@ def test_a_killed_run_resumes_to_the_weights_of_a_clean_run(trained, tmp_path):
         assert torch.allclose(resumed[k].double(), clean[k].double(), atol=1e-5), k
 
 
+@pytest.mark.slow
 def test_two_processes_on_the_cpu_keep_identical_weights(built, kaggle, tmp_path):
     cfg, manifest = built
     cfg_path = write_config(tmp_path / "c.yaml", kaggle[0], cfg.paths.shards, FAST.replace("epochs: 3", "epochs: 2"),
@@ -116,9 +120,12 @@ def test_two_processes_on_the_cpu_keep_identical_weights(built, kaggle, tmp_path
     assert r.returncode == 0, r.stderr[-3000:]
     epochs = [x for x in records(tmp_path / "artifacts" / "train" / "metrics.jsonl") if "val_gap" in x]
     assert len(epochs) == 2
+    # each rank validated its half with its own replica: equal to one process on the saved weights only when DDP
+    # kept every rank's weights and BatchNorm statistics identical
+    alone = validation_from_checkpoint(cfg_path, tmp_path / "artifacts" / "train" / "checkpoints" / "last.pt",
+                                       resolve_device("cpu"))
+    assert abs(epochs[-1]["val_gap"] - alone["val_gap"]) < 1e-6 and abs(epochs[-1]["val_f2"] - alone["val_f2"]) < 1e-6
     for e in epochs:
-        a, b = e["rank_param_checksums"]
-        assert a == b  # DDP keeps every rank's weights identical
         assert e["samples_per_rank"][0] == e["samples_per_rank"][1] > 0
         assert sum(e["samples_per_rank"]) <= manifest["splits"]["train"]["samples"]
         assert e["val_images"] == manifest["splits"]["val"]["samples"]  # validation gathered from both ranks
@@ -185,6 +192,7 @@ def comparable(rows: list[dict]) -> list[tuple]:
     return [(r["step"], r["loss"], r["lr"], r.get("val_gap")) for r in rows]
 
 
+@pytest.mark.slow
 def test_a_run_killed_mid_epoch_resumes_to_exactly_the_weights_of_a_clean_run(built, kaggle, tmp_path):
     cfg, _ = built
     runs = {}
