@@ -19,7 +19,6 @@ import json
 import logging
 import math
 import multiprocessing as mp
-import os
 import shutil
 import signal
 import time
@@ -38,6 +37,7 @@ from common.errors import UserError
 from common.paths import readable_dir, writable_dir
 from common.image_checks import ImageProblem, read_image_file
 from common.log import progress
+from common.threads import worker_count
 from common.shard_format import (INDEX_GLOB, MANIFEST, SHARD_GLOB, SPLITS, ShardWriter, encode_sample,
                                  read_manifest, shard_name, write_manifest)
 from common.vocab import Vocabulary
@@ -380,7 +380,7 @@ def build_shards(cfg: Config, workers: int | None = None, restart: bool = False)
     todo = [(s, number, end - start) for s in plan.splits for number, (start, end) in enumerate(shard_bounds(cfg, s))
             if (s.name, number) not in done]
     jobs = (job for split in plan.splits for job in shard_jobs(cfg, plan, split, set(done)))
-    asked = workers or os.cpu_count() or 1
+    asked = worker_count(workers)
     if not done and len(todo) < asked:
         # shard boundaries never depend on the worker count (the same bytes with any --workers): say it here
         log.warning("%d shard(s) to build for %d workers: %d worker(s) will idle; for a small dataset, a smaller "
@@ -399,7 +399,8 @@ def build_shards(cfg: Config, workers: int | None = None, restart: bool = False)
 def main(argv=None):
     parser = config_parser("python -m preprocessing.build_shards", __doc__)
     parser.add_argument("--workers", type=int, default=None,
-                        help="worker processes, each building whole shards (default: all cores); "
+                        help="worker processes, each building whole shards (default: every CPU this process may use, a "
+                             "container's CPU quota included); "
                              "the output does not depend on it")
     parser.add_argument("--restart", action="store_true",
                         help="discard an unfinished or outdated build in paths.shards and start over")

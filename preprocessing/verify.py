@@ -32,6 +32,7 @@ from common.errors import UserError
 from common.image_checks import ImageProblem, decoding
 from common.paths import readable_dir
 from common.log import progress
+from common.threads import worker_count
 from common.shard_format import (EXTENSIONS, SHARD_GLOB, ShardWriter, decode_labels, file_sha256, iter_samples,
                                  read_manifest, write_index)
 from preprocessing.build_shards import SKIPPED, Plan, SplitPlan, data_files, make_plan, prepared_samples
@@ -189,13 +190,15 @@ def _rebuild(cfg: Config, plan: Plan, split: SplitPlan, record: dict, skipped: s
 @command
 def main(argv=None):
     parser = config_parser("python -m preprocessing.verify", __doc__)
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
-                        help="processes that check (and rebuild) shards (default: all cores)")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="processes that check (and rebuild) shards (default: every CPU this process may use, "
+                             "a container's CPU quota included)")
     parser.add_argument("--repair", action="store_true",
                         help="rebuild the shards and indexes that fail, from the original images")
     args = parser.parse_args(argv)
-    if args.workers < 1:
+    if args.workers is not None and args.workers < 1:
         raise UserError("--workers must be at least 1")
+    args.workers = worker_count(args.workers)
     cfg = config_from_args(args)
     readable_dir(cfg.paths.shards, "paths.shards")
     failing, folder_problems = verify_shards(cfg.paths.shards, args.workers)

@@ -9,12 +9,12 @@ import pytest
 import torch
 from PIL import Image
 
-import preprocessing.images as images_module
+import preprocessing.resize as images_module
 from common.config import load_config
 from common.errors import UserError
 from inference.submit import refuse_mostly_fallback
 from preprocessing.build_shards import RECORDS, build_shards
-from preprocessing.images import prepare_image
+from preprocessing.resize import prepare_image
 from tests.fixtures import REPO, SMALL_SHARDS, write_config
 from training import losses
 from training.train import LossWatch, TrainingDiverged, train
@@ -135,6 +135,6 @@ def test_the_builder_says_when_there_are_fewer_shards_than_workers(kaggle, tmp_p
     path = write_config(tmp_path / "c.yaml", kaggle[0], tmp_path / "s", "")  # 500 images a shard: 3 shards
     with caplog.at_level(logging.WARNING, logger="preprocessing.build_shards"):
         build_shards(load_config(path), workers=8)
-    warned = [r.getMessage() for r in caplog.records if "workers" in r.getMessage()]
+    warned = [r.getMessage() for r in caplog.records if "worker(s) will idle" in r.getMessage()]
     assert len(warned) == 1 and warned[0].startswith("3 shard(s) to build for 8 workers: 5 worker(s) will idle")
     assert "data.shard_max_samples (now 500)" in warned[0]

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from common.config import RENAMED, load_config
+import common.threads as threads
 from common.threads import apply_thread_budget, thread_budget, usable_cores
 from inference.score import main as score_main
 from inference.submit import main as submit_main
@@ -102,15 +103,16 @@ def test_the_thread_budget_never_gives_the_libraries_more_threads_than_cores(mon
         g = thread_budget(4, on_gpu=True, cores=cores)
         assert g.dali == max(1, min(4, cores - 1)) and g.dali + g.torch <= max(2, cores)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 4, 5})  # taskset / a container's limit
+    monkeypatch.setattr(threads, "cgroup_quota", lambda: None)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two ranks on this machine share its cores
     assert usable_cores() == 3
-    threads = torch.get_num_threads()
+    torch_threads = torch.get_num_threads()
     try:
         assert apply_thread_budget(4, on_gpu=False).torch == torch.get_num_threads() == 2
         monkeypatch.setenv("IIC_THREAD_BUDGET", "off")
         assert apply_thread_budget(4, on_gpu=False) is None
     finally:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(torch_threads)
 
 
 def test_an_output_folder_that_cannot_be_used_stops_submit_in_one_line(cfg_path, tmp_path, capsys):
@@ -152,6 +154,7 @@ def test_folders_that_cannot_be_used_stop_training_build_and_verify(cfg_path, tm
     assert line == f"error: --init {tmp_path / 'missing.pt'} does not exist"
 
 
+@pytest.mark.slow
 def test_under_train_sh_an_error_is_one_line_once_and_relative_paths_are_the_callers(cfg_path, tmp_path):
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
