@@ -24,6 +24,15 @@ from common.errors import UserError
 from model.network import create_model, unwrap
 
 
+RESUME_ONLY = ("optimizer", "scheduler", "scaler", "rng", "rng_per_rank", "epoch_progress", "dali")
+
+
+def for_inference(state: dict) -> dict:
+    """A payload without what only resuming training needs (the optimiser's momentum is as large as the
+    weights): what a submission keeps in memory per model."""
+    return {k: v for k, v in state.items() if k not in RESUME_ONLY}
+
+
 def rng_state() -> dict:
     """Every random generator a training step touches, as plain tensors and lists."""
     np_state = np.random.get_state()

@@ -33,7 +33,7 @@ import torch
 from common.atomic import atomic_write
 from common.errors import UserError
 from common.shard_format import file_sha256  # the manifest's hash of a file, reused
-from model.checkpoint import load_checkpoint, model_from_checkpoint
+from model.checkpoint import for_inference, load_checkpoint, model_from_checkpoint
 from model.decision import DecisionRule
 
 log = logging.getLogger(__name__)
@@ -124,7 +124,7 @@ def load_members(paths: list[Path], expected_sha256: list[str] | None = None, na
         if twin:
             raise UserError(f"ensemble members {twin.path} and {path} are the same model (the same bytes): an "
                             "ensemble needs different members, e.g. trained with another train.seed")
-        members.append(Member(Path(path), state, digest))
+        members.append(Member(Path(path), for_inference(state), digest))
     first = members[0]
     first_input = first.input_settings
     for other in members[1:]:

@@ -13,13 +13,13 @@ from common.shard_format import split_shards
 from common.vocab import Vocabulary
 from dali_pipes.device import resolve_device
 from dali_pipes.loader import build_train_pipeline, eval_loader, prepare_input
-from inference import predict as predict_module
+from inference import file_predictions as predict_module
 from inference.ensemble import main as ensemble_main
-from inference.predict import predict_files
+from inference.file_predictions import predict_files
 from inference.submit import main as submit_main, submit
 from model.checkpoint import load_checkpoint, save_checkpoint
 from model.decision import DecisionRule, choose_rule
-from model.ensemble import Combination, combine_topk
+from model.members import Combination, combine_topk
 from model.network import create_model
 from model.predict import predict_topk
 from tests.fixtures import corrupt_huffman_table, jpeg_bytes, photo, run_main, write_config
@@ -358,3 +358,16 @@ def test_a_vote_setting_beside_an_ensemble_file_is_named_as_not_applying(ensembl
     summary = submit(cfg.with_overrides(["predict.ensemble_vote=2"]), 2, [ens])
     assert summary["members"] == 2
     assert any("predict.ensemble_vote=2 does not apply" in r.getMessage() for r in caplog.records)
+
+
+def test_members_keep_what_inference_needs_and_not_the_optimiser(members, tmp_path):
+    from model.members import load_members
+    cfg, paths, _ = members
+    resumable = tmp_path / "last.pt"
+    state = load_checkpoint(paths[0])
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(3))], lr=0.1, momentum=0.9)
+    save_checkpoint(resumable, {**state, "optimizer": opt.state_dict(), "scaler": {}, "dali": [b"x"], "rng": {},
+                                "epoch_progress": {"step": 3}})
+    kept = load_members([resumable, paths[1]])[0].state
+    assert not {"optimizer", "scaler", "dali", "rng", "epoch_progress"} & set(kept)
+    assert {"model", "classes", "class_counts", "decision_rule", "config", "holdout"} <= set(kept)
