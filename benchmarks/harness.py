@@ -202,7 +202,7 @@ def photo_shards(work: Path, images: int, overrides: list[str] = ()) -> Path:
 def moved(module: str, old: str, args: tuple[str, ...] = (), renamed: dict[str, str] | None = None) -> None:
     """Run ``python -m module`` for a script that moved there (``args`` first, its old flags ``renamed``), with a
     one-line warning."""
-    print(f"warning: scripts/{Path(old).name} is now python -m {module}; the old name still works but will go",
-          file=sys.stderr)
+    print(f"warning: scripts/{Path(old).name} is now python -m {' '.join([module, *args])}; the old name still "
+          "works but will go", file=sys.stderr)
     sys.argv = [module, *args, *((renamed or {}).get(a, a) for a in sys.argv[1:])]
     runpy.run_module(module, run_name="__main__", alter_sys=True)

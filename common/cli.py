@@ -1,9 +1,11 @@
 """The frame every command shares: --config/--set parsing, logging, and one-line errors.
 
 Every fault a user or the machine causes becomes one line on stderr and exit code 2: a
-UserError, a full disk or read-only folder (``common.errors.describe_os_error``), running out
-of GPU memory, and a model given input of the wrong type or device. Anything else is a bug
-and keeps its traceback.
+UserError (damaged data with the repair command, in the command's own --config and --set), a full
+disk or read-only folder (``common.errors.describe_os_error``), running out of GPU memory, and a
+model given input of the wrong type or device. A fault of the GPU, its driver or NCCL is one line
+in its own words and exit code 1 (``common.errors.failure_kind``). Anything else is a bug and
+keeps its traceback.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ import sys
 from pathlib import Path
 
 from common.config import Config, load_config
-from common.errors import UserError, describe_os_error, is_out_of_memory
+from common.errors import DamagedData, UserError, describe_os_error, failure_kind
 from common.log import setup_logging
 
 log = logging.getLogger(__name__)
@@ -49,13 +51,31 @@ def first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def describe(exc: BaseException, batch_keys: str) -> str | None:
+def config_args(argv: list[str]) -> str:
+    """The ``--config``/``--set`` arguments of a command line, to repeat them in a command a message suggests."""
+    import shlex
+    out, it = [], iter(argv)
+    for arg in it:
+        flag, _, value = arg.partition("=")
+        if flag in ("--config", "--set"):
+            out += [flag, shlex.quote(value or next(it, ""))]
+    return " ".join(out)
+
+
+def describe(exc: BaseException, batch_keys: str, argv: list[str] = ()) -> str | None:
     """The one-line message for a fault that is not a bug, or None."""
+    if isinstance(exc, DamagedData):
+        repeat = " ".join(["python -m preprocessing.verify", config_args(list(argv)), "--repair"]).replace("  ", " ")
+        return f"{exc}; run {repeat}, then the same command again"
     if isinstance(exc, UserError):
         return str(exc)
     if isinstance(exc, OSError):
         return describe_os_error(exc)
-    if is_out_of_memory(exc):
+    kind = failure_kind(exc)
+    if kind == "device":
+        return (f"the GPU, its driver or the link between GPUs failed ({first_line(exc)}): a fault of the machine or "
+                "the run, not of the data; the last checkpoint resumes the run")
+    if kind == "out_of_memory":
         what = "GPU memory" if re.search(r"cuda|device|gpu", str(exc), re.IGNORECASE) else "memory"
         return f"out of {what} ({first_line(exc)}): lower {batch_keys}"
     if isinstance(exc, RuntimeError) and INPUT_MISMATCH.search(str(exc)):
@@ -88,10 +108,11 @@ def command(main=None, *, batch_keys: str = "the batch size"):
                 log.error("interrupted")
                 sys.exit(130)
             except Exception as exc:
-                message = describe(exc, batch_keys)
+                message = describe(exc, batch_keys, sys.argv[1:] if argv is None else argv)
                 if message is None:
                     raise
-                report_error(message)
-                sys.exit(2)
+                code = 1 if failure_kind(exc) == "device" else 2  # 2: what the user can put right
+                report_error(message, code)
+                sys.exit(code)
         return wrapper
     return decorate(main) if main is not None else decorate

@@ -19,7 +19,7 @@ from typing import Any, Iterable
 
 import yaml
 
-from common.errors import UserError
+from common.errors import UserError, reading
 
 log = logging.getLogger(__name__)
 
@@ -255,13 +255,6 @@ class Config:
     source: Path | None = None
     overrides: tuple[str, ...] = ()  # the --set values it was loaded with (messages repeat them)
 
-    def command_args(self) -> str:
-        """``--config PATH --set k=v ...``: how to load this config again, for the commands a message suggests."""
-        import shlex
-        parts = ([f"--config {shlex.quote(str(self.source))}"] if self.source else []) + \
-            [f"--set {shlex.quote(o)}" for o in self.overrides]
-        return " ".join(parts)
-
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return {name: {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(
             getattr(self, name)).items()} for name in SECTIONS}
@@ -283,10 +276,13 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     path = path.resolve()
     if path in seen:
         raise ConfigError(f"config file {path} extends itself")
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a folder; it must be a YAML file")
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        with reading(path, "a YAML config file"):
+            data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
         where = getattr(exc, "problem_mark", None)
         line = f" line {where.line + 1}" if where else ""

@@ -11,12 +11,40 @@ from pathlib import Path
 OUT_OF_MEMORY = re.compile(r"out of memory|can't allocate \d+ bytes|cannot allocate memory|bad_alloc", re.IGNORECASE)
 
 
+# A fault of the GPU, its driver or the link between GPUs, in PyTorch's, NCCL's or DALI's words: never the data's
+DEVICE_FAILURE = re.compile(r"CUDA error|CUDA driver|cudaError|CUBLAS_STATUS|CUDNN_STATUS|cuDNN error|NCCL|"
+                            r"illegal memory access|device-side assert|uncorrectable ECC|unspecified launch failure|"
+                            r"nvJPEG error|NVML", re.IGNORECASE)
+# the exception types PyTorch raises for them (torch.AcceleratorError, torch.distributed's backend errors)
+DEVICE_FAILURE_TYPES = {"AcceleratorError", "DistBackendError", "DistNetworkError", "DistStoreError"}
+
+
 def is_out_of_memory(exc: BaseException) -> bool:
     return type(exc).__name__ == "OutOfMemoryError" or bool(OUT_OF_MEMORY.search(str(exc)))
 
 
+def is_device_failure(exc: BaseException) -> bool:
+    """A CUDA, NCCL or driver error: the run's fault, wherever it surfaced (DALI's iterator included)."""
+    return type(exc).__name__ in DEVICE_FAILURE_TYPES or bool(DEVICE_FAILURE.search(str(exc)))
+
+
+def failure_kind(exc: BaseException) -> str:
+    """What a failure is, from its type and then its words: "out_of_memory", "device" (the GPU, its driver,
+    NCCL) or "other". The one place that tells them apart: the loaders, inference and the command frame ask it."""
+    if is_out_of_memory(exc):
+        return "out_of_memory"
+    if is_device_failure(exc):
+        return "device"
+    return "other"
+
+
 class UserError(Exception):
     """Bad input from the user (config, CLI, data files): reported in one line, no traceback."""
+
+
+class DamagedData(UserError):
+    """Data a command reads (a shard, a sample) cannot be read or decoded. The message names it; the command's
+    frame adds the repair command, with the command's own --config and --set."""
 
 
 def _os_error_in(exc: BaseException) -> OSError | None:
@@ -45,6 +73,17 @@ def writing(path: str | Path):
         if os_error is exc:
             raise
         raise os_error from None
+
+
+@contextlib.contextmanager
+def reading(path: str | Path, expected: str):
+    """A text file read here that is not text (an image, a checkpoint, another encoding) is one line naming
+    it and what was expected, not a decoder's traceback."""
+    try:
+        yield
+    except UnicodeDecodeError:
+        raise UserError(f"{path} is not {expected}: it is not UTF-8 text (an image, a checkpoint or another "
+                        "binary file?)") from None
 
 
 def describe_os_error(exc: OSError) -> str | None:

@@ -23,7 +23,7 @@ from nvidia.dali.plugin.base_iterator import LastBatchPolicy
 from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
 from common.config import Config
-from common.errors import UserError, is_out_of_memory
+from common.errors import DamagedData, UserError, failure_kind
 from common.seeds import int_seed, training_seed
 from common.threads import dali_threads
 from common.shard_format import SplitShards, decode_meta, split_shards
@@ -140,7 +140,6 @@ class DaliLoader:
     num_classes: int
     with_ids: bool
     shards: SplitShards
-    config_args: str  # ``--config ... --set ...``: for the repair command in the error a damaged shard causes
 
     def __len__(self) -> int:
         return len(self.iterator)  # DALI's count: equal on every rank, as lockstep training needs
@@ -156,19 +155,23 @@ class DaliLoader:
             yield from self
 
     def __iter__(self):
-        with shard_errors(self.shards, self.config_args):
-            for batch in self.iterator:
-                out = batch[0]
-                images = mirror_crops(out["images"], out["mirror"]) if "mirror" in out else out["images"]
-                targets = multi_hot(out["labels"], self.num_classes)
-                if self.with_ids:
-                    yield images, targets, decode_ids(out["meta"])
-                else:
-                    yield images, targets
+        batches = iter(self.iterator)
+        while True:
+            with shard_errors(self.shards):  # DALI's reading and decoding only: the torch work below is not data's
+                try:
+                    out = next(batches)[0]
+                except StopIteration:
+                    return
+            images = mirror_crops(out["images"], out["mirror"]) if "mirror" in out else out["images"]
+            targets = multi_hot(out["labels"], self.num_classes)
+            if self.with_ids:
+                yield images, targets, decode_ids(out["meta"])
+            else:
+                yield images, targets
 
 
-class DamagedShard(UserError):
-    """A shard that DALI cannot read: one line naming it (and its sample, where DALI names it) and the cure."""
+class DamagedShard(DamagedData):
+    """A shard that DALI cannot read: one line naming it (and its sample, where DALI names it)."""
 
 
 # DALI names the sample it failed on as "<tar path>:<offset>:<key>.<extension>"
@@ -184,30 +187,40 @@ def describe_shards(shards: SplitShards) -> str:
     return f"{listed} in {shards.tars[0].parent}"
 
 
-def damaged_shard(exc: RuntimeError, shards: SplitShards, config_args: str) -> DamagedShard:
+def damaged_shard(exc: RuntimeError, shards: SplitShards) -> DamagedShard:
     """The one-line error for a DALI failure while reading shards: the shard and sample where DALI names them,
-    else the shards being read; with DALI's own words and the repair command either way."""
+    else the shards being read; with DALI's own words either way."""
     text = str(exc)
-    cure = f"run python -m preprocessing.verify {config_args} --repair, then the same command again".replace("  ", " ")
     found = SAMPLE_SOURCE.search(text)
     if found:
         why = "does not decode" if "decode" in text else "cannot be read"
-        return DamagedShard(f"{found.group(1)}: sample {found.group(2)} {why} (a damaged shard); {cure}")
+        return DamagedShard(f"{found.group(1)}: sample {found.group(2)} {why} (a damaged shard)")
     cause = DALI_CAUSE.search(text)
     return DamagedShard(f"DALI could not read the shards ({describe_shards(shards)}): "
-                        f"{cause.group(0).strip() if cause else type(exc).__name__}; a shard may be damaged: {cure}")
+                        f"{cause.group(0).strip() if cause else type(exc).__name__}; a shard may be damaged")
 
 
 @contextlib.contextmanager
-def shard_errors(shards: SplitShards, config_args: str):
-    """Any DALI failure while reading shards becomes one DamagedShard line; running out of memory (DALI's
-    words too) stays what it is, an error of the run."""
+def shard_errors(shards: SplitShards):
+    """A failure of DALI's reading or decoding becomes one DamagedShard line; running out of memory and a fault
+    of the GPU or its driver (``common.errors.failure_kind``, DALI's words too) stay what they are, errors of
+    the run."""
     try:
         yield
     except RuntimeError as exc:
-        if is_out_of_memory(exc):
+        if failure_kind(exc) != "other":
             raise
-        raise damaged_shard(exc, shards, config_args) from None
+        raise damaged_shard(exc, shards) from None
+
+
+def train_reader_seeds(cfg: Config, epoch: int, rank: int) -> tuple[int, int]:
+    """(the shuffle buffer's seed: this rank's own, for a pipeline that starts at ``epoch``; the seed of the tars'
+    order: the same on every rank and for every start, since DALI's checkpoint restores the reader's place in
+    that order but not its seed, so a resumed pipeline must be built with the seed the first one had), both
+    from ``train.seed``. (A run that starts afresh at a later epoch, as one does on another number of processes,
+    reads the tars in epoch 1's order again, its buffer mixing them otherwise.)"""
+    return (int_seed(training_seed(cfg), "train_reader", epoch, rank),
+            int_seed(training_seed(cfg), "train_shard_order"))
 
 
 def build_train_pipeline(cfg: Config, shards: SplitShards, rank: int, world_size: int, batch_size: int,
@@ -215,12 +228,12 @@ def build_train_pipeline(cfg: Config, shards: SplitShards, rank: int, world_size
     """The built train graph; each rank shuffles with its own seed derived from ``train.seed`` (and the epoch
     the pipeline starts at). With ``checkpoint`` (``DaliLoader.checkpoint()`` of an earlier run) it resumes
     exactly where that one stood: reader position, shuffle and augmentation random state."""
-    seed = int_seed(training_seed(cfg), "train_reader", epoch, rank)
+    seed, order_seed = train_reader_seeds(cfg, epoch, rank)
     pipe = train_pipeline(shards.tars, shards.indexes, augmentation=cfg.pipeline.augmentation,
                           initial_fill=cfg.pipeline.shuffle_buffer, shard_id=rank, num_shards=world_size,
-                          reader_seed=seed, enable_checkpointing=True, checkpoint=checkpoint,
+                          reader_seed=seed, order_seed=order_seed, enable_checkpointing=True, checkpoint=checkpoint,
                           **_pipe_args(cfg, device, batch_size, seed, amp_dtype))
-    with shard_errors(shards, cfg.command_args()):  # building opens the shards and their indexes
+    with shard_errors(shards):  # building opens the shards and their indexes
         pipe.build()
     return pipe
 
@@ -239,11 +252,11 @@ def train_loader(cfg: Config, split: str = "train", rank: int = 0, world_size: i
         raise UserError(f"the '{split}' data has {shards.samples} images for {world_size} process(es), fewer than "
                         f"one batch of {batch_size} each; lower train.batch_size")
     pipe = build_train_pipeline(cfg, shards, rank, world_size, batch_size, device, epoch, checkpoint, amp_dtype)
-    with shard_errors(shards, cfg.command_args()):  # DALI reads and decodes its first batches while the iterator is built
+    with shard_errors(shards):  # DALI reads and decodes its first batches while the iterator is built
         outputs = ["images", "labels"] + (["mirror"] if pipe.num_outputs == 3 else [])  # see train_pipeline
         it = DALIGenericIterator(pipe, outputs, reader_name=READER, auto_reset=True,
                                  last_batch_policy=LastBatchPolicy.DROP)
-    return DaliLoader(it, shards.num_classes, with_ids=False, shards=shards, config_args=cfg.command_args())
+    return DaliLoader(it, shards.num_classes, with_ids=False, shards=shards)
 
 
 def eval_loader(cfg: Config, split: str = "val", rank: int = 0, world_size: int = 1,
@@ -256,11 +269,11 @@ def eval_loader(cfg: Config, split: str = "val", rank: int = 0, world_size: int 
     batch_size = batch_size or cfg.predict.batch_size
     pipe = eval_pipeline(shards.tars, shards.indexes, resize_shorter=eval_resize(cfg, shards), tta=tta,
                          shard_id=rank, num_shards=world_size, **_pipe_args(cfg, device, batch_size, 0, amp_dtype))
-    with shard_errors(shards, cfg.command_args()):
+    with shard_errors(shards):
         pipe.build()
         it = DALIGenericIterator(pipe, ["images", "labels", "meta"], reader_name=READER, auto_reset=True,
                                  last_batch_policy=LastBatchPolicy.PARTIAL)
-    return DaliLoader(it, shards.num_classes, with_ids=True, shards=shards, config_args=cfg.command_args())
+    return DaliLoader(it, shards.num_classes, with_ids=True, shards=shards)
 
 
 class ImageFileLoader:

@@ -44,14 +44,21 @@ class Output:
 
 
 def read_shards(tars, indexes, *, with_meta: bool, shuffle: bool, initial_fill: int, shard_id: int,
-                num_shards: int, seed: int):
-    """The split's samples: JPEG bytes, class indices (int32) and, for eval, the JSON metadata."""
+                num_shards: int, seed: int, order_seed: int | None = None):
+    """The split's samples: JPEG bytes, class indices (int32) and, for eval, the JSON metadata.
+
+    Shuffled (training), the tars are read in a new order every epoch, drawn from ``order_seed``, which must be
+    the same on every rank: each rank then reads its own slice of the same order, so an epoch still holds every
+    sample once across the ranks. The ``initial_fill`` buffer (``seed``: each rank's own) mixes samples within
+    and across neighbouring shards. Without the new order, the buffer alone leaves every epoch in nearly the
+    order of the one before: the shards were shuffled once, when they were built."""
     ext = ["jpg", "labels"] + (["json"] if with_meta else [])
     dtypes = [types.UINT8, types.INT32] + ([types.UINT8] if with_meta else [])
+    order = dict(shuffle_after_epoch=True, shuffle_after_epoch_seed=order_seed) if shuffle else {}
     return fn.readers.webdataset(
         paths=[str(t) for t in tars], index_paths=[str(i) for i in indexes], ext=ext, dtypes=dtypes,
         missing_component_behavior="error", random_shuffle=shuffle, initial_fill=initial_fill,
-        shard_id=shard_id, num_shards=num_shards, pad_last_batch=not shuffle, seed=seed, name=READER)
+        shard_id=shard_id, num_shards=num_shards, pad_last_batch=not shuffle, seed=seed, name=READER, **order)
 
 
 def decoder_args(on_gpu: bool, buffers: dict = SHARD_DECODER_BUFFERS) -> dict:
@@ -112,11 +119,11 @@ def pad_labels(labels, on_gpu: bool):
 
 @pipeline_def(enable_conditionals=False)
 def train_pipeline(tars, indexes, *, on_gpu: bool, out: Output, augmentation: str, initial_fill: int,
-                   shard_id: int = 0, num_shards: int = 1, reader_seed: int = 0):
+                   shard_id: int = 0, num_shards: int = 1, reader_seed: int = 0, order_seed: int = 0):
     """The original augmentation: random 224 crop of the 256-short-side image, random flip, ImageNet norm.
     Outputs (images, labels), or for uint8 crops (images, labels, mirror): the flip is the loader's to apply."""
     jpegs, labels = read_shards(tars, indexes, with_meta=False, shuffle=True, initial_fill=initial_fill,
-                                shard_id=shard_id, num_shards=num_shards, seed=reader_seed)
+                                shard_id=shard_id, num_shards=num_shards, seed=reader_seed, order_seed=order_seed)
     if augmentation == "random_resized_crop":  # the ImageNet recipe, as a config option
         images = fn.decoders.image_random_crop(jpegs, random_area=(0.08, 1.0), random_aspect_ratio=(3 / 4, 4 / 3),
                                                **decoder_args(on_gpu))

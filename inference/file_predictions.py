@@ -10,16 +10,16 @@ from __future__ import annotations
 
 import logging
 import multiprocessing as mp
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from common.config import Config
-from common.errors import is_out_of_memory
+from common.errors import failure_kind
 from common.image_checks import check_image_file
 from common.log import progress
+from common.threads import worker_count
 from dali_pipes.device import PipeDevice
 from dali_pipes.loader import ImageFileLoader, prepare_input
 from model.members import Combination
@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 
 def screen(files: list[Path], workers: int | None = None) -> list[str | None]:
     """Per file, the reason it cannot be predicted, or None."""
-    workers = workers or os.cpu_count() or 1
+    workers = worker_count(workers, "the screening's workers")
     paths = [str(f) for f in files]
     # forkserver: workers forked from a clean server process, never from one that may hold a CUDA context
     with mp.get_context("forkserver").Pool(workers) as pool:
@@ -54,7 +54,7 @@ def guarded(make_loader):
                 return
             yield batch
     except RuntimeError as exc:
-        if is_out_of_memory(exc):  # out of device or host memory (DALI's words too) is no image's fault
+        if failure_kind(exc) != "other":  # out of memory, a fault of the GPU or its driver: no image's fault
             raise
         raise DecodeFailed(str(exc)) from exc
 

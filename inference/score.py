@@ -14,7 +14,7 @@ import logging
 from pathlib import Path
 
 from common.cli import command
-from common.errors import UserError
+from common.errors import UserError, reading
 from common.paths import readable_file
 from model.metrics import f2_per_image
 
@@ -25,7 +25,7 @@ def read_labels(path: Path, what: str = "file") -> dict[str, list[str]]:
     """image id -> label codes, from either layout."""
     readable_file(Path(path), what)
     out: dict[str, list[str]] = {}
-    with open(path, newline="") as f:
+    with reading(path, "a submission or solution CSV"), open(path, newline="") as f:
         for n, row in enumerate(csv.reader(f), start=1):
             if not row or (n == 1 and [c.strip() for c in row[:2]] == ["image_id", "labels"]):
                 continue
@@ -43,7 +43,7 @@ def score(submission: dict[str, list[str]], solution: dict[str, list[str]]) -> t
 
 
 def has_header(path: Path) -> bool:
-    with open(path, newline="") as f:
+    with reading(path, "a submission or solution CSV"), open(path, newline="") as f:
         first = next(csv.reader(f), [])
     return [c.strip() for c in first[:2]] == ["image_id", "labels"]
 

@@ -28,6 +28,11 @@ if [[ $# -eq 0 ]]; then
   exit 2
 fi
 shift  # the "--"
+if ! python -c "import torch" 2>/dev/null; then
+  echo "error: the python on PATH ($(command -v python || echo none)) cannot import torch: activate the project's" \
+       "environment first (source .venv/bin/activate after make install)" >&2
+  exit 2
+fi
 
 has_nproc=0
 for a in "${torchrun_args[@]+"${torchrun_args[@]}"}"; do

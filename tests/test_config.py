@@ -1,4 +1,3 @@
-import dataclasses
 import subprocess
 import sys
 from pathlib import Path
@@ -84,13 +83,14 @@ def test_command_names_a_missing_competition_file(tmp_path, capsys):
     assert not list(tmp_path.glob("*.tar"))
 
 
-def test_sections_are_typed_frozen_dataclasses():
-    cfg = load_config(REPO / "config.yaml")
-    assert dataclasses.is_dataclass(cfg.train) and isinstance(cfg.train.lr, float)
-    with pytest.raises(dataclasses.FrozenInstanceError):
-        cfg.train.lr = 1.0
-    with pytest.raises(AttributeError):
-        cfg.train.learning_rate  # noqa: B018 - a typo in code fails, it does not read a default
+def test_values_take_their_key_s_type_and_a_key_added_later_has_its_default(tmp_path):
+    cfg = load_config(REPO / "config.yaml", ["train.lr=1", "model.compile=yes"])
+    assert cfg.train.lr == 1.0 and isinstance(cfg.train.lr, float) and cfg.model.compile is True
+    # a config file written before model.compile_backend existed still loads, with its default
+    text = (REPO / "config.yaml").read_text()
+    old = tmp_path / "old.yaml"
+    old.write_text("\n".join(line for line in text.splitlines() if "compile_backend" not in line) + "\n")
+    assert load_config(old).model.compile_backend == "inductor"
 
 
 @pytest.mark.parametrize("old, new, value, expected", [
@@ -130,3 +130,18 @@ def test_a_dropped_key_is_ignored_with_a_one_line_warning(tmp_path, caplog):
     assert not hasattr(cfg.data, "shard_max_bytes")
     warnings = [r.getMessage() for r in caplog.records]
     assert len(warnings) == 2 and all("'data.shard_max_bytes'" in w and "is ignored" in w for w in warnings)
+
+
+def test_files_of_the_wrong_kind_are_one_line_naming_the_file(tmp_path, capsys):
+    from inference.score import main as score_main
+    from tests.fixtures import run_main
+    from training.train import main as train_main
+    image = tmp_path / "photo.png"
+    image.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)))
+    cases = [(score_main, [str(image), str(image)], f"{image} is not a submission or solution CSV: it is not UTF-8"),
+             (train_main, ["--config", str(image), "--stage", "train"], f"{image} is not a YAML config file"),
+             (train_main, ["--config", str(tmp_path), "--stage", "train"], f"{tmp_path} is a folder; it must be a")]
+    for main, args, words in cases:
+        code, _, err = run_main(main, args, capsys)
+        errors = [line for line in err.splitlines() if line.strip()]
+        assert code == 2 and len(errors) == 1 and words in errors[0] and "Traceback" not in err, err[-800:]

@@ -8,10 +8,10 @@ from PIL import Image
 
 from common.errors import UserError
 from common.shard_format import ShardWriter, SplitShards, encode_sample
-from dali_pipes.baseline import baseline_loader
+from benchmarks.baseline import baseline_loader
 from dali_pipes.device import resolve_device
 from dali_pipes.loader import ImageFileLoader, eval_loader, multi_hot, prepare_input, train_loader
-from demo.photos import photo_jpegs
+from benchmarks.photos import photo_jpegs
 from tests.fixtures import centre_crop_reference, jpeg_bytes, shard_samples
 
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU; this machine has none")
@@ -235,3 +235,16 @@ def test_train_crops_are_random_windows_of_the_right_size_and_half_are_mirrored(
     assert total == 3 * 64
     assert len({x for x, _ in origins}) >= 12 and len({y for _, y in origins}) >= 5  # positions vary in x and y
     assert 0.35 < mirrored / total < 0.65
+
+
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_every_epoch_reads_the_tars_in_a_new_order_and_each_sample_once_across_ranks(tmp_path, ranks):
+    """The shards are shuffled once, at build time: with a small buffer and no new order of the tars each epoch,
+    every epoch would be read in nearly the order of the one before."""
+    from benchmarks.order_freshness import freshness, positions, write_shards
+    tars, indexes = write_shards(tmp_path, 1920, 40)
+    epochs = positions(tars, indexes, 1920, ranks, epochs=3, buffer=4, shard_order=True)
+    assert [sorted(e) for e in epochs] == [list(range(1920))] * 3  # each sample once per epoch, over the ranks
+    assert freshness(epochs)["max_abs_rho"] < 0.6
+    old = positions(tars, indexes, 1920, ranks, epochs=2, buffer=4, shard_order=False)
+    assert freshness(old)["max_abs_rho"] > 0.9  # what the test guards against: the buffer alone

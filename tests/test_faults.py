@@ -128,3 +128,64 @@ def test_a_read_only_output_folder_is_one_line(built, kaggle, tmpfs, tmp_path, c
     line = one_error(err)
     # found before any image is read: the folder named with its key
     assert code == 2 and line == f"error: paths.output {out} cannot be written: the file system is read-only"
+
+
+CUDA_FAULT = "CUDA error: an illegal memory access was encountered"
+
+
+def fail_after(monkeypatch, owner, name, calls: int, error=CUDA_FAULT):
+    """``owner.name`` raises RuntimeError(error) from its ``calls + 1``-th call on; returns the call counter."""
+    real, seen = getattr(owner, name), []
+
+    def failing(*args, **kw):
+        seen.append(1)
+        if len(seen) > calls:
+            raise RuntimeError(error)
+        return real(*args, **kw)
+    monkeypatch.setattr(owner, name, failing)
+    return seen
+
+
+@pytest.mark.parametrize("where", ["dali", "loader_torch_work"])
+def test_a_gpu_fault_while_training_reads_batches_is_named_for_what_it_is(built, kaggle, tmp_path, capsys,
+                                                                           monkeypatch, one_epoch, where):
+    """A CUDA error inside DALI's iterator, or in the torch work the loader does on each batch, is the run's
+    fault: its own words, exit code 1, no repair advice for healthy shards, the last checkpoint untouched."""
+    from nvidia.dali.plugin.pytorch import DALIGenericIterator
+    import dali_pipes.loader as loader
+    cfg, _ = built
+    cfg_path = write_config(tmp_path / "c.yaml", kaggle[0], cfg.paths.shards, FAST_TRAIN, artifacts=tmp_path / "a")
+    args = ["--config", str(cfg_path), "--stage", "train"]
+    assert run_main(train_main, args + ["--set", "train.epochs=1"], capsys)[0] == 0
+    last = tmp_path / "a" / "train" / "checkpoints" / "last.pt"
+    before = last.read_bytes()
+    owner, name = (DALIGenericIterator, "__next__") if where == "dali" else (loader, "multi_hot")
+    fail_after(monkeypatch, owner, name, calls=2)
+    code, _, err = run_main(train_main, args + ["--set", "train.epochs=2"], capsys)
+    line = one_error(err)
+    assert code == 1 and CUDA_FAULT in line and "not of the data" in line
+    assert "verify" not in err and "damaged" not in err
+    assert last.read_bytes() == before
+
+
+def test_a_gpu_fault_while_a_submission_reads_a_batch_stops_it_without_retrying_image_by_image(
+        built, kaggle, tmp_path, capsys, monkeypatch):
+    from nvidia.dali.plugin.pytorch import DALIGenericIterator
+    import inference.file_predictions as predictions
+    cfg, _ = built
+    cfg_path = write_config(tmp_path / "c.yaml", kaggle[0], cfg.paths.shards, "predict:\n  batch_size: 4\n",
+                            output=tmp_path / "out")
+    vocab = Vocabulary.load(cfg.paths.shards)
+    save_checkpoint(tmp_path / "m.pt", {"model": create_model("test_resnet", len(vocab)).state_dict(),
+                                        "model_name": "test_resnet", "classes": vocab.codes})
+    args = ["--config", str(cfg_path), "--stage", "2", "--checkpoint", str(tmp_path / "m.pt")]
+    assert run_main(submit_main, args, capsys)[0] == 0
+    submission = tmp_path / "out" / "submission_stage2.csv"
+    before = submission.read_bytes()
+    loaders = fail_after(monkeypatch, predictions, "ImageFileLoader", calls=10 ** 6)  # counts only
+    fail_after(monkeypatch, DALIGenericIterator, "__next__", calls=1)
+    code, _, err = run_main(submit_main, args, capsys)
+    line = one_error(err)
+    assert code == 1 and CUDA_FAULT in line and "cannot be predicted" not in err
+    assert len(loaders) == 1  # no pipeline rebuilt per image of the failed batch
+    assert submission.read_bytes() == before
