@@ -123,6 +123,7 @@ class Tune:
     lr: float = key(FLOAT)
     holdout_fraction: float = key(FRACTION)
     min_class_examples: int = key(POS_INT)
+    unseen_class_threshold: bool = key(BOOL, default=True)
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,15 @@ def holdout_ids(out_dir: Path) -> list[str]:
         return [row[0] for row in csv.reader(f) if row]
 
 
+def tuning_classes(shards_dir: Path) -> list[int]:
+    """The classes with a positive among the tuning labels (the tune split, fit and hold-out together)."""
+    seen = set()
+    for tar in split_shards(shards_dir, "tune").tars:
+        for _, files in iter_samples(tar):
+            seen.update(int(c) for c in decode_labels(files["labels"]))
+    return sorted(seen)
+
+
 def tune_parts(shards_dir: Path, out_dir: Path) -> tuple[SplitShards, SplitShards]:
     """(fit, holdout) as written by ``split_tune_shards``; every rank reads them the same way."""
     source = split_shards(shards_dir, "tune")

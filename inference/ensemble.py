@@ -32,7 +32,7 @@ from model.members import (Combination, check_holdout, combine_topk, load_member
                             write_ensemble_file)
 from model.network import autocast_dtype
 from model.predict import predict_member_topk
-from common.tune_split import holdout_fingerprint, holdout_ids, split_tune_shards
+from common.tune_split import holdout_fingerprint, holdout_ids, split_tune_shards, tuning_classes
 
 log = logging.getLogger(__name__)
 
@@ -72,10 +72,11 @@ def make_ensemble(cfg: Config, checkpoints: list[Path], out: Path) -> dict:
         apply_thread_budget(cfg.pipeline.num_threads, device.kind == "gpu")
         models = member_models(members, cfg.model.channels_last, device.torch_device)
         tops, targets, classes = predict_holdout(cfg, models, holdout, device)
-    member_f2 = [choose_rule(idx, sc, targets, cfg.tune.min_class_examples)[1] for idx, sc in tops]
+    seen = tuning_classes(cfg.paths.shards) if cfg.tune.unseen_class_threshold else None
+    member_f2 = [choose_rule(idx, sc, targets, cfg.tune.min_class_examples, seen)[1] for idx, sc in tops]
     indices, scores = combine_topk([(torch.from_numpy(i), torch.from_numpy(s)) for i, s in tops], classes,
                                    cfg.predict.top_k, combination)
-    rule, f2 = choose_rule(indices.numpy(), scores.numpy(), targets, cfg.tune.min_class_examples)
+    rule, f2 = choose_rule(indices.numpy(), scores.numpy(), targets, cfg.tune.min_class_examples, seen)
     write_ensemble_file(out, members, combination, rule, fingerprint, f2, member_f2)
     log.info("hold-out F2 (%d images, each with its own rule chosen there): ensemble %.4f (%s), members %s; "
              "wrote %s", len(targets), f2, combination.describe(len(members)),

@@ -1,19 +1,23 @@
 """The decision rule: which rescored top-k labels an image gets, and how the tune stage chooses it.
 
 A rule is plain data (saved in the checkpoint): a global threshold, optional per-class
-thresholds, and the minimum and maximum number of labels. Labels scoring above their
+thresholds, optionally a threshold for the classes the tuning labels never show (a class the new
+domain's labels never show is mostly a false positive there), and the minimum and maximum number
+of labels. Labels scoring above their
 threshold are kept, best first, at most ``max_labels``; if fewer than ``min_labels`` pass,
 the top ``min_labels`` are taken.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 
 from model.metrics import hits
 
 THRESHOLDS = np.round(np.arange(0.05, 0.96, 0.05), 2)
+# for the classes the tuning labels never show: the grid and the strict end the 3rd place used
+UNSEEN_THRESHOLDS = np.r_[THRESHOLDS, 0.99]
 
 
 @dataclass
@@ -22,16 +26,22 @@ class DecisionRule:
     min_labels: int = 2
     max_labels: int = 5
     class_thresholds: dict[int, float] = field(default_factory=dict)
+    unseen_threshold: float | None = None  # for every class outside ``seen_classes`` (None: the global one)
+    seen_classes: tuple[int, ...] = ()  # the classes with a positive in the tuning labels
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["class_thresholds"] = {int(k): float(v) for k, v in self.class_thresholds.items()}
+        d["seen_classes"] = [int(c) for c in self.seen_classes]
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "DecisionRule":
+        """A saved rule; one saved before the unseen-class threshold existed has none."""
+        unseen = d.get("unseen_threshold")
         return cls(float(d["threshold"]), int(d["min_labels"]), int(d["max_labels"]),
-                   {int(k): float(v) for k, v in d.get("class_thresholds", {}).items()})
+                   {int(k): float(v) for k, v in d.get("class_thresholds", {}).items()},
+                   None if unseen is None else float(unseen), tuple(int(c) for c in d.get("seen_classes", ())))
 
     @classmethod
     def from_config(cls, cfg) -> "DecisionRule":
@@ -40,8 +50,12 @@ class DecisionRule:
 
     def thresholds_for(self, indices: np.ndarray) -> np.ndarray:
         """Each ranked label's threshold: one gather from a per-class table."""
-        size = max(int(indices.max(initial=0)), max(self.class_thresholds, default=0)) + 1
+        size = max(int(indices.max(initial=0)), max(self.class_thresholds, default=0),
+                   max(self.seen_classes, default=0)) + 1
         table = np.full(size, self.threshold, dtype=np.float64)
+        if self.unseen_threshold is not None:
+            table[:] = self.unseen_threshold
+            table[list(self.seen_classes)] = self.threshold
         if self.class_thresholds:
             table[list(self.class_thresholds)] = list(self.class_thresholds.values())
         return table[indices]
@@ -96,16 +110,31 @@ def _first_best(candidates, f2s, best, best_f2):
     return best, best_f2
 
 
-def choose_rule(indices: np.ndarray, scores: np.ndarray, targets: list[list[int]],
-                min_class_examples: int) -> tuple[DecisionRule, float]:
-    """Pick, by mean F2 on held-out images: global threshold and label counts, then per-class thresholds
-    for classes with at least ``min_class_examples`` held-out positives. Returns (rule, mean F2)."""
+def choose_rule(indices: np.ndarray, scores: np.ndarray, targets: list[list[int]], min_class_examples: int,
+                seen_classes=None) -> tuple[DecisionRule, float]:
+    """Pick, by mean F2 on held-out images: global threshold and label counts; with ``seen_classes`` (those with
+    a positive in the tuning labels) a threshold for every other class; then per-class thresholds for classes
+    with at least ``min_class_examples`` held-out positives. Returns (rule, mean F2)."""
     held = HeldOut(indices, scores, targets)
     best, best_f2 = DecisionRule(), -1.0
     for lo in (1, 2, 3):
         for hi in range(max(lo, 2), 8):
             best, best_f2 = _first_best([DecisionRule(float(t), lo, hi) for t in THRESHOLDS],
                                         held.f2_by_threshold(THRESHOLDS, lo, hi), best, best_f2)
+    if seen_classes is not None:
+        # coordinate ascent: the unseen classes' threshold with each label count, then the global threshold and
+        # label counts again around it (each alone can be stuck where only both together gain)
+        seen = tuple(sorted(int(c) for c in seen_classes))
+        for fields in ([dict(min_labels=lo, max_labels=hi, unseen_threshold=float(u)) for lo in (1, 2, 3)
+                        for hi in range(max(lo, 2), 8) for u in UNSEEN_THRESHOLDS],
+                       [dict(min_labels=lo, max_labels=hi, threshold=float(t)) for lo in (1, 2, 3)
+                        for hi in range(max(lo, 2), 8) for t in THRESHOLDS]):
+            candidates = [replace(best, seen_classes=seen, **f) for f in fields]
+            if best.unseen_threshold is None and "threshold" in fields[0]:
+                break  # no unseen-class threshold gained: the global search stands as it was
+            f2s = [held.mean_f2(chosen_labels(held.scores > c.thresholds_for(held.indices), c.min_labels,
+                                              c.max_labels)) for c in candidates]
+            best, best_f2 = _first_best(candidates, f2s, best, best_f2)
     counts = np.bincount([c for t in targets for c in t], minlength=int(indices.max()) + 1)
     present = np.zeros(len(counts), dtype=bool)
     present[indices.ravel()] = True
@@ -113,8 +142,8 @@ def choose_rule(indices: np.ndarray, scores: np.ndarray, targets: list[list[int]
     for c in sorted(frequent, key=lambda c: -counts[c]):  # coordinate ascent, most common classes first
         others, is_c = best.thresholds_for(held.indices), held.indices == c
         trials = (np.where(is_c, t, others) for t in THRESHOLDS)  # class c at each threshold, the rest as chosen
-        best, best_f2 = _first_best([DecisionRule(best.threshold, best.min_labels, best.max_labels,
-                                                  {**best.class_thresholds, c: float(t)}) for t in THRESHOLDS],
+        best, best_f2 = _first_best([replace(best, class_thresholds={**best.class_thresholds, c: float(t)})
+                                     for t in THRESHOLDS],
                                     held.f2_by_threshold(trials, best.min_labels, best.max_labels), best, best_f2)
     return best, best_f2
 

@@ -25,7 +25,7 @@ from model.predict import predict_topk
 from tests.fixtures import corrupt_huffman_table, jpeg_bytes, photo, run_main, write_config
 from training.distributed import Dist
 from training.train import create_train_state, make_stage
-from common.tune_split import holdout_fingerprint, holdout_ids, split_tune_shards
+from common.tune_split import holdout_fingerprint, holdout_ids, split_tune_shards, tuning_classes
 
 
 # ---- the combination ----------------------------------------------------------------------------------------
@@ -172,10 +172,11 @@ def test_the_ensemble_rule_is_chosen_on_the_combined_holdout_scores_as_tune_choo
         targets = [np.flatnonzero(t).tolist() for r in rows for t in r[2][0].numpy()]
     classes = len(load_checkpoint(paths[0])["classes"])
     idx, sc = combine_topk(tops, classes, cfg.predict.top_k, Combination())
-    rule, f2 = choose_rule(idx.numpy(), sc.numpy(), targets, cfg.tune.min_class_examples)
+    seen = tuning_classes(cfg.paths.shards)  # the unseen-class threshold is chosen with the rest
+    rule, f2 = choose_rule(idx.numpy(), sc.numpy(), targets, cfg.tune.min_class_examples, seen)
     assert doc["decision_rule"] == rule.to_dict() and doc["holdout_f2"] == pytest.approx(f2, abs=1e-5)
     assert doc["holdout"]["images"] == holdout.samples == len(targets)
-    member_f2 = [choose_rule(i.numpy(), s.numpy(), targets, cfg.tune.min_class_examples)[1] for i, s in tops]
+    member_f2 = [choose_rule(i.numpy(), s.numpy(), targets, cfg.tune.min_class_examples, seen)[1] for i, s in tops]
     assert [m["holdout_f2"] for m in doc["members"]] == pytest.approx(member_f2, abs=1e-5)
 
 

@@ -194,3 +194,28 @@ def test_the_vectorised_rule_and_its_search_equal_the_plain_loops(seed):
     plain = max((float(f2_per_image(reference_apply(DecisionRule(float(x), 1, 5), idx, sc), truth).mean()), float(x))
                 for x in THRESHOLDS)
     assert (global_f2, t) == plain
+
+
+def test_classes_the_tuning_labels_never_show_get_their_own_threshold():
+    """Class 9 never occurs in the tuning labels but is each image's top score (0.7, above the true labels'
+    0.6): no global threshold keeps the true labels and drops it; a threshold for unseen classes does."""
+    rng = np.random.default_rng(0)
+    n = 120
+    truth = [sorted(rng.choice(8, 2, replace=False).tolist()) for _ in range(n)]
+    idx, sc = [], []
+    for t in truth:
+        others = [c for c in range(8) if c not in t]
+        idx.append([9, *t, *others[:3]])
+        sc.append([0.7, 0.6, 0.6, 0.1, 0.08, 0.06])
+    idx, sc = np.array(idx), np.array(sc)
+    plain, plain_f2 = choose_rule(idx, sc, truth, min_class_examples=10 ** 9)
+    rule, f2 = choose_rule(idx, sc, truth, min_class_examples=10 ** 9, seen_classes=range(8))
+    assert plain.unseen_threshold is None and rule.unseen_threshold >= 0.7 and f2 == 1.0 > plain_f2 + 0.05
+    assert all(9 not in labels for labels in rule.apply(idx, sc))
+    assert DecisionRule.from_dict(rule.to_dict()) == rule
+    # a rule saved before the unseen-class threshold existed loads without one
+    old = {"threshold": 0.4, "min_labels": 1, "max_labels": 3, "class_thresholds": {"2": 0.9}}
+    assert DecisionRule.from_dict(old) == DecisionRule(0.4, 1, 3, {2: 0.9})
+    # per-class thresholds still win over the unseen one, and seen classes keep the global one
+    mixed = DecisionRule(0.5, 1, 5, {9: 0.65}, unseen_threshold=0.99, seen_classes=(0, 1))
+    assert mixed.thresholds_for(np.array([[0, 1, 2, 9]])).tolist() == [[0.5, 0.5, 0.99, 0.65]]

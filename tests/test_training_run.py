@@ -17,7 +17,7 @@ from dali_pipes.device import resolve_device
 from model.checkpoint import load_checkpoint
 from training.train import TrainingDiverged, main as train_main, train
 from preprocessing.verify import main as verify_main
-from tests.fixtures import REPO, SMALL_SHARDS, break_image_in_place, run_main, write_config
+from tests.fixtures import REPO, SMALL_SHARDS, break_image_in_place, run_main, shard_samples, write_config
 
 # small and quick: the demo config (timm test_resnet on 56-px crops), a few steps per epoch; the
 # learning rate steps after epoch 2 and dropout draws random numbers every step, so that a resume
@@ -240,3 +240,18 @@ def test_a_training_step_reads_nothing_back_from_the_device(built, kaggle, tmp_p
                                      f"train.max_steps_per_epoch={steps}"]), "train")
         counts[steps] = len(calls)
     assert (counts[45] - counts[5]) / 40 < 0.1, counts
+
+
+def test_the_tune_stage_knows_the_classes_of_the_tuning_labels_unless_told_not_to(built, kaggle, tmp_path):
+    from common.tune_split import tuning_classes
+    from training.distributed import Dist
+    from training.train import make_stage
+    cfg, _ = built
+    cfg = load_config(write_config(tmp_path / "c.yaml", kaggle[0], cfg.paths.shards, FAST,
+                                   artifacts=tmp_path / "artifacts"))
+    seen = make_stage(cfg, "tune", Dist()).seen_classes
+    truth = {c for _, labels in shard_samples(cfg, "tune").values() for c in labels}
+    assert seen == tuning_classes(cfg.paths.shards) == sorted(truth) and seen
+    off = cfg.with_overrides(["tune.unseen_class_threshold=false"])
+    assert make_stage(off, "tune", Dist()).seen_classes is None
+    assert make_stage(cfg, "train", Dist()).seen_classes is None

@@ -42,7 +42,7 @@ from model.network import autocast_dtype, create_model
 from model.predict import predict_topk
 from training import distributed
 from training.losses import LOSSES
-from common.tune_split import holdout_fingerprint, holdout_ids, split_tune_shards, tune_parts
+from common.tune_split import holdout_fingerprint, holdout_ids, split_tune_shards, tune_parts, tuning_classes
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +62,7 @@ class Stage:
     out: Path
     metric: str  # the validation figure that picks best.pt
     tta: str  # test-time views of validation
+    seen_classes: list[int] | None = None  # tune: the classes of the tuning labels, for the unseen-class threshold
 
     @property
     def checkpoints(self) -> Path:
@@ -78,7 +79,8 @@ def make_stage(cfg: Config, name: str, d: distributed.Dist) -> Stage:
     distributed.barrier(d)
     fit, holdout = tune_parts(cfg.paths.shards, out / "data")
     # the original tuned at a constant 1e-4 for 80 epochs; the rule is chosen on the submission's views
-    return Stage(name, fit, holdout, cfg.tune.epochs, cfg.tune.lr, None, out, "val_f2_rule", cfg.predict.tta)
+    seen = tuning_classes(cfg.paths.shards) if cfg.tune.unseen_class_threshold else None
+    return Stage(name, fit, holdout, cfg.tune.epochs, cfg.tune.lr, None, out, "val_f2_rule", cfg.predict.tta, seen)
 
 
 @dataclass
@@ -368,13 +370,15 @@ def validate(model, stage: Stage, cfg: Config, device: PipeDevice, d: distribute
     threshold, f2 = best_global_threshold(indices, scores, targets, 1, cfg.predict.max_labels)
     result.update(val_f2=f2, val_threshold=threshold)
     if stage.name == "tune":
-        rule, rule_f2 = choose_rule(indices, scores, targets, cfg.tune.min_class_examples)
+        rule, rule_f2 = choose_rule(indices, scores, targets, cfg.tune.min_class_examples, stage.seen_classes)
         result.update(val_f2_rule=rule_f2, decision_rule=rule.to_dict())
     return result
 
 
 def log_epoch(record: dict, val: dict, stage: Stage, improved: bool) -> None:
     extra = f", rule F2 {val['val_f2_rule']:.4f}" if stage.name == "tune" else ""
+    unseen = (val.get("decision_rule") or {}).get("unseen_threshold")
+    extra += f" (classes the tuning labels never show: above {unseen:.2f})" if unseen is not None else ""
     log.info(f"{stage.name} epoch {record['epoch']}: loss {record['loss']:.4f}, val GAP {val['val_gap']:.4f}, "
              f"F2 {val['val_f2']:.4f} at {val['val_threshold']:.2f}{extra}, "
              f"{record['images_per_s']:.0f} images/s, waiting for data {100 * record['data_wait_share']:.0f}%"
