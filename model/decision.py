@@ -18,6 +18,7 @@ from model.metrics import hits
 THRESHOLDS = np.round(np.arange(0.05, 0.96, 0.05), 2)
 # for the classes the tuning labels never show: the grid and the strict end the 3rd place used
 UNSEEN_THRESHOLDS = np.r_[THRESHOLDS, 0.99]
+LABEL_COUNTS = [(lo, hi) for lo in (1, 2, 3) for hi in range(max(lo, 2), 8)]  # (min_labels, max_labels) tried
 
 
 @dataclass
@@ -102,6 +103,13 @@ class HeldOut:
         return np.array([self.mean_f2(chosen_labels(self.scores > t, min_labels, max_labels)) for t in thresholds])
 
 
+def _search(held: HeldOut, candidates: list[DecisionRule], best: DecisionRule, best_f2: float):
+    """``_first_best`` over whole rules, each scored with its own thresholds and label counts."""
+    f2s = [held.mean_f2(chosen_labels(held.scores > c.thresholds_for(held.indices), c.min_labels, c.max_labels))
+           for c in candidates]
+    return _first_best(candidates, f2s, best, best_f2)
+
+
 def _first_best(candidates, f2s, best, best_f2):
     """The first candidate that beats the best so far by more than rounding, in order, as a loop would take it."""
     for candidate, f2 in zip(candidates, f2s):
@@ -117,24 +125,19 @@ def choose_rule(indices: np.ndarray, scores: np.ndarray, targets: list[list[int]
     with at least ``min_class_examples`` held-out positives. Returns (rule, mean F2)."""
     held = HeldOut(indices, scores, targets)
     best, best_f2 = DecisionRule(), -1.0
-    for lo in (1, 2, 3):
-        for hi in range(max(lo, 2), 8):
-            best, best_f2 = _first_best([DecisionRule(float(t), lo, hi) for t in THRESHOLDS],
-                                        held.f2_by_threshold(THRESHOLDS, lo, hi), best, best_f2)
+    for lo, hi in LABEL_COUNTS:
+        best, best_f2 = _first_best([DecisionRule(float(t), lo, hi) for t in THRESHOLDS],
+                                    held.f2_by_threshold(THRESHOLDS, lo, hi), best, best_f2)
     if seen_classes is not None:
-        # coordinate ascent: the unseen classes' threshold with each label count, then the global threshold and
-        # label counts again around it (each alone can be stuck where only both together gain)
+        # coordinate ascent: the unseen classes' threshold with each label count, then (where it gained) the
+        # global threshold and label counts again around it: each alone can be stuck where both together gain
         seen = tuple(sorted(int(c) for c in seen_classes))
-        for fields in ([dict(min_labels=lo, max_labels=hi, unseen_threshold=float(u)) for lo in (1, 2, 3)
-                        for hi in range(max(lo, 2), 8) for u in UNSEEN_THRESHOLDS],
-                       [dict(min_labels=lo, max_labels=hi, threshold=float(t)) for lo in (1, 2, 3)
-                        for hi in range(max(lo, 2), 8) for t in THRESHOLDS]):
-            candidates = [replace(best, seen_classes=seen, **f) for f in fields]
-            if best.unseen_threshold is None and "threshold" in fields[0]:
-                break  # no unseen-class threshold gained: the global search stands as it was
-            f2s = [held.mean_f2(chosen_labels(held.scores > c.thresholds_for(held.indices), c.min_labels,
-                                              c.max_labels)) for c in candidates]
-            best, best_f2 = _first_best(candidates, f2s, best, best_f2)
+        best, best_f2 = _search(held, [replace(best, seen_classes=seen, min_labels=lo, max_labels=hi,
+                                               unseen_threshold=float(u))
+                                       for lo, hi in LABEL_COUNTS for u in UNSEEN_THRESHOLDS], best, best_f2)
+        if best.unseen_threshold is not None:
+            best, best_f2 = _search(held, [replace(best, min_labels=lo, max_labels=hi, threshold=float(t))
+                                           for lo, hi in LABEL_COUNTS for t in THRESHOLDS], best, best_f2)
     counts = np.bincount([c for t in targets for c in t], minlength=int(indices.max()) + 1)
     present = np.zeros(len(counts), dtype=bool)
     present[indices.ravel()] = True
