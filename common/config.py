@@ -39,6 +39,7 @@ SHARE = "number in [0, 1]"
 BOOL = "bool"
 FLOAT_LIST = "list of numbers"
 STR = "str"
+RESOLUTIONS = "list of [short side, crop] pairs"
 
 
 NO_DEFAULT = object()
@@ -68,6 +69,7 @@ class Data:
     seed: int = key(ANY_INT)
     shard_max_samples: int = key(POS_INT)
     reduced_decode: bool = key(BOOL)
+    machine_labels: bool = key(BOOL, default=False)
 
 
 @dataclass(frozen=True)
@@ -115,6 +117,7 @@ class Train:
     log_every: int = key(POS_INT)
     checkpoint_every_steps: int = key(NONNEG_INT)
     seed: int | None = key(OPT_INT)  # None: data.seed (see common.seeds.training_seed)
+    machine_label_floor: float = key(SHARE, default=0.5)
 
 
 @dataclass(frozen=True)
@@ -124,6 +127,7 @@ class Tune:
     holdout_fraction: float = key(FRACTION)
     min_class_examples: int = key(POS_INT)
     unseen_class_threshold: bool = key(BOOL, default=True)
+    test_resolutions: list = key(RESOLUTIONS, default=[])
 
 
 @dataclass(frozen=True)
@@ -236,6 +240,14 @@ def _check(key: str, spec: Any, value: Any, base: Path) -> Any:
                 isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
             raise bad("a list of numbers")
         return [float(v) for v in value]
+    elif spec == RESOLUTIONS:
+        if not isinstance(value, list) or not all(
+                isinstance(pair, list) and len(pair) == 2 and all(isinstance(v, int) and not isinstance(v, bool)
+                                                                  and v > 0 for v in pair) and pair[1] <= pair[0]
+                for pair in value):
+            raise bad("a list of [short side, crop] pairs of positive integers, each crop at most its short side "
+                      "(e.g. [[256, 224], [292, 256]]), or []")
+        return [list(pair) for pair in value]
     elif spec == STR:
         if not isinstance(value, str) or not value:
             raise bad("a non-empty string")

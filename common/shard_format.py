@@ -3,7 +3,10 @@
 A split's shards are ``<split>-NNNNNN.tar`` with a DALI index ``<split>-NNNNNN.idx`` beside
 each; ``manifest.json`` lists them with their sample counts, sizes and sha256. Each sample
 is ``<id>.jpg`` (RGB baseline JPEG), ``<id>.labels`` (class indices, little-endian int32)
-and ``<id>.json`` (``{"image_id": ..., "labels": [label codes]}``). A shard is written under
+and ``<id>.json`` (``{"image_id": ..., "labels": [label codes]}``); shards built with machine labels
+(``data.machine_labels``, format 3) add ``<id>.machine_labels`` (class indices, int32) and
+``<id>.machine_conf`` (their confidences, little-endian float32), empty for an image with none. Shards
+of format 2 are format 3 without them. A shard is written under
 a temporary name and renamed only once complete; its tar headers carry fixed metadata, so
 its bytes depend only on its samples.
 
@@ -30,10 +33,13 @@ from common.errors import UserError, writing
 
 MANIFEST = "manifest.json"
 EXTENSIONS = ("jpg", "labels", "json")
+MACHINE_EXTENSIONS = ("machine_labels", "machine_conf")
+FORMAT_VERSION = 3  # 3: optional machine labels; 2: shards cut up front, a fixed number of images each
 SPLITS = ("train", "val", "tune")
 SHARD_GLOB = "*-[0-9]*.tar"
 INDEX_GLOB = "*-[0-9]*.idx"
 LABEL_DTYPE = "<i4"
+CONFIDENCE_DTYPE = "<f4"
 
 
 def shard_name(split: str, number: int) -> str:
@@ -44,14 +50,19 @@ def index_name(tar_name: str) -> str:
     return tar_name[: -len(".tar")] + ".idx"
 
 
-def encode_sample(image_id: str, jpeg: bytes, classes, codes: list[str]) -> dict:
-    """The three files of one sample: image, raw little-endian int32 classes, JSON metadata."""
-    return {
+def encode_sample(image_id: str, jpeg: bytes, classes, codes: list[str], machine=None) -> dict:
+    """The files of one sample: image, raw little-endian int32 classes, JSON metadata and, where ``machine`` is
+    given (``(classes, confidences)``, maybe empty), the machine labels."""
+    sample = {
         "__key__": image_id,
         "jpg": jpeg,
         "labels": np.asarray(classes, dtype=LABEL_DTYPE).tobytes(),
         "json": json.dumps({"image_id": image_id, "labels": codes}, separators=(",", ":")).encode(),
     }
+    if machine is not None:
+        sample["machine_labels"] = np.asarray(machine[0], dtype=LABEL_DTYPE).tobytes()
+        sample["machine_conf"] = np.asarray(machine[1], dtype=CONFIDENCE_DTYPE).tobytes()
+    return sample
 
 
 def decode_labels(raw: bytes) -> np.ndarray:
@@ -59,6 +70,15 @@ def decode_labels(raw: bytes) -> np.ndarray:
     if len(raw) % 4:
         raise ValueError(f".labels holds {len(raw)} bytes, not a whole number of int32")
     return np.frombuffer(raw, dtype=LABEL_DTYPE)
+
+
+def decode_machine(files: dict[str, bytes]) -> tuple[np.ndarray, np.ndarray]:
+    """A sample's machine labels and confidences; ValueError when the two do not pair up."""
+    classes = decode_labels(files["machine_labels"])
+    raw = files["machine_conf"]
+    if len(raw) != 4 * len(classes):
+        raise ValueError(f".machine_conf holds {len(raw)} bytes for {len(classes)} machine labels")
+    return classes, np.frombuffer(raw, dtype=CONFIDENCE_DTYPE)
 
 
 def decode_meta(raw: bytes) -> dict:
@@ -207,6 +227,7 @@ class SplitShards:
     samples: int
     shortest_side: int
     num_classes: int
+    machine_labels: bool = False  # the samples carry MACHINE_EXTENSIONS
 
 
 def split_shards(shards_dir: Path, split: str) -> SplitShards:
@@ -218,4 +239,5 @@ def split_shards(shards_dir: Path, split: str) -> SplitShards:
     folder = Path(shards_dir)
     return SplitShards([folder / s["name"] for s in mine], [folder / s["index"] for s in mine],
                        sum(s["samples"] for s in mine), manifest["settings"]["shortest_side"],
-                       manifest["settings"]["num_classes"])
+                       manifest["settings"]["num_classes"],
+                       split in manifest["settings"].get("machine_label_splits", ()))

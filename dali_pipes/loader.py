@@ -7,7 +7,8 @@
 Images arrive on the pipeline's device in one of two forms: normalised float from a GPU
 pipeline (with no copy through the host), or uint8 HWC crops from a CPU pipeline;
 ``prepare_input`` turns either into the model's input. Targets arrive as a multi-hot float
-matrix ``[batch, num_classes]`` on the same device.
+matrix ``[batch, num_classes]`` on the same device; trained with machine labels, a machine
+label's entry is its confidence (soft targets; a human label's is 1).
 """
 from __future__ import annotations
 
@@ -28,7 +29,8 @@ from common.seeds import int_seed, training_seed
 from common.threads import dali_threads
 from common.shard_format import SplitShards, decode_meta, split_shards
 from dali_pipes.device import PipeDevice, resolve_device
-from dali_pipes.pipelines import READER, Output, eval_pipeline, image_file_pipeline, train_pipeline
+from dali_pipes.pipelines import (READER, Output, eval_pipeline, image_file_pipeline, train_outputs,
+                                  train_pipeline)
 
 
 def multi_hot(padded: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -38,6 +40,17 @@ def multi_hot(padded: torch.Tensor, num_classes: int) -> torch.Tensor:
     out = torch.zeros(index.shape[0], num_classes + 1, device=index.device)
     out.scatter_(1, index, 1.0)
     return out[:, :num_classes]
+
+
+def with_machine_labels(targets: torch.Tensor, classes: torch.Tensor, confidences: torch.Tensor) -> torch.Tensor:
+    """The human multi-hot ``targets`` with each machine label's confidence where no human label is (the shards
+    hold none where a human labeled the class, and a human positive's 1 stays the maximum anyway)."""
+    num_classes = targets.shape[1]
+    index = classes.long()
+    index = torch.where(index >= 0, index, num_classes)
+    soft = torch.zeros(index.shape[0], num_classes + 1, device=targets.device)
+    soft.scatter_(1, index, confidences.float())
+    return torch.maximum(targets, soft[:, :num_classes])
 
 
 def mirror_crops(images: torch.Tensor, mirror: torch.Tensor) -> torch.Tensor:
@@ -106,10 +119,16 @@ def prepare_input(images: torch.Tensor, cfg: Config) -> torch.Tensor:
     return images.movedim(-1, -3) if channels_last else images
 
 
-def check_data_settings(cfg: Config, shards: SplitShards, resizes: bool) -> None:
+def check_data_settings(cfg: Config, shards: SplitShards, resizes: bool, machine_labels: bool = False) -> None:
     """The config's image settings against the shards' manifest, before any work: a crop larger than the image
     makes DALI fail (or crash) mid-run. ``resizes``: the graph resizes to ``data.shortest_side`` (eval), else it
-    crops the shards' images as they are (train), which must then have the short side the config says."""
+    crops the shards' images as they are (train), which must then have the short side the config says.
+    ``machine_labels``: the graph reads the machine labels, which the shards must then hold."""
+    if machine_labels and not shards.machine_labels:
+        raise UserError(f"data.machine_labels is true, but the shards in {cfg.paths.shards} were built without "
+                        "machine labels: rebuild them with data.machine_labels=true (python -m "
+                        "preprocessing.build_shards --restart, or into another paths.shards), or set "
+                        "data.machine_labels=false")
     built, side, crop = shards.shortest_side, cfg.data.shortest_side, cfg.pipeline.crop_size
     if not resizes and built != side:
         raise UserError(f"the shards in {cfg.paths.shards} were built with data.shortest_side={built}, the config "
@@ -140,6 +159,7 @@ class DaliLoader:
     num_classes: int
     with_ids: bool
     shards: SplitShards
+    machine_labels: bool = False  # the batches carry machine labels: targets are soft
 
     def __len__(self) -> int:
         return len(self.iterator)  # DALI's count: equal on every rank, as lockstep training needs
@@ -164,6 +184,8 @@ class DaliLoader:
                     return
             images = mirror_crops(out["images"], out["mirror"]) if "mirror" in out else out["images"]
             targets = multi_hot(out["labels"], self.num_classes)
+            if self.machine_labels:
+                targets = with_machine_labels(targets, out["machine_labels"], out["machine_conf"])
             if self.with_ids:
                 yield images, targets, decode_ids(out["meta"])
             else:
@@ -224,7 +246,8 @@ def train_reader_seeds(cfg: Config, epoch: int, rank: int) -> tuple[int, int]:
 
 
 def build_train_pipeline(cfg: Config, shards: SplitShards, rank: int, world_size: int, batch_size: int,
-                         device: PipeDevice, epoch: int = 0, checkpoint: str | None = None, amp_dtype=None):
+                         device: PipeDevice, epoch: int = 0, checkpoint: str | None = None, amp_dtype=None,
+                         machine_labels: bool = False):
     """The built train graph; each rank shuffles with its own seed derived from ``train.seed`` (and the epoch
     the pipeline starts at). With ``checkpoint`` (``DaliLoader.checkpoint()`` of an earlier run) it resumes
     exactly where that one stood: reader position, shuffle and augmentation random state."""
@@ -232,7 +255,7 @@ def build_train_pipeline(cfg: Config, shards: SplitShards, rank: int, world_size
     pipe = train_pipeline(shards.tars, shards.indexes, augmentation=cfg.pipeline.augmentation,
                           initial_fill=cfg.pipeline.shuffle_buffer, shard_id=rank, num_shards=world_size,
                           reader_seed=seed, order_seed=order_seed, enable_checkpointing=True, checkpoint=checkpoint,
-                          **_pipe_args(cfg, device, batch_size, seed, amp_dtype))
+                          machine_labels=machine_labels, **_pipe_args(cfg, device, batch_size, seed, amp_dtype))
     with shard_errors(shards):  # building opens the shards and their indexes
         pipe.build()
     return pipe
@@ -241,22 +264,24 @@ def build_train_pipeline(cfg: Config, shards: SplitShards, rank: int, world_size
 def train_loader(cfg: Config, split: str = "train", rank: int = 0, world_size: int = 1,
                  batch_size: int | None = None, device: PipeDevice | None = None,
                  shards: SplitShards | None = None, epoch: int = 0, checkpoint: str | None = None,
-                 amp_dtype=None) -> DaliLoader:
+                 amp_dtype=None, machine_labels: bool = False) -> DaliLoader:
     """Shuffled, augmented batches; a fresh order every pass, the same orders for the same seed. Build it once
-    per run: each pass (``iter()``) continues the same pipeline, and ``stream()`` runs across passes."""
+    per run: each pass (``iter()``) continues the same pipeline, and ``stream()`` runs across passes.
+    ``machine_labels``: soft targets from the shards' machine labels too."""
     shards = shards or split_shards(cfg.paths.shards, split)
-    check_data_settings(cfg, shards, resizes=False)
+    check_data_settings(cfg, shards, resizes=False, machine_labels=machine_labels)
     device = device or resolve_device(cfg.pipeline.device)
     batch_size = batch_size or cfg.train.batch_size
     if shards.samples // world_size < batch_size:  # DALI's count of whole batches per rank, equal on every rank
         raise UserError(f"the '{split}' data has {shards.samples} images for {world_size} process(es), fewer than "
                         f"one batch of {batch_size} each; lower train.batch_size")
-    pipe = build_train_pipeline(cfg, shards, rank, world_size, batch_size, device, epoch, checkpoint, amp_dtype)
+    pipe = build_train_pipeline(cfg, shards, rank, world_size, batch_size, device, epoch, checkpoint, amp_dtype,
+                                machine_labels)
+    outputs = train_outputs(_pipe_args(cfg, device, batch_size, 0, amp_dtype)["out"], machine_labels)
     with shard_errors(shards):  # DALI reads and decodes its first batches while the iterator is built
-        outputs = ["images", "labels"] + (["mirror"] if pipe.num_outputs == 3 else [])  # see train_pipeline
         it = DALIGenericIterator(pipe, outputs, reader_name=READER, auto_reset=True,
                                  last_batch_policy=LastBatchPolicy.DROP)
-    return DaliLoader(it, shards.num_classes, with_ids=False, shards=shards)
+    return DaliLoader(it, shards.num_classes, with_ids=False, shards=shards, machine_labels=machine_labels)
 
 
 def eval_loader(cfg: Config, split: str = "val", rank: int = 0, world_size: int = 1,

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 from nvidia.dali import fn, pipeline_def, types
 
+from common.shard_format import MACHINE_EXTENSIONS
+
 READER = "reader"
 # (crop_pos_x, crop_pos_y) of the four corners and the centre; tencrop adds their mirror images
 FIVE_CROPS = ((0.0, 0.0), (1.0, 0.0), (0.0, 1.0), (1.0, 1.0), (0.5, 0.5))
@@ -44,16 +46,18 @@ class Output:
 
 
 def read_shards(tars, indexes, *, with_meta: bool, shuffle: bool, initial_fill: int, shard_id: int,
-                num_shards: int, seed: int, order_seed: int | None = None):
-    """The split's samples: JPEG bytes, class indices (int32) and, for eval, the JSON metadata.
+                num_shards: int, seed: int, order_seed: int | None = None, with_machine: bool = False):
+    """The split's samples: JPEG bytes, class indices (int32), for eval the JSON metadata and, ``with_machine``,
+    the machine labels (int32) and their confidences (float32).
 
     Shuffled (training), the tars are read in a new order every epoch, drawn from ``order_seed``, which must be
     the same on every rank: each rank then reads its own slice of the same order, so an epoch still holds every
     sample once across the ranks. The ``initial_fill`` buffer (``seed``: each rank's own) mixes samples within
     and across neighbouring shards. Without the new order, the buffer alone leaves every epoch in nearly the
     order of the one before: the shards were shuffled once, when they were built."""
-    ext = ["jpg", "labels"] + (["json"] if with_meta else [])
-    dtypes = [types.UINT8, types.INT32] + ([types.UINT8] if with_meta else [])
+    ext = ["jpg", "labels"] + (["json"] if with_meta else []) + (list(MACHINE_EXTENSIONS) if with_machine else [])
+    dtypes = ([types.UINT8, types.INT32] + ([types.UINT8] if with_meta else [])
+              + ([types.INT32, types.FLOAT] if with_machine else []))
     order = dict(shuffle_after_epoch=True, shuffle_after_epoch_seed=order_seed) if shuffle else {}
     return fn.readers.webdataset(
         paths=[str(t) for t in tars], index_paths=[str(i) for i in indexes], ext=ext, dtypes=dtypes,
@@ -111,19 +115,24 @@ def resize_and_crop(jpegs, on_gpu: bool, resize_shorter: int | None, tta: str, o
     return tta_crops(images, tta, out)
 
 
-def pad_labels(labels, on_gpu: bool):
-    """Ragged class lists -> one dense int32 matrix per batch, -1 where a row is shorter."""
-    padded = fn.pad(labels, fill_value=-1, axes=(0,))
+def pad_labels(labels, on_gpu: bool, fill_value=-1):
+    """Ragged class lists (or their confidences) -> one dense matrix per batch, ``fill_value`` where a row is
+    shorter."""
+    padded = fn.pad(labels, fill_value=fill_value, axes=(0,))
     return padded.gpu() if on_gpu else padded
 
 
 @pipeline_def(enable_conditionals=False)
 def train_pipeline(tars, indexes, *, on_gpu: bool, out: Output, augmentation: str, initial_fill: int,
-                   shard_id: int = 0, num_shards: int = 1, reader_seed: int = 0, order_seed: int = 0):
+                   shard_id: int = 0, num_shards: int = 1, reader_seed: int = 0, order_seed: int = 0,
+                   machine_labels: bool = False):
     """The original augmentation: random 224 crop of the 256-short-side image, random flip, ImageNet norm.
-    Outputs (images, labels), or for uint8 crops (images, labels, mirror): the flip is the loader's to apply."""
-    jpegs, labels = read_shards(tars, indexes, with_meta=False, shuffle=True, initial_fill=initial_fill,
-                                shard_id=shard_id, num_shards=num_shards, seed=reader_seed, order_seed=order_seed)
+    Outputs (images, labels), for uint8 crops with the mirror coins (the flip is the loader's to apply), and
+    last, with ``machine_labels``, the machine labels and confidences: ``train_outputs`` names them."""
+    read = read_shards(tars, indexes, with_meta=False, shuffle=True, initial_fill=initial_fill, shard_id=shard_id,
+                       num_shards=num_shards, seed=reader_seed, order_seed=order_seed, with_machine=machine_labels)
+    jpegs, labels = read[:2]
+    machine = (pad_labels(read[2], on_gpu), pad_labels(read[3], on_gpu, 0.0)) if machine_labels else ()
     if augmentation == "random_resized_crop":  # the ImageNet recipe, as a config option
         images = fn.decoders.image_random_crop(jpegs, random_area=(0.08, 1.0), random_aspect_ratio=(3 / 4, 4 / 3),
                                                **decoder_args(on_gpu))
@@ -136,8 +145,14 @@ def train_pipeline(tars, indexes, *, on_gpu: bool, out: Output, augmentation: st
         # Raw crops are handed over with their coin, and the loader mirrors them as it copies them out of DALI's
         # buffers (which it does anyway): a flip in DALI is one more pass over every crop, a fifth of the CPU
         # graph's time (docs/BENCHMARKS.md). The coin stays here, so DALI's checkpoint keeps its random state.
-        return images, pad_labels(labels, on_gpu), mirror
-    return finish(images, out, crop=False, mirror=mirror), pad_labels(labels, on_gpu)
+        return images, pad_labels(labels, on_gpu), mirror, *machine
+    return finish(images, out, crop=False, mirror=mirror), pad_labels(labels, on_gpu), *machine
+
+
+def train_outputs(out: Output, machine_labels: bool) -> list[str]:
+    """The names of ``train_pipeline``'s outputs, in order."""
+    return (["images", "labels"] + (["mirror"] if out.dtype == "uint8" else [])
+            + (["machine_labels", "machine_conf"] if machine_labels else []))
 
 
 @pipeline_def(enable_conditionals=False)

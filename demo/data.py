@@ -7,6 +7,11 @@ any colour, and fewer labels per image (one to three). A model trained on the tr
 alone transfers badly; a short fine-tune on the tuning labels fixes most of it,
 which is the challenge in miniature.
 
+As in the real data, the human labels miss some of what an image shows (verified negatives
+are right), and ``train_machine_labels.csv`` adds a classifier's guesses: most true labels
+(the missed ones too) at high confidences, some wrong ones at lower confidences, none at all
+for some images.
+
     python -m demo.data OUT_DIR [--train N] [--stage1 N] [--stage2 N] [--tune N]
 """
 from __future__ import annotations
@@ -28,6 +33,11 @@ SHAPES = ("circle", "square", "triangle", "cross")
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 70, 220),
            "yellow": (230, 210, 40), "magenta": (200, 50, 200)}
 UNUSED_TRAINABLE = 2  # like the real list, a few trainable classes never occur
+HUMAN_MISS = 0.12  # share of an image's classes (beyond its first) that the human labels leave out
+MACHINE_FINDS = 0.8  # share of an image's true classes the machine labels list
+MACHINE_WRONG = 0.7  # wrong machine labels per image, on average
+MACHINE_CONFIDENCES = {"true": ([0.6, 0.7, 0.8, 0.9, 1.0], [0.1, 0.15, 0.2, 0.25, 0.3]),
+                       "wrong": ([0.5, 0.6, 0.7, 0.8], [0.4, 0.3, 0.2, 0.1])}
 
 
 def class_codes() -> list[tuple[str, str]]:
@@ -98,6 +108,19 @@ def _labels(rng: np.random.Generator, n_classes: int, max_labels: int) -> list[i
     return sorted(rng.choice(n_classes, size=int(rng.integers(1, max_labels + 1)), replace=False).tolist())
 
 
+def machine_label_rows(rng: np.random.Generator, image_id: str, labels: list[int], codes: list[tuple[str, str]]
+                       ) -> list[list[str]]:
+    """A classifier's guesses for one training image: missed labels, wrong labels, fractional confidences."""
+    def conf(kind: str) -> str:
+        values, weights = MACHINE_CONFIDENCES[kind]
+        return f"{rng.choice(values, p=weights):.1f}"
+    found = [k for k in labels if rng.random() < MACHINE_FINDS]
+    others = [k for k in range(len(codes)) if k not in labels]
+    wrong = rng.choice(others, size=min(len(others), rng.poisson(MACHINE_WRONG)), replace=False).tolist()
+    return ([[image_id, "machine", codes[k][0], conf("true")] for k in found]
+            + [[image_id, "machine", codes[k][0], conf("wrong")] for k in wrong])
+
+
 def _hex_id(rng: np.random.Generator, digits: int) -> str:
     return "".join(rng.choice(list("0123456789abcdef"), size=digits))
 
@@ -119,17 +142,22 @@ def generate_demo_data(root: Path, n_train: int = 2000, n_stage1: int = 600, n_s
     atomic_write_csv(comp / "classes-trainable.csv", ["label_code"], [[c] for c, _ in codes + unused])
     atomic_write_csv(comp / "class-descriptions.csv", ["label_code", "description"], codes + unused + untrainable)
 
-    rows = []
+    rows, machine_rows = [], []
+    noise = np.random.default_rng([seed, 1])  # label noise from its own stream: the images stay as they were
     for _ in range(n_train):
         image_id = _hex_id(rng, 16)
         labels = _labels(rng, n, 4)
         render_image(rng, labels, shifted=False).save(train_dir / f"{image_id}.jpg", quality=quality)
-        rows += [[image_id, "verification", codes[k][0], "1"] for k in labels]
+        told = [k for i, k in enumerate(labels) if i == 0 or noise.random() >= HUMAN_MISS]
+        rows += [[image_id, "verification", codes[k][0], "1"] for k in told]
+        machine_rows += machine_label_rows(noise, image_id, labels, codes)
         absent = [k for k in rng.choice(n, size=2, replace=False) if k not in labels]
         rows += [[image_id, "verification", codes[k][0], "0"] for k in absent]
         if rng.random() < 0.05:
             rows.append([image_id, "crowdsource-verification", untrainable[0][0], "1"])
     atomic_write_csv(comp / "train_human_labels.csv", ["ImageID", "Source", "LabelName", "Confidence"], rows)
+    atomic_write_csv(comp / "train_machine_labels.csv", ["ImageID", "Source", "LabelName", "Confidence"],
+                     machine_rows)
 
     for stage, count in ((1, n_stage1), (2, n_stage2)):
         solution = []

@@ -38,18 +38,22 @@ from common.paths import readable_dir, writable_dir
 from common.image_checks import ImageProblem, read_image_file
 from common.log import progress
 from common.threads import worker_count
-from common.shard_format import (INDEX_GLOB, MANIFEST, SHARD_GLOB, SPLITS, ShardWriter, encode_sample,
-                                 read_manifest, shard_name, write_manifest)
+from common.shard_format import (FORMAT_VERSION, INDEX_GLOB, MANIFEST, SHARD_GLOB, SPLITS, ShardWriter,
+                                 encode_sample, read_manifest, shard_name, write_manifest)
 from common.vocab import Vocabulary
 from preprocessing.resize import prepare_image
-from preprocessing.labels import LabelProblems, LabelTable, read_human_labels, read_tuning_labels
+from preprocessing.labels import (LabelProblems, LabelTable, MachineLabels, read_human_labels, read_machine_labels,
+                                  read_tuning_labels)
 from preprocessing.splits import permutation, split_train_val
 
 log = logging.getLogger(__name__)
 
 SKIPPED = "skipped.csv"
 RECORDS = ".records"  # one small JSON per finished shard: what resuming and the manifest are made of
-FORMAT_VERSION = 2  # 2: shards cut up front, a fixed number of images each
+# hashed into the fingerprint: how shards are cut (2: up front, a fixed number of images each). Machine labels
+# (format 3) enter it only when built with them, so a format-2 build stays up to date for a format-3 builder.
+CUT_VERSION = 2
+MACHINE_LABEL_SPLITS = ("train", "val")  # the splits cut from train_human_labels.csv
 
 
 @dataclass
@@ -59,6 +63,14 @@ class SplitPlan:
     image_dir: Path
     table: LabelTable
     order: np.ndarray  # indices into table, shuffled
+    machine: MachineLabels | None = None  # aligned with table, where the split carries machine labels
+
+    def labels(self, vocab: Vocabulary, i: int) -> dict:
+        """Image ``i``'s labels, as ``encode_sample`` takes them (plain lists: a job carries them to a worker)."""
+        classes = self.table.labels(i)
+        machine = self.machine.labels(i) if self.machine else None
+        return {"classes": classes.tolist(), "codes": vocab.decode(classes),
+                "machine": (machine[0].tolist(), machine[1].tolist()) if machine else None}
 
 
 @dataclass
@@ -77,7 +89,7 @@ class ShardJob:
     split: str
     number: int
     positions: tuple[int, int]  # [start, end) in the split's shuffled order
-    items: list[tuple[str, str, list[int], list[str]]]  # (image id, path, classes, label codes)
+    items: list[tuple[str, str, dict]]  # (image id, path, labels: SplitPlan.labels)
     shortest_side: int
     quality: int
     reduced_decode: bool
@@ -93,6 +105,9 @@ def data_files(cfg: Config) -> dict[str, Path]:
     files = {name: require_file(comp / name, "competition file") for name in (
         "classes-trainable.csv", "class-descriptions.csv", "train_human_labels.csv", "tuning_labels.csv")}
     readable_dir(cfg.paths.original_images, "paths.original_images")
+    if cfg.data.machine_labels:
+        files["train_machine_labels.csv"] = require_file(comp / "train_machine_labels.csv",
+                                                         "competition file (data.machine_labels is true)")
     for folder in (cfg.paths.original_images / "train", comp / "stage_1_test_images"):
         if not folder.is_dir():
             raise ConfigError(f"image folder not found: {folder}")
@@ -111,30 +126,37 @@ def make_plan(cfg: Config, files: dict[str, Path]) -> Plan:
     pre += [(i, "tune", "bad id") for i in tune_report.bad_ids]
     pre += [(i, "tune", "no trainable label") for i in tune_report.no_label_ids]
     train_order, val_order = split_train_val(len(train_table), cfg.data.val_fraction, cfg.data.seed)
+    reports = {"train": train_report, "tune": tune_report}
+    machine = None
+    if cfg.data.machine_labels:
+        machine, reports["machine"] = read_machine_labels(files["train_machine_labels.csv"], vocab, train_table)
     train_dir = cfg.paths.original_images / "train"
-    splits = [SplitPlan("train", train_dir, train_table, train_order),
-              SplitPlan("val", train_dir, train_table, val_order),
+    splits = [SplitPlan("train", train_dir, train_table, train_order, machine),
+              SplitPlan("val", train_dir, train_table, val_order, machine),
               SplitPlan("tune", cfg.paths.competition_data / "stage_1_test_images", tune_table,
                         permutation(len(tune_table), cfg.data.seed, "tune"))]
-    plan = Plan(vocab, splits, pre, {"train": train_report, "tune": tune_report})
+    plan = Plan(vocab, splits, pre, reports)
     plan.fingerprint = fingerprint(cfg, plan)
     return plan
 
 
 def shard_settings(cfg: Config) -> dict:
     keys = ("shortest_side", "jpeg_quality", "val_fraction", "seed", "shard_max_samples", "reduced_decode")
-    return {k: getattr(cfg.data, k) for k in keys}
+    # machine_labels only when on: a build without them has the settings (and fingerprint) it had before them
+    return {k: getattr(cfg.data, k) for k in keys} | ({"machine_labels": True} if cfg.data.machine_labels else {})
 
 
 def fingerprint(cfg: Config, plan: Plan) -> str:
     """Changes whenever anything that shapes the shards changes: settings, classes, labels, order."""
-    h = hashlib.sha256(json.dumps({"v": FORMAT_VERSION, **shard_settings(cfg)}, sort_keys=True).encode())
+    h = hashlib.sha256(json.dumps({"v": CUT_VERSION, **shard_settings(cfg)}, sort_keys=True).encode())
     h.update("\n".join(plan.vocab.codes).encode())
     for s in plan.splits:
         h.update(s.name.encode() + str(s.image_dir).encode())
         h.update(np.asarray(s.order, dtype=np.int64).tobytes())
         h.update("\n".join(s.table.image_ids).encode())
         h.update(s.table.offsets.tobytes() + s.table.classes.tobytes())
+        if s.machine:
+            h.update(s.machine.offsets.tobytes() + s.machine.classes.tobytes() + s.machine.confidences.tobytes())
     return h.hexdigest()
 
 
@@ -149,14 +171,10 @@ def shard_jobs(cfg: Config, plan: Plan, split: SplitPlan, skip: set):
     for number, (start, end) in enumerate(shard_bounds(cfg, split)):
         if (split.name, number) in skip:
             continue
-        items = []
-        for i in split.order[start:end]:
-            image_id, classes = split.table.image_ids[i], split.table.labels(i)
-            # ids were checked against PLAIN_ID when the labels were read
-            items.append((image_id, str(split.image_dir / f"{image_id}.jpg"), classes.tolist(),
-                          plan.vocab.decode(classes)))
-        yield ShardJob(str(cfg.paths.shards), split.name, number, (start, end), items, cfg.data.shortest_side,
-                       cfg.data.jpeg_quality, cfg.data.reduced_decode, plan.fingerprint)
+        # ids were checked against PLAIN_ID when the labels were read
+        items = [(split.table.image_ids[i], str(split.image_dir / f"{split.table.image_ids[i]}.jpg"),
+                  split.labels(plan.vocab, i)) for i in split.order[start:end]]
+        yield ShardJob(str(cfg.paths.shards), split.name, number, (start, end), items, cfg.data.shortest_side, cfg.data.jpeg_quality, cfg.data.reduced_decode, plan.fingerprint)
 
 
 def prepare_one(path: str, side: int, quality: int, reduced: bool) -> tuple[bytes | None, str | None, bool]:
@@ -185,12 +203,12 @@ def build_one_shard(job: ShardJob) -> dict:
     writer = ShardWriter(Path(job.folder), job.split, job.number)
     skipped, counts = [], Counter()
     try:
-        for k, (image_id, path, classes, codes) in enumerate(job.items):
+        for k, (image_id, path, labels) in enumerate(job.items):
             jpeg, reason, as_is = prepare_one(path, job.shortest_side, job.quality, job.reduced_decode)
             if reason is not None:
                 skipped.append([image_id, job.split, reason])
             else:
-                writer.add(encode_sample(image_id, jpeg, classes, codes))
+                writer.add(encode_sample(image_id, jpeg, **labels))
                 counts["packed_as_is" if as_is else "reencoded"] += 1
             if _images_done is not None and k % 16 == 15:
                 with _images_done.get_lock():
@@ -241,8 +259,7 @@ def prepared_samples(cfg: Config, plan: Plan, split: SplitPlan, start: int, end:
         if reason is not None:
             yield image_id, None, reason, False
         else:
-            classes = split.table.labels(i)
-            yield image_id, encode_sample(image_id, jpeg, classes, plan.vocab.decode(classes)), None, as_is
+            yield image_id, encode_sample(image_id, jpeg, **split.labels(plan.vocab, i)), None, as_is
 
 
 def run_jobs(jobs, workers: int, bar) -> list[dict]:
@@ -311,7 +328,8 @@ def write_reports(cfg: Config, plan: Plan, records: list[dict], seconds: float) 
     manifest = {
         "format_version": FORMAT_VERSION,
         "fingerprint": plan.fingerprint,
-        "settings": {**shard_settings(cfg), "num_classes": len(plan.vocab)},
+        "settings": {**shard_settings(cfg), "num_classes": len(plan.vocab),
+                     **({"machine_label_splits": list(MACHINE_LABEL_SPLITS)} if cfg.data.machine_labels else {})},
         "classes": "classes.csv",
         "splits": splits,
         "shards": shards,
@@ -344,7 +362,8 @@ def log_summary(manifest: dict, out: Path) -> None:
 
 
 def report_malformed(reports: dict[str, LabelProblems], files: dict[str, Path]) -> None:
-    sources = {"train": files["train_human_labels.csv"], "tune": files["tuning_labels.csv"]}
+    sources = {"train": files["train_human_labels.csv"], "tune": files["tuning_labels.csv"],
+               "machine": files.get("train_machine_labels.csv")}
     for split, report in reports.items():
         for line, reason in report.malformed_rows[:20]:
             log.warning("%s line %d: %s; row skipped", sources[split], line, reason)

@@ -2,7 +2,8 @@
 
 ``train_human_labels.csv`` has about 8 million rows over 1.74 million images, so it
 is parsed by pandas' C reader into categoricals and grouped with numpy (no Python
-loop over rows), in seconds and well under 4 GB on a 2-core machine (docs/BENCHMARKS.md, "The label file").
+loop over rows), in seconds and well under 4 GB on a 2-core machine (docs/BENCHMARKS.md, "The label files");
+``train_machine_labels.csv`` (the same columns, about twice the rows) the same way.
 """
 from __future__ import annotations
 
@@ -34,9 +35,10 @@ class LabelProblems:
     rows: int = 0
     positive_rows: int = 0
     negative_rows: int = 0  # Confidence == 0: human-verified absent
+    notes: dict[str, int] = field(default_factory=dict)  # a file's own counts (the machine labels': overruled ...)
 
     def summary(self) -> dict:
-        return {
+        return {**self.notes,
             "rows": self.rows,
             "positive_rows": self.positive_rows,
             "verified_negative_rows": self.negative_rows,
@@ -52,6 +54,8 @@ class LabelTable:
     image_ids: np.ndarray  # str, sorted
     offsets: np.ndarray  # int64, len(image_ids) + 1
     classes: np.ndarray  # int32, sorted within each image
+    # verified negatives (human Confidence 0) as keys ``position * (classes + 1) + class``, sorted
+    negative_keys: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
     def __len__(self) -> int:
         return len(self.image_ids)
@@ -91,9 +95,20 @@ def _sorted_codes(values: pd.Series) -> tuple[np.ndarray, np.ndarray]:
     return np.where(codes >= 0, rank[np.maximum(codes, 0)], -1), uniques[order]
 
 
-def read_human_labels(path: Path, vocab: Vocabulary) -> tuple[LabelTable, LabelProblems]:
-    """Positives are the ``Confidence == 1`` rows whose code is in the vocabulary."""
-    problems = LabelProblems()
+@dataclass
+class LabelRows:
+    """A label file's rows, parsed: per row its image (an index into ``image_ids``), class (-1: a code outside
+    the vocabulary) and confidence, and whether the row is usable (well-formed, with a plain id)."""
+    image_ids: np.ndarray  # str, sorted, unique
+    image: np.ndarray  # int64 per row
+    cls: np.ndarray  # int64 per row
+    conf: np.ndarray  # float64 per row (NaN where missing)
+    ok: np.ndarray  # bool per row
+    label_codes: np.ndarray  # per row, the code's index among the file's codes (to count unknown codes)
+
+
+def read_label_rows(path: Path, vocab: Vocabulary, problems: LabelProblems) -> LabelRows:
+    """Parse a file in ``train_human_labels.csv``'s columns; malformed rows and bad ids go to ``problems``."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", pd.errors.ParserWarning)
         try:
@@ -143,35 +158,107 @@ def read_human_labels(path: Path, vocab: Vocabulary) -> tuple[LabelTable, LabelP
     bad_id &= ~id_ok_per_id
     problems.bad_ids = [str(i) for i in sorted_ids[bad_id]]
 
-    rows_ok = good & id_ok_per_id[np.maximum(id_codes, 0)]
-    positive = rows_ok & (conf == 1)
-    problems.positive_rows = int(positive.sum())
-    problems.negative_rows = int((rows_ok & (conf == 0)).sum())
-
     code_to_class = np.array([vocab.index.get(c, -1) for c in labels.categories], dtype=np.int64)
-    cls = np.full(len(df), -1, dtype=np.int64)
-    cls[positive] = code_to_class[labels.codes[positive]]
-    unknown = positive & (cls < 0)
-    problems.unknown_code_rows = int(unknown.sum())
-    problems.unknown_codes = int(np.count_nonzero(np.bincount(labels.codes[unknown], minlength=1)))
+    cls = np.where(labels.codes >= 0, code_to_class[np.maximum(labels.codes, 0)], -1)
+    return LabelRows(sorted_ids, id_codes.astype(np.int64), cls, conf, good & id_ok_per_id[np.maximum(id_codes, 0)],
+                     np.asarray(labels.codes))
 
-    # (image, class) pairs as one int64 key: sort, drop repeats, count per image
-    keep = positive & (cls >= 0)
+
+def _count_unknown(rows: LabelRows, counted: np.ndarray, problems: LabelProblems) -> None:
+    unknown = counted & (rows.cls < 0)
+    problems.unknown_code_rows = int(unknown.sum())
+    problems.unknown_codes = int(np.count_nonzero(np.bincount(rows.label_codes[unknown], minlength=1)))
+
+
+def _unique_pairs(image: np.ndarray, cls: np.ndarray, width: int) -> np.ndarray:
+    """(image, class) pairs as sorted, unique int64 keys ``image * width + class``."""
+    pairs = np.sort(image.astype(np.int64) * width + cls)
+    return pairs[np.concatenate([[True], pairs[1:] != pairs[:-1]])] if len(pairs) else pairs
+
+
+def read_human_labels(path: Path, vocab: Vocabulary) -> tuple[LabelTable, LabelProblems]:
+    """Positives are the ``Confidence == 1`` rows whose code is in the vocabulary; the table also keeps the
+    verified negatives (``Confidence == 0``), which a machine label never overrules."""
+    problems = LabelProblems()
+    rows = read_label_rows(path, vocab, problems)
+    n_ids = len(rows.image_ids)
+    positive = rows.ok & (rows.conf == 1)
+    negative = rows.ok & (rows.conf == 0)
+    problems.positive_rows = int(positive.sum())
+    problems.negative_rows = int(negative.sum())
+    _count_unknown(rows, positive, problems)
+
+    keep = positive & (rows.cls >= 0)
     width = len(vocab) + 1
-    pairs = np.sort(id_codes[keep].astype(np.int64) * width + cls[keep])
-    if len(pairs):
-        pairs = pairs[np.concatenate([[True], pairs[1:] != pairs[:-1]])]
+    pairs = _unique_pairs(rows.image[keep], rows.cls[keep], width)
     pair_img, pair_cls = pairs // width, pairs % width
     counts = np.bincount(pair_img, minlength=n_ids)
     has_label = counts > 0
-    table = LabelTable(sorted_ids[has_label].astype(object),
+    position = np.cumsum(has_label) - 1  # an image's place in the table (where it has a label)
+    table = LabelTable(rows.image_ids[has_label].astype(object),
                        np.concatenate([[0], np.cumsum(counts[has_label])]).astype(np.int64),
                        pair_cls.astype(np.int32))
+    known_negative = negative & (rows.cls >= 0) & has_label[rows.image]
+    table.negative_keys = _unique_pairs(position[rows.image[known_negative]], rows.cls[known_negative], width)
 
     labeled = np.zeros(n_ids, dtype=bool)
-    labeled[id_codes[rows_ok]] = True
-    problems.no_label_ids = [str(x) for x in sorted_ids[labeled & ~has_label]]
+    labeled[rows.image[rows.ok]] = True
+    problems.no_label_ids = [str(x) for x in rows.image_ids[labeled & ~has_label]]
     return table, problems
+
+
+@dataclass
+class MachineLabels:
+    """Machine labels aligned with a human ``LabelTable``: image i of the table has the classes
+    ``classes[offsets[i]:offsets[i + 1]]`` (sorted) with their confidences, none a class a human labeled."""
+    offsets: np.ndarray  # int64, len(table) + 1
+    classes: np.ndarray  # int32
+    confidences: np.ndarray  # float32, in (0, 1]
+
+    def labels(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        window = slice(self.offsets[i], self.offsets[i + 1])
+        return self.classes[window], self.confidences[window]
+
+
+def read_machine_labels(path: Path, vocab: Vocabulary, human: LabelTable) -> tuple[MachineLabels, LabelProblems]:
+    """``train_machine_labels.csv`` (the human file's columns; confidences in [0, 1]) for the images of ``human``.
+
+    A human label, positive or verified negative, wins over a machine one for the same class; a class listed
+    twice for an image keeps its highest confidence; a confidence of 0 says nothing and is dropped; images that
+    have no human positive (so are in no shard) are counted and dropped."""
+    problems = LabelProblems()
+    rows = read_label_rows(path, vocab, problems)
+    usable = rows.ok & (rows.conf > 0)
+    problems.positive_rows = int(usable.sum())
+    problems.negative_rows = int((rows.ok & (rows.conf == 0)).sum())
+    _count_unknown(rows, usable, problems)
+
+    # the machine file's sorted ids -> places in the human table's sorted ids (-1: not there)
+    human_ids = np.asarray(human.image_ids).astype(str)
+    place = np.searchsorted(human_ids, rows.image_ids) if len(human_ids) else np.zeros(len(rows.image_ids), int)
+    place = np.minimum(place, max(len(human_ids) - 1, 0))
+    found = (human_ids[place] == rows.image_ids) if len(human_ids) else np.zeros(len(rows.image_ids), bool)
+    place = np.where(found, place, -1)
+    row_place = place[rows.image]
+    known = usable & (rows.cls >= 0)
+    problems.notes["rows_of_images_in_no_shard"] = int((known & (row_place < 0)).sum())
+    keep = known & (row_place >= 0)
+
+    width = len(vocab) + 1
+    keys = row_place[keep] * width + rows.cls[keep]
+    conf = rows.conf[keep]
+    human_keys = np.repeat(np.arange(len(human), dtype=np.int64), np.diff(human.offsets)) * width + human.classes
+    overruled = np.isin(keys, np.concatenate([human_keys, human.negative_keys]))
+    problems.notes["rows_overruled_by_a_human_label"] = int(overruled.sum())
+    keys, conf = keys[~overruled], conf[~overruled]
+    order = np.lexsort((-conf, keys))  # by key, the highest confidence first
+    keys, conf = keys[order], conf[order]
+    first = np.concatenate([[True], keys[1:] != keys[:-1]]) if len(keys) else np.zeros(0, bool)
+    problems.notes["repeated_rows"] = int((~first).sum())
+    keys, conf = keys[first], conf[first]
+    counts = np.bincount(keys // width, minlength=len(human))
+    return MachineLabels(np.concatenate([[0], np.cumsum(counts)]).astype(np.int64), (keys % width).astype(np.int32),
+                         conf.astype(np.float32)), problems
 
 
 def read_tuning_labels(path: Path, vocab: Vocabulary) -> tuple[LabelTable, LabelProblems]:

@@ -24,6 +24,7 @@ import tarfile
 import tempfile
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 
 from common.cli import command, config_from_args, config_parser
@@ -33,16 +34,17 @@ from common.image_checks import ImageProblem, decoding
 from common.paths import readable_dir
 from common.log import progress
 from common.threads import worker_count
-from common.shard_format import (EXTENSIONS, SHARD_GLOB, ShardWriter, decode_labels, file_sha256, iter_samples,
-                                 read_manifest, write_index)
+from common.shard_format import (EXTENSIONS, MACHINE_EXTENSIONS, SHARD_GLOB, ShardWriter, decode_labels,
+                                 decode_machine, file_sha256, iter_samples, read_manifest, write_index)
 from preprocessing.build_shards import SKIPPED, Plan, SplitPlan, data_files, make_plan, prepared_samples
 
 log = logging.getLogger(__name__)
 
 
-def check_sample(where: str, files: dict[str, bytes], num_classes: int) -> list[str]:
+def check_sample(where: str, files: dict[str, bytes], num_classes: int, machine: bool = False) -> list[str]:
+    """``machine``: the sample's split carries machine labels."""
     problems = []
-    missing = [e for e in EXTENSIONS if e not in files]
+    missing = [e for e in EXTENSIONS + (MACHINE_EXTENSIONS if machine else ()) if e not in files]
     if missing:
         problems.append(f"{where} lacks {', '.join(missing)}")
     if "jpg" in files:
@@ -64,10 +66,19 @@ def check_sample(where: str, files: dict[str, bytes], num_classes: int) -> list[
             problems.append(f"{where}: .labels is not a non-empty int32 list")
         elif classes.min() < 0 or classes.max() >= num_classes:
             problems.append(f"{where}: class index out of range 0..{num_classes - 1}")
+    if all(e in files for e in MACHINE_EXTENSIONS):
+        try:
+            classes, conf = decode_machine(files)
+            if len(classes) and (classes.min() < 0 or classes.max() >= num_classes):
+                problems.append(f"{where}: machine label out of range 0..{num_classes - 1}")
+            if not np.all((conf > 0) & (conf <= 1)):
+                problems.append(f"{where}: a machine label's confidence is outside (0, 1]")
+        except ValueError as exc:
+            problems.append(f"{where}: {exc}")
     return problems
 
 
-def check_samples(tar_path: Path, num_classes: int) -> tuple[int, list[str]]:
+def check_samples(tar_path: Path, num_classes: int, machine: bool = False) -> tuple[int, list[str]]:
     """Count samples and list what is wrong inside one tar."""
     problems: list[str] = []
     seen: set[str] = set()
@@ -77,7 +88,7 @@ def check_samples(tar_path: Path, num_classes: int) -> tuple[int, list[str]]:
             if key in seen:
                 problems.append(f"{where} appears twice")
             seen.add(key)
-            problems += check_sample(where, files, num_classes)
+            problems += check_sample(where, files, num_classes, machine)
     except (tarfile.TarError, OSError) as exc:
         return len(seen), problems + [f"{tar_path.name}: cannot read tar ({exc})"]
     return len(seen), problems
@@ -94,7 +105,7 @@ def check_index(tar_path: Path, idx_path: Path) -> list[str]:
     return []
 
 
-def check_shard(shards_dir: Path, num_classes: int, shard: dict) -> list[str]:
+def check_shard(shards_dir: Path, num_classes: int, machine_splits: tuple, shard: dict) -> list[str]:
     """Everything wrong with one shard and its index (empty when nothing is)."""
     tar_path = shards_dir / shard["name"]
     if not tar_path.is_file():
@@ -104,7 +115,7 @@ def check_shard(shards_dir: Path, num_classes: int, shard: dict) -> list[str]:
         problems.append(f"{shard['name']}: {tar_path.stat().st_size} bytes, manifest says {shard['bytes']}")
     if file_sha256(tar_path) != shard["sha256"]:
         problems.append(f"{shard['name']}: sha256 differs from the manifest")
-    count, found = check_samples(tar_path, num_classes)
+    count, found = check_samples(tar_path, num_classes, shard["split"] in machine_splits)
     problems += found
     if count != shard["samples"]:
         problems.append(f"{shard['name']}: {count} samples, manifest says {shard['samples']}")
@@ -117,7 +128,8 @@ def verify_shards(shards_dir: Path, workers: int = 1) -> tuple[dict[str, list[st
     listed = {s["name"] for s in manifest["shards"]}
     folder_problems = [f"{extra}: shard not in the manifest"
                        for extra in sorted(p.name for p in shards_dir.glob(SHARD_GLOB) if p.name not in listed)]
-    check = functools.partial(check_shard, shards_dir, manifest["settings"]["num_classes"])
+    check = functools.partial(check_shard, shards_dir, manifest["settings"]["num_classes"],
+                              tuple(manifest["settings"].get("machine_label_splits", ())))
     with mp.get_context("fork").Pool(workers) if workers > 1 else contextlib.nullcontext() as pool:
         results = pool.imap(check, manifest["shards"]) if pool else map(check, manifest["shards"])
         found = list(progress(log, iterable=results, total=len(manifest["shards"]), unit="shard", desc="verifying"))

@@ -32,13 +32,13 @@ def test_the_first_non_finite_loss_of_a_log_interval_is_named_though_later_steps
 def test_training_names_a_single_nan_step_inside_a_log_interval(built, kaggle, tmp_path, monkeypatch):
     cfg, _ = built
     calls = []
-    loss_fn = losses.LOSSES["per_positive_softmax"]
+    loss_fn = losses.per_positive_softmax_loss
 
     def nan_once(logits, targets):  # step 3 of the epoch alone is NaN; every later step is finite
         calls.append(1)
         loss = loss_fn(logits, targets)
         return loss * math.nan if len(calls) == 3 else loss
-    monkeypatch.setitem(losses.LOSSES, "per_positive_softmax", nan_once)
+    monkeypatch.setitem(losses.LOSSES, "per_positive_softmax", lambda train: nan_once)
     path = write_config(tmp_path / "c.yaml", kaggle[0], cfg.paths.shards, "train:\n  batch_size: 4\n  log_every: 5\n",
                         artifacts=tmp_path / "a")
     with pytest.raises(TrainingDiverged, match=r"the loss is nan at epoch 1, step 3;"):

@@ -63,6 +63,7 @@ class Stage:
     metric: str  # the validation figure that picks best.pt
     tta: str  # test-time views of validation
     seen_classes: list[int] | None = None  # tune: the classes of the tuning labels, for the unseen-class threshold
+    machine_labels: bool = False  # fit on the shards' machine labels too (soft targets)
 
     @property
     def checkpoints(self) -> Path:
@@ -73,7 +74,8 @@ def make_stage(cfg: Config, name: str, d: distributed.Dist) -> Stage:
     out = cfg.paths.artifacts / name
     if name == "train":
         return Stage(name, split_shards(cfg.paths.shards, "train"), split_shards(cfg.paths.shards, "val"),
-                     cfg.train.epochs, cfg.train.lr, cfg.train.lr_step_epochs, out, "val_gap", "none")
+                     cfg.train.epochs, cfg.train.lr, cfg.train.lr_step_epochs, out, "val_gap", "none",
+                     machine_labels=cfg.data.machine_labels)
     if d.is_main:
         split_tune_shards(cfg.paths.shards, out / "data", cfg.tune.holdout_fraction, cfg.data.seed)
     distributed.barrier(d)
@@ -304,7 +306,7 @@ def training_step(net, optimizer, scaler, loss_fn, inputs, targets, amp_dtype) -
 def train_one_epoch(net, batches, loader, state: TrainState, stage: Stage, cfg: Config, device: PipeDevice,
                     d: distributed.Dist, amp_dtype, steps: int, metrics: MetricsLog, saver: CheckpointSaver) -> None:
     """The rest of the current epoch: from ``state.progress.step`` to ``steps``, with mid-epoch checkpoints."""
-    loss_fn = LOSSES[cfg.train.loss]
+    loss_fn = LOSSES[cfg.train.loss](cfg.train)
     progress = state.progress
     watch = LossWatch(device.torch_device)
 
@@ -399,7 +401,10 @@ def train(cfg: Config, stage_name: str, init: str | None = None) -> dict:
 def _run(cfg: Config, stage_name: str, init: str | None, device: PipeDevice, d: distributed.Dist) -> dict:
     readable_dir(cfg.paths.shards, "paths.shards")
     # before anything is made or written (the tune stage's split, the artifacts folder): a wrong setting fails now
-    check_data_settings(cfg, split_shards(cfg.paths.shards, stage_name), resizes=False)
+    # (the tuning labels have no machine labels: the tune stage fits on human labels alone)
+    check_data_settings(cfg, split_shards(cfg.paths.shards, stage_name), resizes=False,
+                        machine_labels=cfg.data.machine_labels and stage_name == "train")
+    LOSSES[cfg.train.loss](cfg.train)  # its settings are checked as it is made
     if d.is_main:
         writable_dir(cfg.paths.artifacts, "paths.artifacts")
     if init:
@@ -415,7 +420,7 @@ def _run(cfg: Config, stage_name: str, init: str | None, device: PipeDevice, d: 
     counts = read_manifest(cfg.paths.shards).get("class_counts", {}).get("train")  # inference's fallback labels
     amp_dtype = autocast_dtype(device.kind == "gpu", cfg.model.amp, cfg.model.amp_dtype)
     make_loader = partial(train_loader, cfg, rank=d.rank, world_size=d.world_size, batch_size=cfg.train.batch_size,
-                           device=device, shards=stage.fit, amp_dtype=amp_dtype)
+                           device=device, shards=stage.fit, amp_dtype=amp_dtype, machine_labels=stage.machine_labels)
     steps = steps_per_epoch(cfg, stage, d)
     state = create_train_state(cfg, stage, len(vocab), device.torch_device, amp_dtype, steps, d.world_size)
     saver = CheckpointSaver(stage, cfg, vocab.codes, counts, d)
