@@ -4,7 +4,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-PLAIN_ID = re.compile(r"^[0-9A-Za-z_-]+$")
+PLAIN_ID = re.compile(r"^[0-9A-Za-z_-]+\Z")  # \Z, not $: "$" also matches before a final newline
 
 
 def is_plain_id(image_id: str) -> bool:

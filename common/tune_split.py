@@ -14,6 +14,7 @@ from pathlib import Path
 
 from common.seeds import rng
 from common.atomic import atomic_write_csv
+from common.ids import image_path
 from common.shard_format import (ShardWriter, SplitShards, decode_labels, decode_meta, index_samples, iter_samples,
                                  split_shards)
 from common.vocab import Vocabulary
@@ -33,6 +34,16 @@ def holdout_ids(out_dir: Path) -> list[str]:
     """The hold-out's image ids, from the labels file ``split_tune_shards`` writes beside its shards."""
     with open(out_dir / HOLDOUT_LABELS, newline="") as f:
         return [row[0] for row in csv.reader(f) if row]
+
+
+def holdout_originals(shards_dir: Path, competition_data: Path, out_dir: Path) -> tuple[list[Path], list[list[int]]]:
+    """The hold-out's images as a submission reads test images, from their full-size originals in
+    ``stage_1_test_images/`` (the tune shards hold them resized), with their labels."""
+    vocab = Vocabulary.load(shards_dir)
+    folder = Path(competition_data) / "stage_1_test_images"
+    with open(out_dir / HOLDOUT_LABELS, newline="") as f:
+        rows = [row for row in csv.reader(f) if row]
+    return [image_path(folder, image_id) for image_id, _ in rows], [vocab.encode(codes.split()) for _, codes in rows]
 
 
 def tuning_classes(shards_dir: Path) -> list[int]:

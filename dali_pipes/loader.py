@@ -89,10 +89,11 @@ def pipeline_threads(requested: int, on_gpu: bool) -> int:
     return dali_threads(requested, on_gpu)
 
 
-def _pipe_args(cfg: Config, device: PipeDevice, batch_size: int, seed: int, amp_dtype=None) -> dict:
+def _pipe_args(cfg: Config, device: PipeDevice, batch_size: int, seed: int, amp_dtype=None,
+               crop: int | None = None) -> dict:
     p = cfg.pipeline
-    out = Output(p.crop_size, output_dtype(p.dtype, device, amp_dtype), cfg.model.channels_last, tuple(p.mean),
-                 tuple(p.std))
+    out = Output(crop or p.crop_size, output_dtype(p.dtype, device, amp_dtype), cfg.model.channels_last,
+                 tuple(p.mean), tuple(p.std))
     return dict(batch_size=batch_size, num_threads=pipeline_threads(p.num_threads, device.kind == "gpu"), device_id=device.device_id,
                 prefetch_queue_depth=p.prefetch_queue_depth, seed=seed, on_gpu=device.kind == "gpu", out=out)
 
@@ -302,15 +303,20 @@ def eval_loader(cfg: Config, split: str = "val", rank: int = 0, world_size: int 
 
 
 class ImageFileLoader:
-    """Batches of (images, positions) over a list of JPEG files; positions index that list."""
+    """Batches of (images, positions) over a list of JPEG files; positions index that list. ``resolution``:
+    (short side, crop) to resize and crop to, else the training one (``data.shortest_side``,
+    ``pipeline.crop_size``)."""
 
     def __init__(self, cfg: Config, files: list[Path], tta: str = "none", batch_size: int | None = None,
-                 device: PipeDevice | None = None, rank: int = 0, world_size: int = 1, amp_dtype=None):
-        check_test_image_settings(cfg)
+                 device: PipeDevice | None = None, rank: int = 0, world_size: int = 1, amp_dtype=None,
+                 resolution: tuple[int, int] | None = None):
+        if resolution is None:
+            check_test_image_settings(cfg)
+        short, crop = resolution or (cfg.data.shortest_side, cfg.pipeline.crop_size)
         device = device or resolve_device(cfg.pipeline.device)
         batch_size = batch_size or cfg.predict.batch_size
-        pipe = image_file_pipeline(files, resize_shorter=cfg.data.shortest_side, tta=tta, shard_id=rank,
-                                   num_shards=world_size, **_pipe_args(cfg, device, batch_size, 0, amp_dtype))
+        pipe = image_file_pipeline(files, resize_shorter=short, tta=tta, shard_id=rank, num_shards=world_size,
+                                   **_pipe_args(cfg, device, batch_size, 0, amp_dtype, crop))
         pipe.build()
         self.iterator = DALIGenericIterator(pipe, ["images", "positions"], reader_name=READER, auto_reset=True,
                                             last_batch_policy=LastBatchPolicy.PARTIAL)

@@ -8,7 +8,9 @@ pipeline and the submission's test-time views (predict.tta); combines the member
 (predict.ensemble_vote: 0 = their mean, k = at least k of the n members) and chooses the decision rule
 on the combined scores exactly as the tune stage does for one model. Writes ENSEMBLE, a small JSON file
 naming the members (paths relative to its folder, and sha256), the combination, the rule and the
-hold-out, and prints every member's hold-out F2 beside the ensemble's.
+hold-out, and prints every member's hold-out F2 beside the ensemble's. With tune.test_resolutions, the
+hold-out is predicted from its full-size originals at each of them instead (one pass each, every member at
+once), and the resolution of the best ensemble F2 is chosen with the rule, as the tune stage chooses one.
 Then: python -m inference.submit --stage 2 --checkpoint ENSEMBLE
 """
 from __future__ import annotations
@@ -26,34 +28,55 @@ from common.errors import UserError
 from common.paths import readable_dir, readable_file, writable_file
 from common.threads import apply_thread_budget
 from dali_pipes.device import resolve_device
-from dali_pipes.loader import eval_loader, prepare_input
-from model.decision import choose_rule
+from dali_pipes.loader import ImageFileLoader, eval_loader, prepare_input
+from model.decision import choose_rule, choose_test_resolution
 from model.members import (Combination, check_holdout, combine_topk, load_members, member_models,
                             write_ensemble_file)
 from model.network import autocast_dtype
 from model.predict import predict_member_topk
-from common.tune_split import holdout_fingerprint, holdout_ids, split_tune_shards, tuning_classes
+from common.tune_split import holdout_fingerprint, holdout_ids, holdout_originals, split_tune_shards, tuning_classes
 
 log = logging.getLogger(__name__)
 
 
+def member_tops(cfg: Config, models: list, loader, amp_dtype) -> tuple[list[tuple[np.ndarray, np.ndarray]], list, int]:
+    """Every member's (indices, scores) over one pass of ``loader``; each batch's other outputs; the class count."""
+    per_member: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in models]
+    rests, classes = [], 0
+    for tops, classes, rest in predict_member_topk(models, loader, cfg.predict.top_k,
+                                                   lambda x: prepare_input(x, cfg), amp_dtype):
+        for m, (idx, sc) in enumerate(tops):
+            per_member[m].append((idx.cpu().numpy(), sc.cpu().numpy()))
+        rests.append(rest)
+    return ([(np.concatenate([b[0] for b in batches]), np.concatenate([b[1] for b in batches]))
+             for batches in per_member], rests, classes)
+
+
 def predict_holdout(cfg: Config, models: list, holdout, device) -> tuple[list[tuple[np.ndarray, np.ndarray]],
                                                                           list[list[int]], int]:
-    """Every member's (indices, scores) over the hold-out, from one pass; the true labels; the class count."""
+    """Every member's (indices, scores) over the hold-out's shards, from one pass; the true labels; the class count."""
     amp_dtype = autocast_dtype(device.kind == "gpu", cfg.model.amp, cfg.model.amp_dtype)
     loader = eval_loader(cfg, batch_size=cfg.predict.batch_size, device=device, shards=holdout, tta=cfg.predict.tta,
                          amp_dtype=amp_dtype)
-    per_member: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in models]
-    targets: list[list[int]] = []
-    classes = 0
-    for tops, classes, (target, _) in predict_member_topk(models, loader, cfg.predict.top_k,
-                                                          lambda x: prepare_input(x, cfg), amp_dtype):
-        for m, (idx, sc) in enumerate(tops):
-            per_member[m].append((idx.cpu().numpy(), sc.cpu().numpy()))
-        targets += [np.flatnonzero(t).tolist() for t in target.cpu().numpy()]
-    tops = [(np.concatenate([b[0] for b in batches]), np.concatenate([b[1] for b in batches]))
-            for batches in per_member]
-    return tops, targets, classes
+    tops, rests, classes = member_tops(cfg, models, loader, amp_dtype)
+    return tops, [np.flatnonzero(t).tolist() for target, _ in rests for t in target.cpu().numpy()], classes
+
+
+def predict_originals(cfg: Config, models: list, files: list[Path], device, resolution: tuple[int, int]
+                      ) -> tuple[list[tuple[np.ndarray, np.ndarray]], int]:
+    """Every member's (indices, scores) over ``files`` at ``resolution``, from one pass, in the files' order."""
+    amp_dtype = autocast_dtype(device.kind == "gpu", cfg.model.amp, cfg.model.amp_dtype)
+    loader = ImageFileLoader(cfg, files, tta=cfg.predict.tta, device=device, amp_dtype=amp_dtype,
+                             resolution=resolution)
+    tops, rests, classes = member_tops(cfg, models, loader, amp_dtype)
+    order = np.argsort(np.concatenate([positions.view(-1).cpu().numpy() for positions, in rests]))
+    return [(idx[order], sc[order]) for idx, sc in tops], classes
+
+
+def combined(tops, classes: int, k: int, combination: Combination) -> tuple[np.ndarray, np.ndarray]:
+    indices, scores = combine_topk([(torch.from_numpy(i), torch.from_numpy(s)) for i, s in tops], classes, k,
+                                   combination)
+    return indices.numpy(), scores.numpy()
 
 
 def make_ensemble(cfg: Config, checkpoints: list[Path], out: Path) -> dict:
@@ -71,12 +94,25 @@ def make_ensemble(cfg: Config, checkpoints: list[Path], out: Path) -> dict:
         device = resolve_device(cfg.pipeline.device, announce=True)
         apply_thread_budget(cfg.pipeline.num_threads, device.kind == "gpu")
         models = member_models(members, cfg.model.channels_last, device.torch_device)
-        tops, targets, classes = predict_holdout(cfg, models, holdout, device)
-    seen = tuning_classes(cfg.paths.shards) if cfg.tune.unseen_class_threshold else None
+        seen = tuning_classes(cfg.paths.shards) if cfg.tune.unseen_class_threshold else None
+        if cfg.tune.test_resolutions:
+            files, targets = holdout_originals(cfg.paths.shards, cfg.paths.competition_data, Path(folder))
+            passes = {}
+
+            def predict(resolution):
+                passes[resolution] = predict_originals(cfg, models, files, device, resolution)
+                return combined(*passes[resolution], cfg.predict.top_k, combination)
+            chosen, trials = choose_test_resolution(cfg.tune.test_resolutions, predict, targets,
+                                                    cfg.tune.min_class_examples, seen)
+            log.info("hold-out F2 of the ensemble by test resolution: %s; chosen %d/%d",
+                     ", ".join(f"{t.resolution[0]}/{t.resolution[1]} {t.f2:.4f}" for t in trials), *chosen.resolution)
+            rule, f2 = chosen.rule, chosen.f2
+            tops = passes[chosen.resolution][0]
+        else:
+            tops, targets, classes = predict_holdout(cfg, models, holdout, device)
+            rule, f2 = choose_rule(*combined(tops, classes, cfg.predict.top_k, combination), targets,
+                                   cfg.tune.min_class_examples, seen)
     member_f2 = [choose_rule(idx, sc, targets, cfg.tune.min_class_examples, seen)[1] for idx, sc in tops]
-    indices, scores = combine_topk([(torch.from_numpy(i), torch.from_numpy(s)) for i, s in tops], classes,
-                                   cfg.predict.top_k, combination)
-    rule, f2 = choose_rule(indices.numpy(), scores.numpy(), targets, cfg.tune.min_class_examples, seen)
     write_ensemble_file(out, members, combination, rule, fingerprint, f2, member_f2)
     log.info("hold-out F2 (%d images, each with its own rule chosen there): ensemble %.4f (%s), members %s; "
              "wrote %s", len(targets), f2, combination.describe(len(members)),

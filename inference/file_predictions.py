@@ -67,9 +67,11 @@ class Predictions:
 
 
 def predict_files(models, files: list[Path], cfg: Config, device: PipeDevice, amp_dtype=None,
-                  combination: Combination = Combination()) -> Predictions:
+                  combination: Combination = Combination(), resolution: tuple[int, int] | None = None
+                  ) -> Predictions:
     """Every file's top-k by the model, or by several models combined (``model.members``) from one pass of the
-    pipeline: each image is decoded, resized and cropped once, whatever the number of models."""
+    pipeline: each image is decoded, resized and cropped once, whatever the number of models. ``resolution``:
+    (short side, crop), else the training one."""
     k, step = cfg.predict.top_k, cfg.predict.batch_size
     pred = Predictions(np.full((len(files), k), -1, dtype=np.int64), np.zeros((len(files), k), dtype=np.float32), {})
 
@@ -77,7 +79,8 @@ def predict_files(models, files: list[Path], cfg: Config, device: PipeDevice, am
         """Predict ``positions``; returns how many were done before DALI failed (all, if it did not)."""
         done = 0
         batches = guarded(lambda: ImageFileLoader(cfg, [files[p] for p in positions], tta=cfg.predict.tta,
-                                                  batch_size=batch_size, device=device, amp_dtype=amp_dtype))
+                                                  batch_size=batch_size, device=device, amp_dtype=amp_dtype,
+                                                  resolution=resolution))
         try:
             for idx, sc, (local,) in predict_topk(models, batches, k, lambda x: prepare_input(x, cfg), amp_dtype,
                                                   combination):

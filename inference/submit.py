@@ -110,8 +110,10 @@ def submit(cfg: Config, stage: int, checkpoint: list[Path] | Path | None = None,
         warn_if_trained_otherwise(cfg, member.state, member.path)
     state, rule = predictor.state, predictor.rule
     codes = state["classes"]
-    log.info("predicting with %s; decision rule from %s", ", ".join(str(m.path) for m in predictor.members),
-             predictor.rule_source)
+    resolution = rule.test_resolution
+    log.info("predicting with %s; decision rule from %s%s", ", ".join(str(m.path) for m in predictor.members),
+             predictor.rule_source, f"; test images resized to {resolution[0]} px, {resolution[1]}-px crops (the "
+             "tune stage's choice)" if resolution else "")
     started = time.time()
 
     problems: dict[int, str] = {}
@@ -132,7 +134,7 @@ def submit(cfg: Config, stage: int, checkpoint: list[Path] | Path | None = None,
     models = member_models(predictor.members, cfg.model.channels_last, device.torch_device)
     pred = predict_files(models, [files[i] for i in good], cfg, device,
                          autocast_dtype(device.kind == "gpu", cfg.model.amp, cfg.model.amp_dtype),
-                         predictor.combination)
+                         predictor.combination, resolution)
     problems.update({good[p]: r for p, r in pred.failed.items()})
 
     refuse_mostly_fallback(problems, ids, cfg.submit.max_fallback_fraction, folder)

@@ -2,8 +2,8 @@
 
 A rule is plain data (saved in the checkpoint): a global threshold, optional per-class
 thresholds, optionally a threshold for the classes the tuning labels never show (a class the new
-domain's labels never show is mostly a false positive there), and the minimum and maximum number
-of labels. Labels scoring above their
+domain's labels never show is mostly a false positive there), the minimum and maximum number
+of labels and, where the tune stage chose one, the test resolution it was chosen at. Labels scoring above their
 threshold are kept, best first, at most ``max_labels``; if fewer than ``min_labels`` pass,
 the top ``min_labels`` are taken.
 """
@@ -29,20 +29,25 @@ class DecisionRule:
     class_thresholds: dict[int, float] = field(default_factory=dict)
     unseen_threshold: float | None = None  # for every class outside ``seen_classes`` (None: the global one)
     seen_classes: tuple[int, ...] = ()  # the classes with a positive in the tuning labels
+    # (short side, crop) the test images are resized and cropped to, which the thresholds were chosen at
+    # (None: the training one, data.shortest_side and pipeline.crop_size)
+    test_resolution: tuple[int, int] | None = None
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["class_thresholds"] = {int(k): float(v) for k, v in self.class_thresholds.items()}
         d["seen_classes"] = [int(c) for c in self.seen_classes]
+        d["test_resolution"] = None if self.test_resolution is None else [int(v) for v in self.test_resolution]
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "DecisionRule":
-        """A saved rule; one saved before the unseen-class threshold existed has none."""
-        unseen = d.get("unseen_threshold")
+        """A saved rule; one saved before the unseen-class threshold or the test resolution existed has none."""
+        unseen, resolution = d.get("unseen_threshold"), d.get("test_resolution")
         return cls(float(d["threshold"]), int(d["min_labels"]), int(d["max_labels"]),
                    {int(k): float(v) for k, v in d.get("class_thresholds", {}).items()},
-                   None if unseen is None else float(unseen), tuple(int(c) for c in d.get("seen_classes", ())))
+                   None if unseen is None else float(unseen), tuple(int(c) for c in d.get("seen_classes", ())),
+                   None if resolution is None else (int(resolution[0]), int(resolution[1])))
 
     @classmethod
     def from_config(cls, cfg) -> "DecisionRule":
@@ -157,3 +162,23 @@ def best_global_threshold(indices: np.ndarray, scores: np.ndarray, targets: list
     f2s = HeldOut(indices, scores, targets).f2_by_threshold(THRESHOLDS, min_labels, max_labels)
     f2, t = max(zip(f2s.tolist(), THRESHOLDS.tolist()))
     return t, f2
+
+
+@dataclass(frozen=True)
+class ResolutionTrial:
+    resolution: tuple[int, int]  # (short side, crop)
+    f2: float  # hold-out mean F2 of the rule chosen at it
+    rule: DecisionRule
+
+
+def choose_test_resolution(candidates, predict, targets: list[list[int]], min_class_examples: int,
+                           seen_classes=None) -> tuple[ResolutionTrial, list[ResolutionTrial]]:
+    """The test resolution, chosen as the rule is: ``predict(resolution)`` gives the hold-out's (indices,
+    scores) at each candidate, a rule is chosen on each, and the best F2 wins (the first listed on a tie).
+    Returns (the best, every trial in order); the best's rule carries its resolution."""
+    trials = []
+    for short, crop in candidates:
+        rule, f2 = choose_rule(*predict((short, crop)), targets, min_class_examples, seen_classes)
+        trials.append(ResolutionTrial((short, crop), f2, replace(rule, test_resolution=(short, crop))))
+    best, _ = _first_best(trials, [t.f2 for t in trials], trials[0], trials[0].f2 - 1.0)
+    return best, trials

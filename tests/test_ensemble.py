@@ -180,6 +180,31 @@ def test_the_ensemble_rule_is_chosen_on_the_combined_holdout_scores_as_tune_choo
     assert [m["holdout_f2"] for m in doc["members"]] == pytest.approx(member_f2, abs=1e-5)
 
 
+def test_an_ensemble_chooses_its_test_resolution_on_the_originals_and_submit_uses_it(members, tmp_path, capsys,
+                                                                                     monkeypatch):
+    import inference.ensemble as ensemble_module
+    import inference.submit as submit_module
+    cfg, paths, _ = members
+    passes = []
+    real_loader = ensemble_module.ImageFileLoader
+
+    def counting(*args, **kw):
+        passes.append(kw["resolution"])
+        return real_loader(*args, **kw)
+    monkeypatch.setattr(ensemble_module, "ImageFileLoader", counting)
+    out = tmp_path / "ENSEMBLE"
+    code, _, err = make(cfg, paths, out, capsys, "--set", "tune.test_resolutions=[[64, 56], [80, 72]]")
+    assert code == 0, err
+    assert passes == [(64, 56), (80, 72)]  # one pass per candidate, every member at once
+    rule = DecisionRule.from_dict(json.loads(out.read_text())["decision_rule"])
+    assert rule.test_resolution in passes
+    used = []
+    real = submit_module.predict_files
+    monkeypatch.setattr(submit_module, "predict_files", lambda *a, **kw: used.append(a[6]) or real(*a, **kw))
+    submit_module.submit(cfg.with_overrides([f"paths.output={tmp_path / 'o'}"]), 2, out)
+    assert used == [rule.test_resolution]
+
+
 def test_a_vote_is_written_and_more_votes_than_members_is_one_line(members, tmp_path, capsys):
     cfg, paths, _ = members
     assert make(cfg, paths, tmp_path / "E", capsys, "--set", "predict.ensemble_vote=2")[0] == 0

@@ -105,3 +105,12 @@ def test_machine_labels_report_bad_rows_as_the_human_labels_do(tmp_path):
     assert [line for line, _ in problems.malformed_rows] == [3, 4]
     assert problems.unknown_code_rows == 1
     assert soft.labels(0)[0].tolist() == [3] and soft.labels(1)[0].tolist() == []
+
+
+def test_the_vectorised_id_check_is_plain_id():
+    from common.ids import PLAIN_ID
+    from preprocessing.labels import plain_ids
+    rng = np.random.default_rng(3)
+    alphabet = list("0aZ9_-./ \\\x00é") + ["..", "\n"]
+    ids = ["", "a\x00", "\x00a"] + ["".join(rng.choice(alphabet, rng.integers(1, 6))) for _ in range(3000)]
+    assert plain_ids(np.array(ids)).tolist() == [bool(PLAIN_ID.match(i)) for i in np.array(ids).tolist()]

@@ -33,16 +33,17 @@ from common.threads import apply_thread_budget
 from common.shard_format import SplitShards, read_manifest, split_shards
 from common.vocab import Vocabulary
 from dali_pipes.device import PipeDevice, resolve_device
-from dali_pipes.loader import check_data_settings, eval_loader, prepare_input, train_loader
-from model.checkpoint import (FOR_RESUME, load_checkpoint, load_weights, rank_rng_state, restore_scaler,
-                              rng_state, save_checkpoint, set_rng_state, training_payload)
-from model.decision import best_global_threshold, choose_rule
+from dali_pipes.loader import ImageFileLoader, check_data_settings, eval_loader, prepare_input, train_loader
+from model.checkpoint import (FOR_RESUME, load_checkpoint, load_weights, model_from_checkpoint, rank_rng_state,
+                              restore_scaler, rng_state, save_checkpoint, set_rng_state, training_payload)
+from model.decision import DecisionRule, best_global_threshold, choose_rule, choose_test_resolution
 from model.metrics import global_average_precision
 from model.network import autocast_dtype, create_model
 from model.predict import predict_topk
 from training import distributed
 from training.losses import LOSSES
-from common.tune_split import holdout_fingerprint, holdout_ids, split_tune_shards, tune_parts, tuning_classes
+from common.tune_split import (holdout_fingerprint, holdout_ids, holdout_originals, split_tune_shards, tune_parts,
+                               tuning_classes)
 
 log = logging.getLogger(__name__)
 
@@ -426,6 +427,7 @@ def _run(cfg: Config, stage_name: str, init: str | None, device: PipeDevice, d: 
     saver = CheckpointSaver(stage, cfg, vocab.codes, counts, d)
     dali_checkpoint = resume_or_init(state, saver, cfg, stage, init, d)
     if state.epoch >= stage.epochs:
+        choose_resolution(cfg, stage, device, d, amp_dtype)  # a run stopped while choosing it chooses it now
         return {}
     # one pipeline for the whole run: built once, resumed from its own checkpoint where there is one
     loader = make_loader(epoch=state.epoch, checkpoint=dali_checkpoint)
@@ -460,9 +462,50 @@ def _run(cfg: Config, stage_name: str, init: str | None, device: PipeDevice, d: 
                 metrics.write(record, state.step)
                 log_epoch(record, val, stage, improved)
             distributed.barrier(d)
+        choose_resolution(cfg, stage, device, d, amp_dtype)
     finally:
         metrics.close()
     return record
+
+
+RESOLUTION_REPORT = "test_resolutions.json"
+
+
+def choose_resolution(cfg: Config, stage: Stage, device: PipeDevice, d: distributed.Dist, amp_dtype) -> None:
+    """Tune stage, after its last epoch: predict the hold-out's full-size originals with ``best.pt``'s model at
+    each of ``tune.test_resolutions`` (as a submission reads test images, with ``predict.tta``), choose a rule at
+    each, and make ``best.pt``'s rule the best one, its resolution with it; every candidate's F2 goes to
+    ``test_resolutions.json`` and the log. Done once (rank 0): a ``best.pt`` whose rule has a resolution is kept."""
+    if stage.name != "tune" or not cfg.tune.test_resolutions:
+        return
+    best_path = stage.checkpoints / "best.pt"
+    if d.is_main and best_path.is_file():
+        saved = load_checkpoint(best_path)
+        if DecisionRule.from_dict(saved["decision_rule"]).test_resolution is None:
+            model = model_from_checkpoint(saved, cfg.model.channels_last).to(device.torch_device).eval()
+            files, targets = holdout_originals(cfg.paths.shards, cfg.paths.competition_data, stage.out / "data")
+
+            def predict(resolution):
+                loader = ImageFileLoader(cfg, files, tta=cfg.predict.tta, device=device, amp_dtype=amp_dtype,
+                                         resolution=resolution)
+                parts = [(idx, sc, pos.numpy()) for idx, sc, (pos,) in predict_topk(
+                    model, loader, cfg.predict.top_k, lambda x: prepare_input(x, cfg), amp_dtype)]
+                order = np.argsort(np.concatenate([p[2] for p in parts]))  # back to the files' order
+                return (np.concatenate([p[0] for p in parts])[order], np.concatenate([p[1] for p in parts])[order])
+
+            best, trials = choose_test_resolution(cfg.tune.test_resolutions, predict, targets,
+                                                  cfg.tune.min_class_examples, stage.seen_classes)
+            report = {"holdout_images": len(files), "tta": cfg.predict.tta,
+                      "candidates": [{"short_side": t.resolution[0], "crop": t.resolution[1], "f2": round(t.f2, 5)}
+                                     for t in trials],
+                      "chosen": {"short_side": best.resolution[0], "crop": best.resolution[1]}}
+            saved["decision_rule"] = best.rule.to_dict()
+            save_checkpoint(best_path, saved)
+            atomic_write_text(stage.out / RESOLUTION_REPORT, json.dumps(report, indent=1) + "\n")
+            log.info("tune: test resolution chosen on the hold-out's %d originals: %s; chosen %d/%d, saved with "
+                     "the rule in %s", len(files), ", ".join(f"{t.resolution[0]}/{t.resolution[1]} F2 {t.f2:.4f}"
+                                                            for t in trials), *best.resolution, best_path)
+    distributed.barrier(d)
 
 
 def steps_per_epoch(cfg: Config, stage: Stage, d: distributed.Dist) -> int:
