@@ -1,13 +1,13 @@
 """The label files at full size: ``train_human_labels.csv`` alone, and with ``train_machine_labels.csv``.
 
-    python -m benchmarks.label_files [--repeats 3] [--work DIR] [--json PATH]
+    python -m benchmarks.label_files [--repeats 3] [--work DIR] [--scale 1] [--json PATH]
 
 Writes synthetic files of the real ones' shape once into --work (16-hex-digit ids; 8.04 M human rows over
 1.74 M images, Confidence 0/1; 15.3 M machine rows over the same images and 2 % others, confidences 0.5 to
 1.0 in steps of 0.1; 7,178 trainable codes among 19,178), then runs the shard builder's label reading in a
 fresh process per run: ``human`` (``read_human_labels``) and ``human_and_machine`` (that, then
 ``read_machine_labels`` against its table). Reports the median wall time (min, max) and the peak resident
-memory of the whole process (Python, pandas and the data), and the second's ratio to the first beside the
+memory of the whole process (Python, pandas and the data; the process imports nothing else), and the second's ratio to the first beside the
 ratio of their rows: the machine labels should cost no more per row than the human ones.
 """
 from __future__ import annotations
@@ -24,7 +24,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from benchmarks.harness import at_least_one, parser, write_json
 from common.cli import command
 
 N_CLASSES, N_OTHER_CODES = 7178, 12000
@@ -50,20 +49,20 @@ def write_rows(path: Path, ids: np.ndarray, rows: int, source: str, confidences:
                          ).to_csv(f, header=False, index=False)
 
 
-def write_synthetic(folder: Path, seed: int = 0) -> None:
+def write_synthetic(folder: Path, scale: float = 1.0, seed: int = 0) -> None:
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True, exist_ok=True)
     trainable = codes(N_CLASSES, "t")
     pd.DataFrame({"label_code": trainable}).to_csv(folder / "classes-trainable.csv", index=False)
     every = np.concatenate([trainable, codes(N_OTHER_CODES, "u")])
     pd.DataFrame({"label_code": every, "description": every}).to_csv(folder / "class-descriptions.csv", index=False)
-    ids = np.array([f"{x:016x}" for x in rng.integers(0, 2**63, IMAGES)], dtype=object)
+    ids = np.array([f"{x:016x}" for x in rng.integers(0, 2**63, max(1, round(IMAGES * scale)))], dtype=object)
     human = np.array(["1"] * 72 + ["0"] * 28, dtype=object)
-    write_rows(folder / "train_human_labels.csv", ids, HUMAN_ROWS, "verification", human, every, rng)
-    others = np.array([f"{x:016x}" for x in rng.integers(0, 2**63, IMAGES // 50)], dtype=object)
+    write_rows(folder / "train_human_labels.csv", ids, round(HUMAN_ROWS * scale), "verification", human, every, rng)
+    others = np.array([f"{x:016x}" for x in rng.integers(0, 2**63, max(1, len(ids) // 50))], dtype=object)
     machine = np.array([f"{c / 10:.1f}" for c in range(5, 11)], dtype=object)
-    write_rows(folder / "train_machine_labels.csv", np.concatenate([ids, others]), MACHINE_ROWS, "machine", machine,
-               every, rng)
+    write_rows(folder / "train_machine_labels.csv", np.concatenate([ids, others]), round(MACHINE_ROWS * scale),
+               "machine", machine, every, rng)
 
 
 def measure(folder: Path, with_machine: bool) -> dict:
@@ -84,21 +83,35 @@ def measure(folder: Path, with_machine: bool) -> dict:
             "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2), **result}
 
 
+def share(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"{text} is not in (0, 1]")
+    return value
+
+
 @command
 def main(argv=None):
+    # here, not at the top: the harness imports torch, which the measured processes must not hold in memory
+    from benchmarks.harness import at_least_one, parser, write_json
     p = parser("benchmarks.label_files", __doc__)
     p.add_argument("--repeats", type=at_least_one, default=3, help="runs of each, each in a fresh process (default 3)")
     p.add_argument("--work", type=Path, default=Path("/tmp/iic_label_files"),
                    help="where the synthetic files are written once (about 1.3 GB)")
+    p.add_argument("--scale", type=share, default=1.0,
+                   help="rows and images as a share of the real files' (default 1: full size)")
     p.add_argument("--measure", nargs=2, metavar=("FOLDER", "MACHINE"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.measure:
         print(json.dumps(measure(Path(args.measure[0]), args.measure[1] == "1")))
         return
-    folder = args.work / "full"
+    folder = args.work / ("full" if args.scale == 1 else f"scale{args.scale:g}")
     if not (folder / "train_machine_labels.csv").exists():
-        print(f"writing synthetic label files to {folder} (a few minutes, once) ...", flush=True)
-        write_synthetic(folder)
+        print(f"writing synthetic label files to {folder} (a few minutes at full size, once) ...", flush=True)
+        write_synthetic(folder, args.scale)
     runs: dict[str, list[dict]] = {"human": [], "human_and_machine": []}
     for _ in range(args.repeats):  # interleaved, so that a busy spell of the machine falls on both
         for name, machine in (("human", "0"), ("human_and_machine", "1")):

@@ -152,6 +152,10 @@ BAD_ARGUMENTS = {
     "benchmarks.shard_builder": [(["--workers", "0"], "argument --workers: 0 is too small"),
                                  (["--parts", "image_step,nope"], "argument --parts: 'image_step,nope'")],
     "benchmarks.ensemble_cost": [(["--members", "0"], "argument --members: 0 is too small")],
+    "benchmarks.label_files": [(["--repeats", "0"], "argument --repeats: 0 is too small"),
+                               (["--scale", "2"], "argument --scale: 2 is not in (0, 1]")],
+    "benchmarks.demo_levers": [(["--resolutions", "[[64, 80]]"], "argument --resolutions: '[[64, 80]]'"),
+                               (["--work", str(REPO)], "holds files this benchmark did not make")],
 }
 
 
@@ -180,3 +184,13 @@ def test_a_benchmark_s_old_name_still_runs_it_with_a_one_line_warning(script):
     assert r.stderr.strip() == f"warning: scripts/{script} is now python -m {OLD_NAMES[script]}; the old name " \
                                "still works but will go"
     assert f"usage: python -m {OLD_NAMES[script].split()[0]}" in r.stdout
+
+
+def test_the_label_file_benchmark_runs_end_to_end_and_writes_its_json(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "benchmarks.label_files", "--scale", "0.0005", "--repeats", "1",
+                        "--work", str(tmp_path), "--json", str(tmp_path / "labels.json")],
+                       cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    result = json.loads((tmp_path / "labels.json").read_text())
+    assert result["human_and_machine"]["machine_pairs"] > 0 and result["rows_ratio"] > 2.5
+    assert result["human"]["rows"] == round(8_040_000 * 0.0005)

@@ -30,8 +30,9 @@ def test_every_gpu_graph_defines_on_a_cpu_only_machine(built, tmp_path):
     for channels_last in (False, True):
         out = Output(56, "float16", channels_last, (0.5,) * 3, (0.2,) * 3)
         for augmentation in ("crop_flip", "random_resized_crop"):
-            train_pipeline(shards.tars, shards.indexes, out=out, augmentation=augmentation, initial_fill=16,
-                           enable_checkpointing=True, **GPU)
+            for machine_labels in (False, True):
+                train_pipeline(shards.tars, shards.indexes, out=out, augmentation=augmentation, initial_fill=16,
+                               enable_checkpointing=True, machine_labels=machine_labels, **GPU)
         for resize in (None, 64):
             for tta in ("none", "flip", "tencrop"):
                 eval_pipeline(shards.tars, shards.indexes, out=out, resize_shorter=resize, tta=tta, **GPU)
