@@ -73,6 +73,7 @@ def test_the_tune_stage_chooses_saves_and_submit_uses_it(built, tmp_path, monkey
     assert chosen["f2"] == max(c["f2"] for c in report["candidates"])
     assert report["holdout_images"] == best["holdout"]["images"]
 
+
     import inference.submit as submit_module
     used = []
     real = submit_module.predict_files
@@ -83,3 +84,13 @@ def test_the_tune_stage_chooses_saves_and_submit_uses_it(built, tmp_path, monkey
     monkeypatch.setattr(submit_module, "predict_files", spy)
     submit_module.submit(cfg, 1, tmp_path / "a" / "tune" / "checkpoints" / "best.pt")
     assert used == [rule.test_resolution]
+
+    best_path = tmp_path / "a" / "tune" / "checkpoints" / "best.pt"
+    written = best_path.stat().st_mtime_ns
+    train(cfg, "tune", init=str(start))  # the same candidates: the choice stands
+    assert best_path.stat().st_mtime_ns == written
+    other = cfg.with_overrides(["tune.test_resolutions=[[72, 64]]"])
+    train(other, "tune", init=str(start))  # other candidates on the finished stage: chosen again
+    report = json.loads((tmp_path / "a" / "tune" / RESOLUTION_REPORT).read_text())
+    assert [(c["short_side"], c["crop"]) for c in report["candidates"]] == [(72, 64)]
+    assert DecisionRule.from_dict(load_checkpoint(best_path)["decision_rule"]).test_resolution == (72, 64)

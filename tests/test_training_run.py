@@ -255,3 +255,21 @@ def test_the_tune_stage_knows_the_classes_of_the_tuning_labels_unless_told_not_t
     off = cfg.with_overrides(["tune.unseen_class_threshold=false"])
     assert make_stage(off, "tune", Dist()).seen_classes is None
     assert make_stage(cfg, "train", Dist()).seen_classes is None
+
+
+def test_the_tune_log_line_says_what_the_unseen_class_threshold_did(caplog):
+    from types import SimpleNamespace
+    from training.train import log_epoch
+    record = {"epoch": 1, "loss": 0.5, "images_per_s": 10.0, "data_wait_share": 0.0}
+    val = {"val_gap": 0.5, "val_f2": 0.5, "val_threshold": 0.3, "val_f2_rule": 0.6,
+           "decision_rule": {"unseen_threshold": 0.95}}
+    lines = []
+    for seen, unseen in ([1, 2], 0.95), ([1, 2], None), (None, None):
+        caplog.clear()
+        with caplog.at_level("INFO", logger="training.train"):
+            log_epoch(record, {**val, "decision_rule": {"unseen_threshold": unseen}},
+                      SimpleNamespace(name="tune", seen_classes=seen), False)
+        lines.append(caplog.text)
+    assert "never show: above 0.95" in lines[0]
+    assert "never show: the global threshold" in lines[1]
+    assert "never show" not in lines[2]

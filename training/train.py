@@ -380,8 +380,10 @@ def validate(model, stage: Stage, cfg: Config, device: PipeDevice, d: distribute
 
 def log_epoch(record: dict, val: dict, stage: Stage, improved: bool) -> None:
     extra = f", rule F2 {val['val_f2_rule']:.4f}" if stage.name == "tune" else ""
-    unseen = (val.get("decision_rule") or {}).get("unseen_threshold")
-    extra += f" (classes the tuning labels never show: above {unseen:.2f})" if unseen is not None else ""
+    if stage.seen_classes is not None:
+        unseen = (val.get("decision_rule") or {}).get("unseen_threshold")
+        extra += (f" (classes the tuning labels never show: above {unseen:.2f})" if unseen is not None
+                  else " (classes the tuning labels never show: the global threshold, none better)")
     log.info(f"{stage.name} epoch {record['epoch']}: loss {record['loss']:.4f}, val GAP {val['val_gap']:.4f}, "
              f"F2 {val['val_f2']:.4f} at {val['val_threshold']:.2f}{extra}, "
              f"{record['images_per_s']:.0f} images/s, waiting for data {100 * record['data_wait_share']:.0f}%"
@@ -475,13 +477,18 @@ def choose_resolution(cfg: Config, stage: Stage, device: PipeDevice, d: distribu
     """Tune stage, after its last epoch: predict the hold-out's full-size originals with ``best.pt``'s model at
     each of ``tune.test_resolutions`` (as a submission reads test images, with ``predict.tta``), choose a rule at
     each, and make ``best.pt``'s rule the best one, its resolution with it; every candidate's F2 goes to
-    ``test_resolutions.json`` and the log. Done once (rank 0): a ``best.pt`` whose rule has a resolution is kept."""
+    ``test_resolutions.json`` and the log. Done on rank 0, once per set of candidates: a ``best.pt`` whose
+    resolution was chosen from the same candidates and TTA is kept, other candidates choose again."""
     if stage.name != "tune" or not cfg.tune.test_resolutions:
         return
     best_path = stage.checkpoints / "best.pt"
     if d.is_main and best_path.is_file():
         saved = load_checkpoint(best_path)
-        if DecisionRule.from_dict(saved["decision_rule"]).test_resolution is None:
+        chosen = DecisionRule.from_dict(saved["decision_rule"]).test_resolution
+        if chosen is not None and resolution_report_matches(stage.out / RESOLUTION_REPORT, cfg):
+            log.info("tune: test resolution %d/%d already chosen from these candidates (%s)", *chosen,
+                     stage.out / RESOLUTION_REPORT)
+        else:
             model = model_from_checkpoint(saved, cfg.model.channels_last).to(device.torch_device).eval()
             files, targets = holdout_originals(cfg.paths.shards, cfg.paths.competition_data, stage.out / "data")
 
@@ -506,6 +513,16 @@ def choose_resolution(cfg: Config, stage: Stage, device: PipeDevice, d: distribu
                      "the rule in %s", len(files), ", ".join(f"{t.resolution[0]}/{t.resolution[1]} F2 {t.f2:.4f}"
                                                             for t in trials), *best.resolution, best_path)
     distributed.barrier(d)
+
+
+def resolution_report_matches(path, cfg: Config) -> bool:
+    """Whether ``test_resolutions.json`` was written for the configured candidates and TTA."""
+    try:
+        report = json.loads(path.read_text())
+        asked = [(c["short_side"], c["crop"]) for c in report["candidates"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return asked == [tuple(c) for c in cfg.tune.test_resolutions] and report.get("tta") == cfg.predict.tta
 
 
 def steps_per_epoch(cfg: Config, stage: Stage, d: distributed.Dist) -> int:
