@@ -4,7 +4,10 @@
 
 Either file may be ``image_id,labels`` with a header or headerless like
 ``tuning_labels.csv``. Images of the solution missing from the submission score 0;
-ids in the submission that the solution does not list are reported and ignored.
+ids in the submission that the solution does not list are reported and ignored. Files that
+share no image (another stage's solution) are refused, and so are files that look swapped: a
+"submission" whose images are all among the "solution"'s and only part of them. A full
+stage's solution and its submission list the same images, so their order cannot be checked.
 """
 from __future__ import annotations
 
@@ -70,6 +73,9 @@ def main(argv=None):
                         f"{len(solution)} of {args.solution} (SOLUTION): the two files look swapped; the "
                         "submission comes first: python -m inference.score SUBMISSION SOLUTION")
     value, missing, unknown = score(submission, solution)
+    if solution and missing == len(solution):
+        raise UserError(f"none of the {len(solution)} images of {args.solution} (SOLUTION) is in {args.submission} "
+                        "(SUBMISSION): are they of the same stage?")
     if missing:
         log.warning("%d images of the solution are not in the submission (scored 0)", missing)
     if unknown:

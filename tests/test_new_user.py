@@ -178,6 +178,9 @@ def test_scoring_with_the_files_swapped_is_refused(tmp_path, capsys):
     tuning.write_text("".join(f"img{i},/m/a\n" for i in range(8)))
     assert run_main(score_main, [str(submission), str(tuning)], capsys)[0] == 0
     assert "look swapped" in one_error(*run_main(score_main, [str(tuning), str(submission)], capsys)[::2])
+    other_stage = tmp_path / "stage_2_solution.csv"
+    other_stage.write_text("image_id,labels\n" + "".join(f"other{i},/m/a\n" for i in range(10)))
+    assert "same stage" in one_error(*run_main(score_main, [str(submission), str(other_stage)], capsys)[::2])
 
 
 def test_the_tune_stage_writes_its_hold_out_labels_to_score_on(built, kaggle, tmp_path):
