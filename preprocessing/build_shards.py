@@ -356,6 +356,13 @@ def log_summary(manifest: dict, out: Path) -> None:
     total = sum(skipped.values())
     detail = ", ".join(f"{k}: {v}" for k, v in skipped.items())
     log.info(f"  skipped {total:,d} labeled images{f' ({detail})' if detail else ''}; see {out / SKIPPED}")
+    machine = manifest["labels"].get("machine")
+    if machine:
+        splits = " and ".join(manifest["settings"].get("machine_label_splits", []))
+        kept = (f"{machine['labels_kept']:,d} kept for {machine['images_with_labels']:,d} images, "
+                if "labels_kept" in machine else "")  # a build made before the manifest counted them
+        log.info(f"  machine labels in {splits}: {kept}{machine['rows_overruled_by_a_human_label']:,d} rows "
+                 "overruled by a human label")
     bad_rows = sum(len(v["malformed_rows"]) for v in manifest["labels"].values())
     if bad_rows:
         log.info(f"  {bad_rows} malformed label rows were skipped; see 'labels' in {out / MANIFEST}")

@@ -277,6 +277,7 @@ def read_machine_labels(path: Path, vocab: Vocabulary, human: LabelTable) -> tup
     problems.notes["repeated_rows"] = int(repeats[~overruled].sum())
     keys, conf = keys[~overruled], conf[~overruled]
     counts = np.bincount(keys // width, minlength=len(human))
+    problems.notes["labels_kept"], problems.notes["images_with_labels"] = len(keys), int((counts > 0).sum())
     return MachineLabels(np.concatenate([[0], np.cumsum(counts)]).astype(np.int64), (keys % width).astype(np.int32),
                          conf.astype(np.float32)), problems
 

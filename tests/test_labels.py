@@ -88,6 +88,8 @@ def test_machine_labels_match_a_literal_reading_and_a_human_label_always_wins(tm
     assert problems.notes["rows_overruled_by_a_human_label"] > 0
     assert problems.notes["rows_of_images_in_no_shard"] > 0  # ffff... and ids with no human positive
     assert problems.summary()["repeated_rows"] > 0
+    kept = [len(expected.get(image_id, {})) for image_id in table.image_ids]
+    assert (problems.notes["labels_kept"], problems.notes["images_with_labels"]) == (sum(kept), sum(k > 0 for k in kept))
 
 
 def test_machine_labels_report_bad_rows_as_the_human_labels_do(tmp_path):

@@ -58,6 +58,16 @@ def test_the_shards_carry_each_image_s_machine_labels_and_say_so(machine_built):
     assert not split_shards(cfg.paths.shards, "tune").machine_labels
 
 
+def test_the_build_summary_says_machine_labels_are_in(machine_built, built, caplog):
+    from preprocessing.build_shards import log_summary
+    for (cfg, manifest), said in (machine_built, True), (built, False):
+        caplog.clear()
+        with caplog.at_level("INFO", logger="preprocessing.build_shards"):
+            log_summary(manifest, cfg.paths.shards)
+        kept = manifest["labels"].get("machine", {}).get("labels_kept", 0)
+        assert (f"machine labels in train and val: {kept:,d} kept" in caplog.text) is said and (kept > 0) is said
+
+
 def test_without_the_setting_the_shards_are_today_s(built):
     cfg, manifest = built
     assert "machine_labels" not in manifest["settings"] and not split_shards(cfg.paths.shards, "train").machine_labels
@@ -90,8 +100,9 @@ def test_machine_labels_asked_of_shards_without_them_are_refused_in_one_line(bui
     assert not (tmp_path / "train").exists()
 
 
-def test_training_with_machine_labels_gives_the_loss_their_confidences(machine_built, tmp_path, monkeypatch):
+def test_training_with_machine_labels_gives_the_loss_their_confidences(machine_built, tmp_path, monkeypatch, caplog):
     cfg, _ = machine_built
+    caplog.set_level("INFO", logger="training.train")
     seen = []
 
     def recording(train_cfg):
@@ -107,6 +118,7 @@ def test_training_with_machine_labels_gives_the_loss_their_confidences(machine_b
     targets = torch.cat(seen)
     assert ((targets > 0) & (targets < 1)).any()  # the machine labels' confidences reached the loss
     assert (tmp_path / "train" / "checkpoints" / "best.pt").is_file()
+    assert "train: fitting on the human and the machine labels" in caplog.text
 
 
 def literal_soft_loss(logits, targets, floor):

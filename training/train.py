@@ -419,6 +419,10 @@ def _run(cfg: Config, stage_name: str, init: str | None, device: PipeDevice, d: 
         torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick its fastest kernels once
     stage = make_stage(cfg, stage_name, d)
     check_data_settings(cfg, stage.val, resizes=True)
+    if cfg.data.machine_labels and d.is_main:
+        log.info(f"{stage.name}: " + (f"fitting on the human and the machine labels ({cfg.train.loss} loss, machine "
+                 f"positives from confidence {cfg.train.machine_label_floor})" if stage.machine_labels
+                 else "fitting on the tuning labels alone (they have no machine labels)"))
     vocab = Vocabulary.load(cfg.paths.shards)
     counts = read_manifest(cfg.paths.shards).get("class_counts", {}).get("train")  # inference's fallback labels
     amp_dtype = autocast_dtype(device.kind == "gpu", cfg.model.amp, cfg.model.amp_dtype)
