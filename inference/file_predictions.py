@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing as mp
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,9 +34,17 @@ def screen(files: list[Path], workers: int | None = None) -> list[str | None]:
     workers = worker_count(workers, "the screening's workers")
     paths = [str(f) for f in files]
     # forkserver: workers forked from a clean server process, never from one that may hold a CUDA context
-    with mp.get_context("forkserver").Pool(workers) as pool:
-        return list(progress(log, iterable=pool.imap(check_image_file, paths, chunksize=32), total=len(paths),
-                             unit="img", desc="checking images"))
+    with progress(log, total=len(paths), unit="img", desc="checking images") as bar, \
+            mp.get_context("forkserver").Pool(workers) as pool:
+        # the fork server imports the main module (torch with it) once, before any worker runs: the bar's clock
+        # starts after that, or its first image carries those seconds and its estimate reads as an hour
+        pool.apply(os.getpid)
+        bar.reset()
+        reasons = []
+        for reason in pool.imap(check_image_file, paths, chunksize=32):
+            reasons.append(reason)
+            bar.update()
+        return reasons
 
 
 class DecodeFailed(Exception):
