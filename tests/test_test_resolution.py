@@ -73,7 +73,6 @@ def test_the_tune_stage_chooses_saves_and_submit_uses_it(built, tmp_path, monkey
     assert chosen["f2"] == max(c["f2"] for c in report["candidates"])
     assert report["holdout_images"] == best["holdout"]["images"]
 
-
     import inference.submit as submit_module
     used = []
     real = submit_module.predict_files
