@@ -17,54 +17,19 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-from benchmarks.harness import parser, write_json
+from benchmarks.harness import (DEMO_CONFIG, demo_settings as settings, fresh_scratch, parser, run, scratch_folder,
+                                stage2_f2, write_json)
 from common.cli import command
 from common.config import load_config
 from common.errors import UserError
 from model.checkpoint import load_checkpoint
 
-CONFIG = Path(__file__).resolve().parent.parent / "demo" / "config.yaml"
+CONFIG = DEMO_CONFIG
 RESOLUTIONS = [[64, 56], [73, 64], [82, 72]]
-
-
-def run(module: str, *args: str) -> str:
-    """One of the project's commands, as the demo runs it; its stdout."""
-    out = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True)
-    if out.returncode != 0:
-        raise UserError(f"python -m {module} {' '.join(args)} failed: {out.stderr.strip().splitlines()[-1:]}")
-    return out.stdout
-
-
-def settings(work: Path, artifacts: Path, *extra: str) -> list[str]:
-    paths = {"original_images": work / "data" / "original_images", "competition_data": work / "data" / "inclusive",
-             "shards": work / "shards", "artifacts": artifacts, "output": artifacts / "output"}
-    return ["--config", str(CONFIG), *[a for k, v in paths.items() for a in ("--set", f"paths.{k}={v}")],
-            *[a for e in extra for a in ("--set", e)]]
-
-
-def stage2_f2(work: Path, artifacts: Path, checkpoint: Path, machine: bool) -> float:
-    run("inference.submit", *settings(work, artifacts, f"data.machine_labels={str(machine).lower()}"), "--stage", "2",
-        "--checkpoint", str(checkpoint))
-    out = run("inference.score", str(artifacts / "output" / "submission_stage2.csv"),
-              str(work / "data" / "inclusive" / "stage_2_solution.csv"))
-    return float(out.split()[2])
-
-
 MARKER = ".made_by_benchmarks.demo_levers"
-
-
-def scratch_folder(text: str) -> Path:
-    """A folder this benchmark may empty: never one that holds anything else."""
-    path = Path(text)
-    if path.exists() and any(path.iterdir()) and not (path / MARKER).exists():
-        raise argparse.ArgumentTypeError(f"{path} holds files this benchmark did not make; it would empty it: "
-                                         "name a new or empty folder")
-    return path
 
 
 def resolutions(text: str) -> list:
@@ -79,15 +44,13 @@ def resolutions(text: str) -> list:
 @command
 def main(argv=None):
     p = parser("benchmarks.demo_levers", __doc__)
-    p.add_argument("--work", type=scratch_folder, default=Path("/tmp/iic_demo_levers"),
+    p.add_argument("--work", type=scratch_folder(MARKER), default=Path("/tmp/iic_demo_levers"),
                    help="scratch folder: new, empty, or one this benchmark made (it is emptied first)")
     p.add_argument("--resolutions", type=resolutions, default=RESOLUTIONS,
                    help=f"the test resolutions to choose among, as JSON (default {json.dumps(RESOLUTIONS)})")
     args = p.parse_args(argv)
     started = time.time()
-    shutil.rmtree(args.work, ignore_errors=True)
-    args.work.mkdir(parents=True)
-    (args.work / MARKER).touch()
+    fresh_scratch(args.work, MARKER)
     print("demo data and shards (with machine labels) ...", flush=True)
     run("demo.data", str(args.work / "data"))
     run("preprocessing.build_shards", *settings(args.work, args.work / "m1", "data.machine_labels=true"))
@@ -106,18 +69,20 @@ def main(argv=None):
             best = tuned / "tune" / "checkpoints" / "best.pt"
             as_trained = best.with_name("best_training_resolution.pt")
             shutil.copy(best, as_trained)
+            plain = json.loads((tuned / "tune" / "report.json").read_text())
             # run again with candidates: the finished stage only chooses its test resolution (on best.pt)
             run("training.train", *settings(args.work, tuned, *tune, f"tune.test_resolutions={json.dumps(args.resolutions)}"),
                 "--stage", "tune")
-            chosen = json.loads((tuned / "tune" / "test_resolutions.json").read_text())
+            chosen = json.loads((tuned / "tune" / "report.json").read_text())
             for resolution in (False, True):
                 checkpoint = best if resolution else as_trained
                 state = load_checkpoint(checkpoint)
                 rule = state["decision_rule"]
-                holdout = (max(c["f2"] for c in chosen["candidates"]) if resolution else state["metric"])
+                holdout = (chosen if resolution else plain)["f2_cross_fitted"]  # not the F2 of the images that chose
                 rows.append({"machine_labels": machine, "unseen_class_threshold": unseen,
                              "test_resolution": resolution, "holdout_f2": round(holdout, 4),
-                             "stage2_f2": round(stage2_f2(args.work, tuned, checkpoint, machine), 4),
+                             "stage2_f2": round(stage2_f2(args.work, tuned, checkpoint,
+                                                          f"data.machine_labels={str(machine).lower()}"), 4),
                              "chosen_resolution": rule.get("test_resolution"),
                              "unseen_threshold": rule.get("unseen_threshold"),
                              "candidates": chosen["candidates"] if resolution else None})

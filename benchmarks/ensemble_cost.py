@@ -94,8 +94,8 @@ def images_per_s(checkpoints: list[Path], cfg_args: list[str], work: Path, windo
     """Stage-2 images/s with the first 1, 2, ... members from one pass each, measured interleaved."""
     import torch
     from common.config import load_config
-    from common.threads import apply_thread_budget
-    from dali_pipes.device import resolve_device
+    from common.runtime import start_runtime
+    from dali_pipes.settings import PipeSettings
     from inference.file_predictions import predict_files, screen
     from model.members import Combination, load_members, member_models
 
@@ -103,15 +103,14 @@ def images_per_s(checkpoints: list[Path], cfg_args: list[str], work: Path, windo
     cfg = load_config(cfg_args[1], overrides)
     files = sorted((cfg.paths.competition_data / "stage_2_test_images").glob("*.jpg"))
     files = [f for f, bad in zip(files, screen(files)) if not bad]
-    device = resolve_device(cfg.pipeline.device)
-    apply_thread_budget(cfg.pipeline.num_threads, device.kind == "gpu")
-    models = member_models(load_members(checkpoints), cfg.model.channels_last, device.torch_device)
+    with start_runtime(cfg, announce=False) as runtime, torch.no_grad():
+        pipes = PipeSettings.from_config(cfg, runtime)
+        models = member_models(load_members(checkpoints), cfg.model.channels_last, runtime.device.torch_device)
 
-    def passes(n):
-        while True:  # one pass over every image per batch: a fresh pipeline each time, as a submission builds
-            yield predict_files(models[:n], files, cfg, device, combination=Combination())
+        def passes(n):
+            while True:  # one pass over every image per batch: a fresh pipeline each time, as a submission builds
+                yield predict_files(models[:n], files, runtime, pipes, cfg.predict, combination=Combination())
 
-    with torch.no_grad():
         r = interleaved({f"{n}_members": (passes(n), None) for n in range(1, len(models) + 1)}, len(files),
                         window_s, windows)
     out = {name: {k: v[k] for k in ("images_per_s", "min", "max")} for name, v in r.items() if name != "ratios"}

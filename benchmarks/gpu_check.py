@@ -282,11 +282,18 @@ class Check:
     """The data, configs and measurements the parts share; everything under one work folder."""
 
     def __init__(self, profile: Profile, work: Path, train_program: tuple[str, ...] = TRAINING):
-        from dali_pipes.device import resolve_device
-        from model.network import autocast_dtype
+        from common.device import resolve_device
+        from common.runtime import autocast_dtype
         self.profile, self.work, self.train_program = profile, work, tuple(train_program)
         self.device = resolve_device(profile.device)
         self.amp_dtype = autocast_dtype(self.device.kind == "gpu", True)
+
+    def pipes(self, cfg, device=None):
+        """The loaders' settings for ``cfg`` on the check's device (with its autocast dtype) or on ``device``."""
+        from dali_pipes.settings import PipeSettings
+        on_check = device is None
+        return replace(PipeSettings.from_config(cfg, device=device or self.device),
+                       amp_dtype=self.amp_dtype if on_check else None)
 
     @cached_property
     def photo_shards(self) -> Path:
@@ -360,11 +367,13 @@ class Check:
     @cached_property
     def steps(self) -> dict:
         """The model's own training steps, built once for throughput and training_steps."""
-        from dali_pipes.loader import prepare_input, train_loader
+        from common.runtime import InputAdapter
+        from dali_pipes.loader import train_loader
         from model.network import create_model
         from training.losses import per_positive_softmax_loss
         from training.train import training_step
         cfg, shards = self.photo_config(), split_shards(self.photo_shards, "train")
+        to_input = InputAdapter.from_config(cfg)
         if self.device.kind == "gpu":
             torch.backends.cudnn.benchmark = True
         model = create_model(self.profile.model, shards.num_classes, channels_last=True).to(self.device.torch_device)
@@ -372,11 +381,9 @@ class Check:
         scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
 
         def step(batch):
-            training_step(model, opt, scaler, per_positive_softmax_loss, prepare_input(batch[0], cfg), batch[1],
-                          self.amp_dtype)
+            training_step(model, opt, scaler, per_positive_softmax_loss, to_input(batch[0]), batch[1], self.amp_dtype)
         # one stream for the run: a second iter() would restart DALI mid-epoch
-        stream = train_loader(cfg, batch_size=self.profile.batch_size, device=self.device, shards=shards,
-                              amp_dtype=self.amp_dtype).stream()
+        stream = train_loader(self.pipes(cfg), shards, self.profile.batch_size).stream()
         images, targets = next(stream)
         return {"step": step, "stream": stream, "one_batch": repeat((images.clone(), targets.clone()))}
 
@@ -387,8 +394,9 @@ def part_result(gates: list[Gate], failed_run: subprocess.CompletedProcess | Non
 
 
 def collect(batches, cfg, limit: int | None = None) -> list[Batch]:
-    from dali_pipes.loader import prepare_input
-    return [Batch(prepare_input(b[0], cfg).float().cpu(), b[1].cpu(), list(b[2]) if len(b) > 2 else None)
+    from common.runtime import InputAdapter
+    to_input = InputAdapter.from_config(cfg)
+    return [Batch(to_input(b[0]).float().cpu(), b[1].cpu(), list(b[2]) if len(b) > 2 else None)
             for b in islice(batches, limit)]
 
 
@@ -398,7 +406,7 @@ def shard_truth(shards) -> dict[str, list[int]]:
 
 
 def parity(check: Check) -> dict:
-    from dali_pipes.device import resolve_device
+    from common.device import resolve_device
     from dali_pipes.loader import ImageFileLoader, eval_loader, train_loader
     p, cpu = check.profile, resolve_device("cpu")
     val, train = split_shards(check.photo_shards, "val"), split_shards(check.photo_shards, "train")
@@ -407,11 +415,11 @@ def parity(check: Check) -> dict:
     gates, centre = [], {}
 
     def compare(name, loader, overrides, limit=None) -> list[Batch]:
-        """``loader(cfg, **kw)`` on the device against the CPU reference (uint8 output, the other overrides alike):
-        adds the parity gates, returns the device's batches."""
+        """``loader(pipe settings)`` on the device against the CPU reference (uint8 output, the other overrides
+        alike): adds the parity gates, returns the device's batches."""
         dev_cfg, ref_cfg = check.photo_config(*overrides), reference_cfg.with_overrides(overrides[1:])
-        dev = collect(loader(dev_cfg, device=check.device, amp_dtype=check.amp_dtype), dev_cfg, limit)
-        ref = collect(loader(ref_cfg, device=cpu), ref_cfg, limit)
+        dev = collect(loader(check.pipes(dev_cfg)), dev_cfg, limit)
+        ref = collect(loader(check.pipes(ref_cfg, cpu)), ref_cfg, limit)
         gates.extend(batch_parity(name, dev, ref, p.parity_mean, p.parity_p999))
         return dev
 
@@ -421,7 +429,7 @@ def parity(check: Check) -> dict:
                ["pipeline.dtype=float16"] + (["data.shortest_side=288"] if resize else []), tta)
               for resize in (False, True) for tta in ("none", "flip", "tencrop")]
     for name, overrides, tta in cases:
-        dev = compare(name, lambda cfg, **kw: eval_loader(cfg, batch_size=16, tta=tta, shards=val, **kw), overrides)
+        dev = compare(name, lambda pipes: eval_loader(pipes, val, 16, tta=tta), overrides)
         gates.append(labels_match_truth(name, dev, truth))
         if tta == "none":
             centre[bool(overrides[1:])] = dev
@@ -430,21 +438,22 @@ def parity(check: Check) -> dict:
     # the test-image graph: full-size originals, resized with antialiasing, centre crop and ten crops
     for tta in ("none", "tencrop"):
         compare(f"test images tta={tta}",
-                lambda cfg, **kw: ImageFileLoader(cfg, check.test_images, tta=tta, batch_size=8, **kw),
+                lambda pipes: ImageFileLoader(pipes, check.test_images, 8, tta=tta),
                 ["pipeline.dtype=float16"])
     # the train graph: its random windows and flips are drawn on the CPU from the same seed on either device
-    compare("train float16 (same seed)", lambda cfg, **kw: train_loader(cfg, batch_size=16, shards=train, **kw),
+    compare("train float16 (same seed)", lambda pipes: train_loader(pipes, train, 16),
             ["pipeline.dtype=float16"], limit=4)
     return part_result(gates, compared_images=len(truth), test_images=len(check.test_images))
 
 
 def throughput(check: Check) -> dict:
-    from dali_pipes.loader import eval_loader, pipeline_threads, train_loader
+    from dali_pipes.loader import eval_loader, train_loader
     from dali_pipes.pipelines import decode_only_pipeline
     p, bs, on_gpu = check.profile, check.profile.batch_size, check.device.kind == "gpu"
     cfg, shards = check.photo_config(), split_shards(check.photo_shards, "train")
+    pipes = check.pipes(cfg)
     ceiling = decode_only_pipeline(shards.tars, shards.indexes, on_gpu=on_gpu, batch_size=bs,
-                                   num_threads=pipeline_threads(cfg.pipeline.num_threads, on_gpu),
+                                   num_threads=pipes.threads,
                                    device_id=check.device.device_id,
                                    prefetch_queue_depth=cfg.pipeline.prefetch_queue_depth)
     ceiling.build()
@@ -453,10 +462,9 @@ def throughput(check: Check) -> dict:
     if on_gpu:
         figures["nvjpeg"] = nvjpeg
     del ceiling
-    figures["eval_loader"] = check.timed(eval_loader(cfg, "train", batch_size=bs, device=check.device, shards=shards,
-                                                     amp_dtype=check.amp_dtype).stream())
+    figures["eval_loader"] = check.timed(eval_loader(pipes, shards, bs).stream())
     # the loader against the model's own steps on one batch kept on the device, windows in turn
-    train = train_loader(cfg, batch_size=bs, device=check.device, shards=shards, amp_dtype=check.amp_dtype)
+    train = train_loader(pipes, shards, bs)
     both = check.interleaved({"train_loader": (train.stream(), None),
                               "model_training_steps": (check.steps["one_batch"], check.steps["step"])})
     figures.update(train_loader=both["train_loader"], model_training_steps=both["model_training_steps"])
@@ -511,12 +519,19 @@ def ddp(check: Check) -> dict:
 
 def validation_from_checkpoint(config: Path, checkpoint: Path, device, amp_dtype=None) -> dict:
     """The train stage's validation figures of a saved model, computed by this process alone."""
+    from common.distributed import Dist
+    from common.runtime import InputAdapter, Runtime
     from model.checkpoint import load_checkpoint, model_from_checkpoint
-    from training.distributed import Dist
-    from training.train import make_stage, validate
+    from training.stages import train_stage
+    from training.validation import validate
+    from dali_pipes.settings import PipeSettings
     cfg = load_config(config)
+    runtime = Runtime(device, Dist(), amp_dtype, PipeSettings.from_config(cfg, device=device).threads,
+                      InputAdapter.from_config(cfg))
+    pipes = PipeSettings.from_config(cfg, runtime)
     model = model_from_checkpoint(load_checkpoint(checkpoint), cfg.model.channels_last).to(device.torch_device)
-    return validate(model, make_stage(cfg, "train", Dist()), cfg, device, Dist(), amp_dtype)
+    spec = train_stage(cfg, 1)
+    return validate(model, spec.data.open()[1], spec.validation, runtime, pipes)
 
 
 def compile_part(check: Check) -> dict:

@@ -199,6 +199,61 @@ def photo_shards(work: Path, images: int, overrides: list[str] = ()) -> Path:
     return work / "shards"
 
 
+# ------------------------------------------------------------------------------------- the demo's commands
+
+DEMO_CONFIG = REPO / "demo" / "config.yaml"
+
+
+def run(module: str, *args: str, processes: int | None = None) -> str:
+    """One of the project's commands, as a user runs it (``processes``: training under scripts/train.sh with that
+    many); its stdout. A failure is one line naming the command and its last error line."""
+    import os
+    import subprocess
+    command = ([sys.executable, "-m", module, *args] if processes is None else
+               ["bash", str(REPO / "scripts" / "train.sh"), "--nproc-per-node", str(processes), "--", *args])
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
+    out = subprocess.run(command, capture_output=True, text=True, env=env)
+    if out.returncode != 0:
+        raise UserError(f"{' '.join(command[-len(args) - 2:])} failed: {out.stderr.strip().splitlines()[-1:]}")
+    return out.stdout
+
+
+def demo_settings(work: Path, artifacts: Path, *extra: str) -> list[str]:
+    """``--config demo/config.yaml`` with the demo data under ``work``, outputs under ``artifacts``, and ``extra``
+    ``--set`` values."""
+    paths = {"original_images": work / "data" / "original_images", "competition_data": work / "data" / "inclusive",
+             "shards": work / "shards", "artifacts": artifacts, "output": artifacts / "output"}
+    return ["--config", str(DEMO_CONFIG), *[a for k, v in paths.items() for a in ("--set", f"paths.{k}={v}")],
+            *[a for e in extra for a in ("--set", e)]]
+
+
+def stage2_f2(work: Path, artifacts: Path, checkpoint: Path, *extra: str) -> float:
+    """The stage-2 F2 of a checkpoint on the demo data, submitted and scored by the project's commands."""
+    run("inference.submit", *demo_settings(work, artifacts, *extra), "--stage", "2", "--checkpoint", str(checkpoint))
+    out = run("inference.score", str(artifacts / "output" / "submission_stage2.csv"),
+              str(work / "data" / "inclusive" / "stage_2_solution.csv"))
+    return float(out.split()[2])
+
+
+def scratch_folder(marker: str) -> Callable[[str], Path]:
+    """An argument type: a folder the benchmark may empty (new, empty, or holding its ``marker`` file)."""
+    def folder(text: str) -> Path:
+        path = Path(text)
+        if path.exists() and any(path.iterdir()) and not (path / marker).exists():
+            raise argparse.ArgumentTypeError(f"{path} holds files this benchmark did not make; it would empty it: "
+                                             "name a new or empty folder")
+        return path
+    return folder
+
+
+def fresh_scratch(path: Path, marker: str) -> Path:
+    import shutil
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+    (path / marker).touch()
+    return path
+
+
 def moved(module: str, old: str, args: tuple[str, ...] = (), renamed: dict[str, str] | None = None) -> None:
     """Run ``python -m module`` for a script that moved there (``args`` first, its old flags ``renamed``), with a
     one-line warning."""

@@ -46,13 +46,14 @@ def positions(tars, indexes, samples: int, ranks: int, epochs: int, buffer: int,
               batch: int = 16) -> list[dict]:
     """Per epoch, {sample: its position in its rank's stream, as a fraction of the epoch}."""
     from nvidia.dali import fn, pipeline_def, types
+    from common.seeds import training_seed
     from dali_pipes.loader import train_reader_seeds
     from dali_pipes.pipelines import read_shards
     cfg = load_config(REPO / "config.yaml")
     out = [dict() for _ in range(epochs)]
     steps = samples // ranks // batch
     for rank in range(ranks):
-        seed, order_seed = train_reader_seeds(cfg, 0, rank)
+        seed, order_seed = train_reader_seeds(training_seed(cfg), 0, rank)
 
         @pipeline_def(batch_size=batch, num_threads=1, device_id=None)
         def reader():

@@ -185,7 +185,9 @@ def rate_by_fifth(folder: Path, manifest: dict, started: float) -> list[float]:
 def scale(work: Path, images: int, small: int, workers: int) -> dict:
     """Build the first ``small`` and all ``images`` photographs, verify the large build, read it once."""
     from common.config import load_config
+    from common.shard_format import split_shards
     from dali_pipes.loader import train_loader
+    from dali_pipes.settings import PipeSettings
     result = {"images": images, "small": small, "workers": workers}
     started = time.perf_counter()
     layout = write_photo_dataset(work / "data", images)
@@ -205,7 +207,7 @@ def scale(work: Path, images: int, small: int, workers: int) -> dict:
     cfg = load_config(REPO / "config.yaml", [f"paths.shards={shards}", "pipeline.device=cpu",
                                              f"pipeline.num_threads={workers}"])
     started, seen = time.perf_counter(), 0
-    for batch, _ in train_loader(cfg, batch_size=256):
+    for batch, _ in train_loader(PipeSettings.from_config(cfg), split_shards(shards, "train"), 256):
         seen += len(batch)
     result["train_loader_pass"] = {"images": seen, "images_per_s": round(seen / (time.perf_counter() - started), 1)}
     per_worker = result["build_large"]["images_per_s"] / workers

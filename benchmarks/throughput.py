@@ -20,6 +20,7 @@ from __future__ import annotations
 import gc
 import os
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -31,10 +32,11 @@ from common.cli import command
 from common.config import load_config
 from common.shard_format import split_shards
 from common.threads import usable_cores
-from dali_pipes.device import resolve_device
-from dali_pipes.loader import build_train_pipeline, eval_loader, output_dtype, prepare_input, train_loader
+from common.device import resolve_device
+from common.runtime import InputAdapter, autocast_dtype
+from dali_pipes.loader import build_train_pipeline, eval_loader, output_dtype, train_loader
 from dali_pipes.pipelines import decode_only_pipeline
-from model.network import autocast_dtype
+from dali_pipes.settings import PipeSettings
 
 
 def training_step_fn(model_name: str, num_classes: int, device, cfg, amp_dtype):
@@ -95,6 +97,8 @@ def measure(args, work: Path) -> None:
     # the batches training gets: on a GPU float16 for autocast (model.amp), as training.train asks for them
     amp_dtype = autocast_dtype(device.kind == "gpu", cfg.model.amp, cfg.model.amp_dtype)
     shards = split_shards(shards_dir, "train")
+    pipes = replace(PipeSettings.from_config(cfg, device=device), amp_dtype=amp_dtype, threads=args.threads)
+    pipes32 = replace(pipes, dtype="float32")  # for comparison: normalised in DALI
     bs, timed = args.batch_size, dict(window_s=args.window_s, windows=args.windows)
     print(f"{shards.samples} images in {len(shards.tars)} shards; batch {bs}, {args.threads} threads/workers")
 
@@ -105,20 +109,14 @@ def measure(args, work: Path) -> None:
         pipe.build()
         return pipeline_runs(pipe)
 
-    f32 = cfg.with_overrides(["pipeline.dtype=float32"])
     # every loader in one round-robin of windows, each window on a new instance (benchmarks.harness): drift on a
     # shared machine hits them alike, and each ratio is the median of the rounds' paired ratios
     streams = {
         "decode_ceiling": (ceiling, None),
-        "dali_train_pipeline": (lambda: pipeline_runs(build_train_pipeline(cfg, shards, 0, 1, bs, device,
-                                                                           amp_dtype=amp_dtype)), None),
-        "dali_train": (lambda: endless(train_loader(cfg, batch_size=bs, device=device, shards=shards,
-                                                    amp_dtype=amp_dtype)), None),
-        "dali_eval": (lambda: endless(eval_loader(cfg, "train", batch_size=bs, device=device, shards=shards,
-                                                  amp_dtype=amp_dtype)), None),
-        # for comparison: normalised in DALI
-        "dali_train_float32": (lambda: endless(train_loader(f32, batch_size=bs, device=device, shards=shards)),
-                               None),
+        "dali_train_pipeline": (lambda: pipeline_runs(build_train_pipeline(pipes, shards, bs)), None),
+        "dali_train": (lambda: endless(train_loader(pipes, shards, bs)), None),
+        "dali_eval": (lambda: endless(eval_loader(pipes, shards, bs)), None),
+        "dali_train_float32": (lambda: endless(train_loader(pipes32, shards, bs)), None),
     }
     if output_dtype(cfg.pipeline.dtype, device, amp_dtype) == "float32":
         del streams["dali_train_float32"]
@@ -133,8 +131,7 @@ def measure(args, work: Path) -> None:
     # the headline pair on its own, with more windows: the baseline's windows are the noisiest figure (a tenth
     # from one window to the next), and with 9 windows one run in three strayed 14% from the others' median
     headline = interleaved({
-        "dali_train": (lambda: endless(train_loader(cfg, batch_size=bs, device=device, shards=shards,
-                                                    amp_dtype=amp_dtype)), None),
+        "dali_train": (lambda: endless(train_loader(pipes, shards, bs)), None),
         "baseline": (lambda: endless(baseline_loader(cfg, batch_size=bs, num_workers=args.threads, shards=shards)),
                      None)}, bs, window_s=args.window_s, windows=args.headline_windows)
     results["baseline"] = headline["baseline"]
@@ -149,9 +146,8 @@ def measure(args, work: Path) -> None:
         step_with = training_step_fn(args.model, shards.num_classes, device, cfg, amp_dtype)
         layout = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
         streams = {
-            "train_steps_dali": (lambda: endless(train_loader(cfg, batch_size=bs, device=device, shards=shards,
-                                                              amp_dtype=amp_dtype)),
-                                 step_with(lambda x: prepare_input(x, cfg))),
+            "train_steps_dali": (lambda: endless(train_loader(pipes, shards, bs)),
+                                 step_with(InputAdapter.from_config(cfg))),
             "train_steps_baseline": (lambda: endless(baseline_loader(cfg, batch_size=bs, num_workers=args.threads,
                                                                      shards=shards)),
                                      step_with(lambda x: x.to(memory_format=layout))),  # normalised float NCHW

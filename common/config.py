@@ -1,23 +1,18 @@
-"""Load, validate and override the project's YAML config: the one home of the config schema.
-
-Each section is a frozen dataclass below, so code reads ``cfg.train.lr`` with its type
-known and a mistyped key in a YAML file or ``--set`` fails at load with one line. Values
-live only in YAML files (``config.yaml`` at the repository root holds the original
-solution's values). A file may start with ``extends: other.yaml`` to take every value from
-another file and change a few. Relative paths are resolved against the folder of the file
-that sets them (or the current directory for ``--set``). Keys that moved keep working under
-their old names (``RENAMED``), with a one-line deprecation warning.
-"""
+"""The settings: a pydantic model per config section, the one home of every key's type and default (the original
+solution's; ``config.yaml`` restates them, and a test keeps the two equal). A YAML file may begin ``extends:
+other.yaml``; ``--set section.key=value`` changes one value; relative paths are relative to the file that sets them
+(to the current folder for ``--set``). An unknown key, a wrong value or an old key name is one line naming the key.
+Pydantic rather than OmegaConf: it checks ranges and choices and names the rule a value broke; OmegaConf's structured
+configs check types alone."""
 from __future__ import annotations
 
-import copy
-import dataclasses
 import logging
-from dataclasses import dataclass, field
+import re
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Annotated, Any, Iterable, Literal
 
 import yaml
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, Strict, ValidationError
 
 from common.errors import UserError, reading
 
@@ -28,364 +23,229 @@ class ConfigError(UserError):
     pass
 
 
-PATH = "path"
-ANY_INT = "int"
-POS_INT = "positive int"
-NONNEG_INT = "non-negative int"
-OPT_INT = "int or null"
-FLOAT = "number"
-FRACTION = "number in [0, 1)"
-SHARE = "number in [0, 1]"
-BOOL = "bool"
-FLOAT_LIST = "list of numbers"
-STR = "str"
-RESOLUTIONS = "list of [short side, crop] pairs"
-
-
-NO_DEFAULT = object()
-
-
-def key(kind: Any, default: Any = NO_DEFAULT):
-    """A config key of the given kind (one of the constants above, or a tuple of choices). Keys added after the
-    first release take a ``default``, so that a config file written before them still loads as it did."""
-    return field(metadata={"kind": kind, "default": default})
-
-
-@dataclass(frozen=True)
-class Paths:
-    original_images: Path = key(PATH)
-    competition_data: Path = key(PATH)
-    shards: Path = key(PATH)
-    artifacts: Path = key(PATH)
-    output: Path = key(PATH)
-
-
-@dataclass(frozen=True)
-class Data:
-    """Read by preprocessing (shard settings); ``seed`` seeds the splits, and training too unless ``train.seed``."""
-    shortest_side: int = key(POS_INT)
-    jpeg_quality: int = key(POS_INT)
-    val_fraction: float = key(FRACTION)
-    seed: int = key(ANY_INT)
-    shard_max_samples: int = key(POS_INT)
-    reduced_decode: bool = key(BOOL)
-    machine_labels: bool = key(BOOL, default=False)
-
-
-@dataclass(frozen=True)
-class Pipeline:
-    """Read by dali_pipes."""
-    device: str = key(("auto", "gpu", "cpu"))
-    crop_size: int = key(POS_INT)
-    augmentation: str = key(("crop_flip", "random_resized_crop"))
-    dtype: str = key(("auto", "float16", "float32", "uint8"))
-    num_threads: int = key(POS_INT)
-    prefetch_queue_depth: int = key(POS_INT)
-    shuffle_buffer: int = key(POS_INT)
-    mean: list = key(FLOAT_LIST)
-    std: list = key(FLOAT_LIST)
-    baseline_workers: int = key(NONNEG_INT)
-
-
-@dataclass(frozen=True)
-class Model:
-    """Read by the model package, so by training and inference alike; ``channels_last`` is the one
-    memory-format setting (the pipelines' float layout follows it)."""
-    name: str = key(STR)
-    drop_rate: float = key(FRACTION)
-    channels_last: bool = key(BOOL)
-    compile: bool = key(BOOL)
-    compile_backend: str = key(STR, default="inductor")
-    amp: bool = key(BOOL)
-    amp_dtype: str = key(("auto", "bfloat16", "float16"))
-
-
-@dataclass(frozen=True)
-class Train:
-    loss: str = key(("per_positive_softmax", "bce"))
-    epochs: int = key(POS_INT)
-    batch_size: int = key(POS_INT)
-    lr: float = key(FLOAT)
-    lr_step_epochs: int = key(POS_INT)
-    lr_gamma: float = key(FLOAT)
-    momentum: float = key(FLOAT)
-    nesterov: bool = key(BOOL)
-    weight_decay: float = key(FLOAT)
-    lr_scaling: str = key(("none", "linear"))
-    warmup_epochs: int = key(NONNEG_INT)
-    max_steps_per_epoch: int = key(NONNEG_INT)
-    log_every: int = key(POS_INT)
-    checkpoint_every_steps: int = key(NONNEG_INT)
-    seed: int | None = key(OPT_INT)  # None: data.seed (see common.seeds.training_seed)
-    machine_label_floor: float = key(SHARE, default=0.5)
-
-
-@dataclass(frozen=True)
-class Tune:
-    epochs: int = key(POS_INT)
-    lr: float = key(FLOAT)
-    holdout_fraction: float = key(FRACTION)
-    min_class_examples: int = key(POS_INT)
-    unseen_class_threshold: bool = key(BOOL, default=True)
-    test_resolutions: list = key(RESOLUTIONS, default=[])
-
-
-@dataclass(frozen=True)
-class Predict:
-    """What validation (training) and submissions (inference) share."""
-    top_k: int = key(POS_INT)
-    tta: str = key(("none", "flip", "tencrop"))
-    batch_size: int = key(POS_INT)
-    max_labels: int = key(POS_INT)
-    ensemble_vote: int = key(NONNEG_INT)
-
-
-@dataclass(frozen=True)
-class Submit:
-    threshold: float = key(FLOAT)
-    min_labels: int = key(POS_INT)
-    max_fallback_fraction: float = key(SHARE)
-
-
-SECTIONS: dict[str, type] = {"paths": Paths, "data": Data, "pipeline": Pipeline, "model": Model, "train": Train,
-                             "tune": Tune, "predict": Predict, "submit": Submit}
-SCHEMA: dict[str, dict[str, Any]] = {name: {f.name: f.metadata["kind"] for f in dataclasses.fields(cls)}
-                                     for name, cls in SECTIONS.items()}
-DEFAULTS: dict[str, Any] = {f"{name}.{f.name}": f.metadata["default"] for name, cls in SECTIONS.items()
-                            for f in dataclasses.fields(cls) if f.metadata["default"] is not NO_DEFAULT}
-
-
-def _layout_to_channels_last(value: Any) -> Any:
-    if value not in ("NCHW", "NHWC"):
-        raise ConfigError(f"config key 'pipeline.layout' must be one of NCHW, NHWC, got {value!r}")
-    return value == "NHWC"
-
-
-# old dotted key -> (new dotted key, value conversion)
-RENAMED: dict[str, tuple[str, Any]] = {
-    "pipeline.layout": ("model.channels_last", _layout_to_channels_last),
-    "train.amp": ("model.amp", None),
-    "validation.top_k": ("predict.top_k", None),
-    "submit.top_k": ("predict.top_k", None),
-    "submit.tta": ("predict.tta", None),
-    "submit.batch_size": ("predict.batch_size", None),
-    "submit.max_labels": ("predict.max_labels", None),
-}
-# keys that no longer do anything: accepted with a one-line warning saying why
-DROPPED: dict[str, str] = {
-    "data.shard_max_bytes": "shards now hold data.shard_max_samples images each, cut up front so that any number "
-                            "of workers writes the same bytes (20,000 of the ~45 KB resized images: about 1 GB)",
-}
-OLD_SECTIONS = {old.split(".")[0] for old in [*RENAMED, *DROPPED]} - set(SECTIONS)
-
-
-def _renamed(old: str, value: Any, where: str) -> tuple[str, str, Any]:
-    """(section, key, value) under the new name, with a one-line deprecation warning."""
-    new, convert = RENAMED[old]
-    log.warning("config key '%s' (%s) is now '%s'; the old name still works but will go", old, where, new)
-    section, name = new.split(".")
-    return section, name, convert(value) if convert else value
-
-
-def _check(key: str, spec: Any, value: Any, base: Path) -> Any:
-    """Return the value converted to its final form, or raise ConfigError naming the key."""
-    def bad(expected: str):
-        return ConfigError(f"config key '{key}' must be {expected}, got {value!r}")
-
-    if spec in (FLOAT, FRACTION, SHARE) and isinstance(value, str):
-        try:  # YAML 1.1 reads 1e-4 (no dot) as a string
-            value = float(value)
-        except ValueError:
-            pass
-    is_int = isinstance(value, int) and not isinstance(value, bool)
-    is_num = is_int or isinstance(value, float)
-    if isinstance(spec, tuple):
-        if value not in spec:
-            raise bad("one of " + ", ".join(spec))
-        return value
-    if spec == PATH:
-        if not isinstance(value, (str, Path)) or not str(value):
-            raise bad("a path")
-        p = Path(value).expanduser()
-        return p if p.is_absolute() else (base / p).resolve()
-    if spec == ANY_INT:
-        if not is_int:
-            raise bad("an integer")
-    elif spec == OPT_INT:
-        if value is not None and not is_int:
-            raise bad("an integer, or null")
-    elif spec == POS_INT:
-        if not is_int or value <= 0:
-            raise bad("a positive integer")
-    elif spec == NONNEG_INT:
-        if not is_int or value < 0:
-            raise bad("a non-negative integer")
-    elif spec == FLOAT:
-        if not is_num:
-            raise bad("a number")
-        return float(value)
-    elif spec == FRACTION:
-        if not is_num or not 0 <= value < 1:
-            raise bad("a number in [0, 1)")
-        return float(value)
-    elif spec == SHARE:
-        if not is_num or not 0 <= value <= 1:
-            raise bad("a number in [0, 1]")
-        return float(value)
-    elif spec == BOOL:
-        if not isinstance(value, bool):
-            raise bad("true or false")
-    elif spec == FLOAT_LIST:
-        if not isinstance(value, list) or not value or not all(
-                isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
-            raise bad("a list of numbers")
-        return [float(v) for v in value]
-    elif spec == RESOLUTIONS:
-        if not isinstance(value, list) or not all(
-                isinstance(pair, list) and len(pair) == 2 and all(isinstance(v, int) and not isinstance(v, bool)
-                                                                  and v > 0 for v in pair) and pair[1] <= pair[0]
-                for pair in value):
-            raise bad("a list of [short side, crop] pairs of positive integers, each crop at most its short side "
-                      "(e.g. [[256, 224], [292, 256]]), or []")
-        return [list(pair) for pair in value]
-    elif spec == STR:
-        if not isinstance(value, str) or not value:
-            raise bad("a non-empty string")
+def _not_bool(value):
+    if isinstance(value, bool):
+        raise ValueError("must be a number, not true or false")
     return value
 
 
-@dataclass(frozen=True)
-class Config:
-    """A validated config: ``cfg.paths.shards`` (a resolved Path), ``cfg.train.lr`` ..."""
-    paths: Paths
-    data: Data
-    pipeline: Pipeline
-    model: Model
-    train: Train
-    tune: Tune
-    predict: Predict
-    submit: Submit
-    source: Path | None = None
-    overrides: tuple[str, ...] = ()  # the --set values it was loaded with (messages repeat them)
+def _crop_fits(pair: tuple[int, int]) -> tuple[int, int]:
+    if pair[1] > pair[0]:
+        raise ValueError("must be [short side, crop] with the crop at most the short side, e.g. [292, 256]")
+    return pair
+
+
+def number(**bounds):  # a float within pydantic's gt/ge/lt/le bounds: an integer is taken, true or false is not
+    return Annotated[float, BeforeValidator(_not_bool), Field(**bounds)]
+
+
+def integer(**bounds):  # an integer within bounds: 2.0, "2" and true are not
+    return Annotated[int, Strict(), Field(**bounds)]
+
+
+Bool = Annotated[bool, Strict()]
+Resolution = Annotated[tuple[integer(gt=0), integer(gt=0)], AfterValidator(_crop_fits)]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Paths(Section):
+    original_images: Path = Path("/original_images")  # holds train/<ImageID>.jpg
+    competition_data: Path = Path("/inclusive")  # Kaggle CSVs, stage_1_test_images/, stage_2_test_images/
+    shards: Path = Path("/shards")
+    artifacts: Path = Path("/artifacts")
+    output: Path = Path("/output")
+
+
+class Data(Section):
+    """Read by preprocessing; ``seed`` seeds the splits, and training too unless ``train.seed`` is set."""
+    shortest_side: integer(gt=0) = 256
+    jpeg_quality: integer(ge=1, le=100) = 95
+    val_fraction: number(ge=0, lt=1) = 0.01
+    seed: integer() = 0xDEADFACE
+    shard_max_samples: integer(gt=0) = 2000
+    reduced_decode: Bool = True
+    machine_labels: Bool = False
+
+
+class Pipeline(Section):
+    """Read by dali_pipes (through ``dali_pipes.settings.PipeSettings``)."""
+    device: Literal["auto", "gpu", "cpu"] = "auto"
+    crop_size: integer(gt=0) = 224
+    augmentation: Literal["crop_flip", "random_resized_crop"] = "crop_flip"
+    dtype: Literal["auto", "float16", "float32", "uint8"] = "auto"
+    num_threads: integer(gt=0) = 4
+    prefetch_queue_depth: integer(gt=0) = 2
+    shuffle_buffer: integer(gt=0) = 4096
+    mean: tuple[number(), number(), number()] = (0.485, 0.456, 0.406)
+    std: tuple[number(), number(), number()] = (0.229, 0.224, 0.225)
+    baseline_workers: integer(ge=0) = 0
+
+
+class Model(Section):
+    name: str = Field("seresnet101", min_length=1)
+    drop_rate: number(ge=0, lt=1) = 0.0
+    channels_last: Bool = True
+    compile: Bool = False
+    compile_backend: str = Field("inductor", min_length=1)
+    amp: Bool = True
+    amp_dtype: Literal["auto", "bfloat16", "float16"] = "auto"
+
+
+class Stage(Section):
+    """What both stages set, each in its own section: optimiser, schedule, loop."""
+    loss: Literal["per_positive_softmax", "bce"] = "per_positive_softmax"
+    epochs: integer(gt=0)
+    batch_size: integer(gt=0) = 32
+    lr: number(gt=0)
+    lr_step_epochs: integer(ge=0)  # lr *= lr_gamma every lr_step_epochs epochs; 0 = never
+    lr_gamma: number(gt=0) = 0.1
+    warmup_epochs: number(ge=0) = 0.0
+    momentum: number(ge=0, le=1) = 0.9
+    nesterov: Bool = True
+    weight_decay: number(ge=0) = 1e-4
+    max_steps_per_epoch: integer(ge=0) = 0  # 0 = the whole split
+    log_every: integer(gt=0) = 50
+    checkpoint_every_steps: integer(ge=0) = 0  # also save last.pt mid-epoch every N steps; 0 = at epoch ends only
+
+
+class Train(Stage):
+    epochs: integer(gt=0) = 25
+    lr: number(gt=0) = 0.01
+    lr_step_epochs: integer(ge=0) = 10
+    lr_scaling: Literal["none", "linear"] = "linear"
+    lr_reference_batch: integer(gt=0) = 32
+    warmup_epochs: number(ge=0) = 5.0
+    checkpoint_every_steps: integer(ge=0) = 10000
+    seed: integer() | None = None
+    machine_label_floor: number(gt=0, le=1) = 0.5
+
+
+class Tune(Stage):
+    epochs: integer(gt=0) = 80
+    lr: number(gt=0) = 1e-4
+    lr_step_epochs: integer(ge=0) = 0
+    holdout_fraction: number(gt=0, lt=1) = 0.3
+    min_class_examples: integer(gt=0) = 5
+    unseen_class_threshold: Bool = True
+    test_resolutions: tuple[Resolution, ...] = ()
+    rule_folds: integer(ge=2) = 5
+
+
+class Predict(Section):
+    """What validation (training) and submissions (inference) share."""
+    top_k: integer(gt=0) = 150
+    tta: Literal["none", "flip", "tencrop"] = "tencrop"
+    batch_size: integer(gt=0) = 64
+    max_labels: integer(gt=0) = 5
+    ensemble_vote: integer(ge=0) = 0
+
+
+class Submit(Section):
+    threshold: number() = 0.55
+    min_labels: integer(gt=0) = 2
+    max_fallback_fraction: number(ge=0, le=1) = 0.01
+
+
+class Config(Section):
+    """A validated config: ``cfg.paths.shards`` (an absolute Path), ``cfg.train.lr`` ..."""
+    paths: Paths = Paths()
+    data: Data = Data()
+    pipeline: Pipeline = Pipeline()
+    model: Model = Model()
+    train: Train = Train()
+    tune: Tune = Tune()
+    predict: Predict = Predict()
+    submit: Submit = Submit()
+    source: Path | None = Field(None, exclude=True)  # the file it was loaded from
+    overrides: tuple[str, ...] = Field((), exclude=True)  # its --set values (messages repeat them)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
-        return {name: {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(
-            getattr(self, name)).items()} for name in SECTIONS}
+        return self.model_dump(mode="json")
 
     def with_overrides(self, overrides: Iterable[str]) -> "Config":
-        raw = copy.deepcopy(self.to_dict())
         overrides = tuple(overrides)
-        return _build(_validate(_apply_sets(raw, overrides, Path.cwd()), Path.cwd()), self.source,
-                      self.overrides + overrides)
+        return _validated(_apply_sets(self.to_dict(), overrides), self.source, self.overrides + overrides)
 
 
-def _build(values: dict[str, dict[str, Any]], source: Path | None, overrides: tuple[str, ...] = ()) -> Config:
-    return Config(**{name: cls(**values[name]) for name, cls in SECTIONS.items()}, source=source,
-                  overrides=overrides)
+SECTIONS = [name for name in Config.model_fields if name not in ("source", "overrides")]
+# keys of earlier versions: a config that sets one stops with a line saying what became of it
+OLD_KEYS = {**{old: f"is now '{new}': rename it" for old, new in (
+    ("train.amp", "model.amp"), ("validation.top_k", "predict.top_k"), ("submit.top_k", "predict.top_k"),
+    ("submit.tta", "predict.tta"), ("submit.batch_size", "predict.batch_size"),
+    ("submit.max_labels", "predict.max_labels"))},
+    "pipeline.layout": "is now 'model.channels_last' (true for NHWC): replace it",
+    "data.shard_max_bytes": "is gone (shards hold data.shard_max_samples images each): remove it"}
 
 
-def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
-    """Read one file (following ``extends``), turning relative paths absolute on the way."""
+def _place(raw: dict, dotted: str, value: Any, where: str, base: Path) -> None:
+    """One value under its key (a path resolved against ``base``); an unknown or old key is an error."""
+    section, _, name = dotted.partition(".")
+    if dotted in OLD_KEYS:
+        raise ConfigError(f"config key '{dotted}' ({where}) {OLD_KEYS[dotted]}")
+    if section not in SECTIONS or name not in Config.model_fields[section].annotation.model_fields:
+        raise ConfigError(f"unknown config key '{dotted}' in {where}")
+    if section == "paths":
+        if not isinstance(value, (str, Path)) or not str(value):
+            raise ConfigError(f"config key '{dotted}' must be a path, got {value!r}")
+        value = (base / Path(value).expanduser()).resolve()
+    raw.setdefault(section, {})[name] = value
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, dict[str, Any]]:
+    """One file's values (after those of the file it ``extends``), its relative paths made absolute."""
     path = path.resolve()
     if path in seen:
         raise ConfigError(f"config file {path} extends itself")
-    if path.is_dir():
-        raise ConfigError(f"config file {path} is a folder; it must be a YAML file")
     if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
+        raise ConfigError(f"config file {path} is a folder; it must be a YAML file" if path.is_dir()
+                          else f"config file not found: {path}")
     try:
         with reading(path, "a YAML config file"):
             data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
-        where = getattr(exc, "problem_mark", None)
-        line = f" line {where.line + 1}" if where else ""
-        raise ConfigError(f"config file {path}{line} is not valid YAML") from None
+        mark = getattr(exc, "problem_mark", None)
+        raise ConfigError(f"config file {path}{f' line {mark.line + 1}' if mark else ''} is not valid YAML") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping of sections")
-    merged: dict[str, Any] = {}
-    if "extends" in data:
-        parent = Path(str(data.pop("extends"))).expanduser()
-        merged = _read_yaml(parent if parent.is_absolute() else path.parent / parent, seen + (path,))
-    mine: dict[str, dict[str, Any]] = {}
+    parent = data.pop("extends", None)
+    raw = _read_yaml(path.parent / Path(str(parent)).expanduser(), seen + (path,)) if parent else {}
     for section, values in data.items():
-        if section not in SCHEMA and section not in OLD_SECTIONS:
-            raise ConfigError(f"unknown config key '{section}' in {path}")
         if not isinstance(values, dict):
             raise ConfigError(f"config key '{section}' in {path} must be a mapping")
         for name, value in values.items():
-            if f"{section}.{name}" in DROPPED:
-                log.warning("config key '%s.%s' (%s) is ignored: %s", section, name, path, DROPPED[f"{section}.{name}"])
-                continue
-            if f"{section}.{name}" in RENAMED:
-                new_section, new_name, value = _renamed(f"{section}.{name}", value, str(path))
-                if new_name in data.get(new_section, {}) or new_name in mine.get(new_section, {}):
-                    raise ConfigError(f"{path} sets both '{section}.{name}' and '{new_section}.{new_name}'; "
-                                      f"keep only '{new_section}.{new_name}'")
-                section_out, name = new_section, new_name
-            elif section not in SCHEMA:
-                raise ConfigError(f"unknown config key '{section}.{name}' in {path}")
-            else:
-                section_out = section
-            if SCHEMA.get(section_out, {}).get(name) == PATH and isinstance(value, str):
-                p = Path(value).expanduser()
-                value = str(p if p.is_absolute() else (path.parent / p).resolve())
-            mine.setdefault(section_out, {})[name] = value
-    for section, values in mine.items():
-        merged.setdefault(section, {}).update(values)
-    return merged
-
-
-def _apply_sets(raw: dict[str, Any], overrides: Iterable[str], base: Path) -> dict[str, Any]:
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"--set expects dotted.key=value, got {item!r}")
-        dotted, text = item.split("=", 1)
-        dotted = dotted.strip()
-        try:
-            value = yaml.safe_load(text) if text.strip() else text
-        except yaml.YAMLError:
-            value = text
-        parts = dotted.split(".")
-        if dotted in DROPPED:
-            log.warning("config key '%s' (--set) is ignored: %s", dotted, DROPPED[dotted])
-            continue
-        if dotted in RENAMED:
-            section, name, value = _renamed(dotted, value, "--set")
-        elif len(parts) == 2 and parts[0] in SCHEMA and parts[1] in SCHEMA[parts[0]]:
-            section, name = parts
-        else:
-            raise ConfigError(f"unknown config key '{dotted}' in --set")
-        if SCHEMA[section][name] == PATH:
-            value = str((base / Path(text).expanduser()).resolve())
-        raw.setdefault(section, {})[name] = value
+            _place(raw, f"{section}.{name}", value, str(path), path.parent)
     return raw
 
 
-def _validate(raw: dict[str, Any], base: Path) -> dict[str, dict[str, Any]]:
-    out: dict[str, dict[str, Any]] = {}
-    for section, spec in SCHEMA.items():
-        given = raw.get(section, {})
-        for name in given:
-            if name not in spec:
-                raise ConfigError(f"unknown config key '{section}.{name}'")
-        out[section] = {}
-        for name, kind in spec.items():
-            if name not in given and f"{section}.{name}" not in DEFAULTS:
-                raise ConfigError(f"config key '{section}.{name}' is missing")
-            value = given[name] if name in given else DEFAULTS[f"{section}.{name}"]
-            out[section][name] = _check(f"{section}.{name}", kind, value, base)
-    return out
+def _apply_sets(raw: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
+    for item in overrides:
+        dotted, equals, text = item.partition("=")
+        if not equals:
+            raise ConfigError(f"--set expects dotted.key=value, got {item!r}")
+        try:
+            value = yaml.safe_load(text) if text.strip() and not dotted.startswith("paths.") else text
+        except yaml.YAMLError:
+            value = text
+        _place(raw, dotted.strip(), value, "--set", Path.cwd())
+    return raw
+
+
+def _validated(raw: dict[str, Any], source: Path | None, overrides: tuple[str, ...]) -> Config:
+    try:
+        return Config(**raw, source=source, overrides=overrides)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        key, item = ".".join(map(str, error["loc"][:2])), error["loc"][2:3]
+        rule = "is missing" if error["type"] == "missing" else \
+            re.sub(r"^(Input|String|Tuple|List) should", "must", error["msg"].removeprefix("Value error, "))
+        where = f" item {item[0] + 1}" if item and isinstance(item[0], int) else ""
+        raise ConfigError(f"config key '{key}'{where} {rule}, got {error['input']!r}") from None
 
 
 def load_config(path: str | Path = "config.yaml", overrides: Iterable[str] = ()) -> Config:
     """Read ``path``, apply ``--set`` overrides, validate everything; raise ConfigError on any problem."""
     path, overrides = Path(path), tuple(overrides)
-    raw = _apply_sets(_read_yaml(path), overrides, Path.cwd())
-    return _build(_validate(raw, path.resolve().parent), path.resolve(), overrides)
-
-
-def require_file(path: Path, what: str = "required file") -> Path:
-    """Raise a one-line ConfigError unless ``path`` is an existing file."""
-    if not Path(path).is_file():
-        raise ConfigError(f"{what} not found: {path}")
-    return Path(path)
+    return _validated(_apply_sets(_read_yaml(path), overrides), path.resolve(), overrides)

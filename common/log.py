@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 
 from tqdm import tqdm
 
@@ -28,9 +29,15 @@ class _RankZero(logging.Filter):
 
 
 class _Formatter(logging.Formatter):
+    """``2026-12-04 16:40:01 message``, a warning ``... warning: message``: a long run's log says when each thing
+    happened. An error is a command's last word, ``error: message``, in the form scripts and launchers read."""
+
     def format(self, record: logging.LogRecord) -> str:
         message = record.getMessage()
-        return message if record.levelno < logging.WARNING else f"{record.levelname.lower()}: {message}"
+        if record.levelno >= logging.ERROR:
+            return f"error: {message}"
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(record.created))
+        return f"{stamp} {message}" if record.levelno < logging.WARNING else f"{stamp} warning: {message}"
 
 
 def setup_logging(level: int = logging.INFO) -> None:

@@ -84,3 +84,10 @@ def _why(exc: OSError) -> str:
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return "no space left on the device"
     return exc.strerror or type(exc).__name__
+
+
+def require_file(path: Path, what: str = "required file") -> Path:
+    """Raise a one-line UserError unless ``path`` is an existing file."""
+    if not Path(path).is_file():
+        raise UserError(f"{what} not found: {path}")
+    return Path(path)

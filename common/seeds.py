@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 PURPOSES = {"train_val_split": 0, "tune_order": 1, "tune_holdout": 2, "train_reader": 3, "model_init": 4,
-            "train_shard_order": 5}
+            "train_shard_order": 5, "rule_folds": 6}
 
 
 def training_seed(cfg) -> int:

@@ -77,9 +77,10 @@ def cpu_limit() -> int:
     return max(1, min(cores, math.floor(quota)) if quota is not None else cores)
 
 
-def usable_cores() -> int:
-    """The CPUs this process may use, shared by the processes torchrun started on this machine."""
-    return max(1, cpu_limit() // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+def usable_cores(processes: int | None = None) -> int:
+    """The CPUs this process may use, shared by ``processes`` processes on this machine (default: as many as
+    torchrun started here)."""
+    return max(1, cpu_limit() // max(1, processes or int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
 
 
 def worker_count(asked: int | None, flag: str = "--workers") -> int:
@@ -113,22 +114,23 @@ def thread_budget(requested_dali: int, on_gpu: bool, cores: int | None = None) -
     return ThreadBudget(dali=dali, torch=max(1, cores - dali))
 
 
-def dali_threads(requested: int, on_gpu: bool) -> int:
+def dali_threads(requested: int, on_gpu: bool, processes: int | None = None) -> int:
     """DALI's threads for one pipeline (each holds its own decoder buffers: more than the budget gains nothing)."""
     if not budget_enabled():
         return max(1, min(requested, cpu_limit()))
-    return thread_budget(requested, on_gpu).dali
+    return thread_budget(requested, on_gpu, usable_cores(processes)).dali
 
 
-def apply_thread_budget(requested_dali: int, on_gpu: bool) -> ThreadBudget | None:
-    """Set PyTorch's (and, where loaded, OpenCV's) threads for this process; returns the budget."""
+def apply_thread_budget(requested_dali: int, on_gpu: bool, processes: int | None = None) -> ThreadBudget | None:
+    """Set PyTorch's (and, where loaded, OpenCV's) threads for this process, one of ``processes`` on this machine
+    (default: as many as torchrun started here); returns the budget."""
     if not budget_enabled():
         return None
-    budget = thread_budget(requested_dali, on_gpu)
+    budget = thread_budget(requested_dali, on_gpu, usable_cores(processes))
     import torch
     torch.set_num_threads(budget.torch)
     if "cv2" in sys.modules:
         sys.modules["cv2"].setNumThreads(budget.opencv)
     log.debug("threads: DALI %d, PyTorch %d, OpenCV %d on %d core(s)", budget.dali, budget.torch, budget.opencv,
-              usable_cores())
+              usable_cores(processes))
     return budget

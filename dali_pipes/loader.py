@@ -1,19 +1,19 @@
 """The loaders that training and inference use: DALI pipelines wrapped as PyTorch iterables.
 
-    for images, targets in train_loader(cfg, "train", rank, world_size): ...
-    for images, targets, image_ids in eval_loader(cfg, "val", rank, world_size): ...
-    for images, positions in ImageFileLoader(cfg, files): ...
+    settings = PipeSettings.from_config(cfg, runtime)          # at the command's edge
+    for images, targets in train_loader(settings, shards, batch_size, rank, world_size): ...
+    for images, targets, image_ids in eval_loader(settings, shards, batch_size, rank, world_size): ...
+    for images, positions in ImageFileLoader(settings, files, batch_size): ...
 
 Images arrive on the pipeline's device in one of two forms: normalised float from a GPU
 pipeline (with no copy through the host), or uint8 HWC crops from a CPU pipeline;
-``prepare_input`` turns either into the model's input. Targets arrive as a multi-hot float
+``common.runtime.InputAdapter`` turns either into the model's input. Targets arrive as a multi-hot float
 matrix ``[batch, num_classes]`` on the same device; trained with machine labels, a machine
 label's entry is its confidence (soft targets; a human label's is 1).
 """
 from __future__ import annotations
 
 import contextlib
-import functools
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,12 +23,11 @@ import torch
 from nvidia.dali.plugin.base_iterator import LastBatchPolicy
 from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
-from common.config import Config
+from common.device import Device
 from common.errors import DamagedData, UserError, failure_kind
-from common.seeds import int_seed, training_seed
-from common.threads import dali_threads
-from common.shard_format import SplitShards, decode_meta, split_shards
-from dali_pipes.device import PipeDevice, resolve_device
+from common.seeds import int_seed
+from common.shard_format import SplitShards, decode_meta
+from dali_pipes.settings import PipeSettings
 from dali_pipes.pipelines import (READER, Output, eval_pipeline, image_file_pipeline, train_outputs,
                                   train_pipeline)
 
@@ -72,11 +71,11 @@ def decode_ids(padded_json: torch.Tensor) -> list[str]:
     return [decode_meta(row)["image_id"] for row in padded_json.cpu().numpy()]
 
 
-def output_dtype(choice: str, device: PipeDevice, amp_dtype: torch.dtype | None = None) -> str:
+def output_dtype(choice: str, device: Device, amp_dtype: torch.dtype | None = None) -> str:
     """``auto`` follows where the model runs and its autocast dtype: on the GPU float16 normalised in DALI under
     autocast (fp16 or bf16: autocast casts the input; DALI has no bfloat16), float32 for an fp32 model; on the
-    CPU uint8 crops, normalised by ``prepare_input`` (DALI's CPU normalisation costs as much as the decode;
-    see docs/BENCHMARKS.md)."""
+    CPU uint8 crops, normalised by ``common.runtime.InputAdapter`` (DALI's CPU normalisation costs as much as the
+    decode; see docs/BENCHMARKS.md)."""
     if choice != "auto":
         return choice
     if device.kind != "gpu":
@@ -84,55 +83,27 @@ def output_dtype(choice: str, device: PipeDevice, amp_dtype: torch.dtype | None 
     return "float16" if amp_dtype is not None else "float32"
 
 
-def pipeline_threads(requested: int, on_gpu: bool) -> int:
-    """DALI's threads: ``pipeline.num_threads`` within the process's thread budget (``common.threads``)."""
-    return dali_threads(requested, on_gpu)
+def _pipe_args(settings: PipeSettings, batch_size: int, seed: int, crop: int | None = None) -> dict:
+    out = Output(crop or settings.crop_size, output_dtype(settings.dtype, settings.device, settings.amp_dtype),
+                 settings.channels_last, settings.mean, settings.std)
+    return dict(batch_size=batch_size, num_threads=settings.threads, device_id=settings.device.device_id,
+                prefetch_queue_depth=settings.prefetch_queue_depth, seed=seed, on_gpu=settings.on_gpu, out=out)
 
 
-def _pipe_args(cfg: Config, device: PipeDevice, batch_size: int, seed: int, amp_dtype=None,
-               crop: int | None = None) -> dict:
-    p = cfg.pipeline
-    out = Output(crop or p.crop_size, output_dtype(p.dtype, device, amp_dtype), cfg.model.channels_last,
-                 tuple(p.mean), tuple(p.std))
-    return dict(batch_size=batch_size, num_threads=pipeline_threads(p.num_threads, device.kind == "gpu"), device_id=device.device_id,
-                prefetch_queue_depth=p.prefetch_queue_depth, seed=seed, on_gpu=device.kind == "gpu", out=out)
-
-
-@functools.lru_cache(maxsize=8)
-def _normalisation(mean: tuple, std: tuple, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel shift and scale on 0..255 pixels, made once per device rather than per batch."""
-    return (torch.tensor([255 * m for m in mean], device=device),
-            torch.tensor([1 / (255 * s) for s in std], device=device))
-
-
-def prepare_input(images: torch.Tensor, cfg: Config) -> torch.Tensor:
-    """The one adapter from a loader's images to the model's input: normalised float, NCHW-shaped,
-    channels-last in memory exactly when ``model.channels_last``, on the images' device.
-
-    uint8 crops (``[..., H, W, C]``, from a CPU pipeline) are normalised here, where the model runs;
-    float batches (normalised by DALI) pass through, HWC ones as channels-last views (no copy).
-    """
-    channels_last = cfg.model.channels_last
-    if images.dtype == torch.uint8:
-        mean, scale = _normalisation(tuple(cfg.pipeline.mean), tuple(cfg.pipeline.std), images.device)
-        images = ((images.float() - mean) * scale).movedim(-1, -3)
-        return images if channels_last else images.contiguous()
-    return images.movedim(-1, -3) if channels_last else images
-
-
-def check_data_settings(cfg: Config, shards: SplitShards, resizes: bool, machine_labels: bool = False) -> None:
-    """The config's image settings against the shards' manifest, before any work: a crop larger than the image
-    makes DALI fail (or crash) mid-run. ``resizes``: the graph resizes to ``data.shortest_side`` (eval), else it
-    crops the shards' images as they are (train), which must then have the short side the config says.
-    ``machine_labels``: the graph reads the machine labels, which the shards must then hold."""
+def check_data_settings(settings: PipeSettings, shards: SplitShards, resizes: bool, machine_labels: bool = False) -> None:
+    """The image settings against the shards' manifest, before any work: a crop larger than the image makes DALI
+    fail (or crash) mid-run. ``resizes``: the graph resizes to ``data.shortest_side`` (eval), else it crops the
+    shards' images as they are (train), which must then have the short side the config says. ``machine_labels``:
+    the graph reads the machine labels, which the shards must then hold."""
+    folder = shards.tars[0].parent
     if machine_labels and not shards.machine_labels:
-        raise UserError(f"data.machine_labels is true, but the shards in {cfg.paths.shards} were built without "
+        raise UserError(f"data.machine_labels is true, but the shards in {folder} were built without "
                         "machine labels: rebuild them with data.machine_labels=true (python -m "
                         "preprocessing.build_shards --restart, or into another paths.shards), or set "
                         "data.machine_labels=false")
-    built, side, crop = shards.shortest_side, cfg.data.shortest_side, cfg.pipeline.crop_size
+    built, side, crop = shards.shortest_side, settings.shortest_side, settings.crop_size
     if not resizes and built != side:
-        raise UserError(f"the shards in {cfg.paths.shards} were built with data.shortest_side={built}, the config "
+        raise UserError(f"the shards in {folder} were built with data.shortest_side={built}, the config "
                         f"says {side}: rebuild them with python -m preprocessing.build_shards (into another "
                         f"paths.shards), or set data.shortest_side={built}")
     if crop > side:
@@ -141,16 +112,16 @@ def check_data_settings(cfg: Config, shards: SplitShards, resizes: bool, machine
                         "data.shortest_side")
 
 
-def check_test_image_settings(cfg: Config) -> None:
+def check_test_image_settings(crop_size: int, shortest_side: int) -> None:
     """The test-image graph resizes to ``data.shortest_side`` and crops ``pipeline.crop_size``."""
-    if cfg.pipeline.crop_size > cfg.data.shortest_side:
-        raise UserError(f"pipeline.crop_size={cfg.pipeline.crop_size} does not fit in the test images, resized to "
-                        f"a short side of {cfg.data.shortest_side} (data.shortest_side): lower pipeline.crop_size")
+    if crop_size > shortest_side:
+        raise UserError(f"pipeline.crop_size={crop_size} does not fit in the test images, resized to "
+                        f"a short side of {shortest_side} (data.shortest_side): lower pipeline.crop_size")
 
 
-def eval_resize(cfg: Config, shards: SplitShards) -> int | None:
+def eval_resize(settings: PipeSettings, shards: SplitShards) -> int | None:
     """Shards already have the configured short side: then eval skips the resize and decodes only the crop."""
-    return None if shards.shortest_side == cfg.data.shortest_side else cfg.data.shortest_side
+    return None if shards.shortest_side == settings.shortest_side else settings.shortest_side
 
 
 @dataclass
@@ -236,65 +207,58 @@ def shard_errors(shards: SplitShards):
         raise damaged_shard(exc, shards) from None
 
 
-def train_reader_seeds(cfg: Config, epoch: int, rank: int) -> tuple[int, int]:
+def train_reader_seeds(seed: int, epoch: int, rank: int) -> tuple[int, int]:
     """(the shuffle buffer's seed: this rank's own, for a pipeline that starts at ``epoch``; the seed of the tars'
     order: the same on every rank and for every start, since DALI's checkpoint restores the reader's place in
     that order but not its seed, so a resumed pipeline must be built with the seed the first one had), both
-    from ``train.seed``. (A run that starts afresh at a later epoch, as one does on another number of processes,
-    reads the tars in epoch 1's order again, its buffer mixing them otherwise.)"""
-    return (int_seed(training_seed(cfg), "train_reader", epoch, rank),
-            int_seed(training_seed(cfg), "train_shard_order"))
+    from the training seed. (A run that starts afresh at a later epoch, as one does on another number of
+    processes, reads the tars in epoch 1's order again, its buffer mixing them otherwise.)"""
+    return int_seed(seed, "train_reader", epoch, rank), int_seed(seed, "train_shard_order")
 
 
-def build_train_pipeline(cfg: Config, shards: SplitShards, rank: int, world_size: int, batch_size: int,
-                         device: PipeDevice, epoch: int = 0, checkpoint: str | None = None, amp_dtype=None,
+def build_train_pipeline(settings: PipeSettings, shards: SplitShards, batch_size: int, rank: int = 0,
+                         world_size: int = 1, epoch: int = 0, checkpoint: str | None = None,
                          machine_labels: bool = False):
-    """The built train graph; each rank shuffles with its own seed derived from ``train.seed`` (and the epoch
+    """The built train graph; each rank shuffles with its own seed derived from the training seed (and the epoch
     the pipeline starts at). With ``checkpoint`` (``DaliLoader.checkpoint()`` of an earlier run) it resumes
     exactly where that one stood: reader position, shuffle and augmentation random state."""
-    seed, order_seed = train_reader_seeds(cfg, epoch, rank)
-    pipe = train_pipeline(shards.tars, shards.indexes, augmentation=cfg.pipeline.augmentation,
-                          initial_fill=cfg.pipeline.shuffle_buffer, shard_id=rank, num_shards=world_size,
+    seed, order_seed = train_reader_seeds(settings.seed, epoch, rank)
+    pipe = train_pipeline(shards.tars, shards.indexes, augmentation=settings.augmentation,
+                          initial_fill=settings.shuffle_buffer, shard_id=rank, num_shards=world_size,
                           reader_seed=seed, order_seed=order_seed, enable_checkpointing=True, checkpoint=checkpoint,
-                          machine_labels=machine_labels, **_pipe_args(cfg, device, batch_size, seed, amp_dtype))
+                          machine_labels=machine_labels, **_pipe_args(settings, batch_size, seed))
     with shard_errors(shards):  # building opens the shards and their indexes
         pipe.build()
     return pipe
 
 
-def train_loader(cfg: Config, split: str = "train", rank: int = 0, world_size: int = 1,
-                 batch_size: int | None = None, device: PipeDevice | None = None,
-                 shards: SplitShards | None = None, epoch: int = 0, checkpoint: str | None = None,
-                 amp_dtype=None, machine_labels: bool = False) -> DaliLoader:
+def train_loader(settings: PipeSettings, shards: SplitShards, batch_size: int, rank: int = 0, world_size: int = 1,
+                 epoch: int = 0, checkpoint: str | None = None, machine_labels: bool = False) -> DaliLoader:
     """Shuffled, augmented batches; a fresh order every pass, the same orders for the same seed. Build it once
     per run: each pass (``iter()``) continues the same pipeline, and ``stream()`` runs across passes.
     ``machine_labels``: soft targets from the shards' machine labels too."""
-    shards = shards or split_shards(cfg.paths.shards, split)
-    check_data_settings(cfg, shards, resizes=False, machine_labels=machine_labels)
-    device = device or resolve_device(cfg.pipeline.device)
-    batch_size = batch_size or cfg.train.batch_size
+    check_data_settings(settings, shards, resizes=False, machine_labels=machine_labels)
     if shards.samples // world_size < batch_size:  # DALI's count of whole batches per rank, equal on every rank
-        raise UserError(f"the '{split}' data has {shards.samples} images for {world_size} process(es), fewer than "
-                        f"one batch of {batch_size} each; lower train.batch_size")
-    pipe = build_train_pipeline(cfg, shards, rank, world_size, batch_size, device, epoch, checkpoint, amp_dtype,
-                                machine_labels)
-    outputs = train_outputs(_pipe_args(cfg, device, batch_size, 0, amp_dtype)["out"], machine_labels)
+        raise UserError(f"the training data ({describe_shards(shards)}) has {shards.samples} images for "
+                        f"{world_size} process(es), fewer than one batch of {batch_size} each: lower the "
+                        "stage's batch_size")
+    pipe = build_train_pipeline(settings, shards, batch_size, rank, world_size, epoch, checkpoint, machine_labels)
+    outputs = train_outputs(_pipe_args(settings, batch_size, 0)["out"], machine_labels)
     with shard_errors(shards):  # DALI reads and decodes its first batches while the iterator is built
         it = DALIGenericIterator(pipe, outputs, reader_name=READER, auto_reset=True,
                                  last_batch_policy=LastBatchPolicy.DROP)
     return DaliLoader(it, shards.num_classes, with_ids=False, shards=shards, machine_labels=machine_labels)
 
 
-def eval_loader(cfg: Config, split: str = "val", rank: int = 0, world_size: int = 1,
-                batch_size: int | None = None, device: PipeDevice | None = None, tta: str = "none",
-                shards: SplitShards | None = None, amp_dtype=None) -> DaliLoader:
+def eval_loader(settings: PipeSettings, shards: SplitShards, batch_size: int, rank: int = 0, world_size: int = 1,
+                tta: str = "none") -> DaliLoader:
     """Every sample of this rank's part exactly once per pass, the last partial batch included."""
-    shards = shards or split_shards(cfg.paths.shards, split)
-    check_data_settings(cfg, shards, resizes=True)
-    device = device or resolve_device(cfg.pipeline.device)
-    batch_size = batch_size or cfg.predict.batch_size
-    pipe = eval_pipeline(shards.tars, shards.indexes, resize_shorter=eval_resize(cfg, shards), tta=tta,
-                         shard_id=rank, num_shards=world_size, **_pipe_args(cfg, device, batch_size, 0, amp_dtype))
+    check_data_settings(settings, shards, resizes=True)
+    if shards.samples < world_size:  # DALI would stop on an assertion
+        raise UserError(f"{describe_shards(shards)} hold {shards.samples} images, fewer than the {world_size} "
+                        "processes that each predict a part of them: use fewer processes")
+    pipe = eval_pipeline(shards.tars, shards.indexes, resize_shorter=eval_resize(settings, shards), tta=tta,
+                         shard_id=rank, num_shards=world_size, **_pipe_args(settings, batch_size, 0))
     with shard_errors(shards):
         pipe.build()
         it = DALIGenericIterator(pipe, ["images", "labels", "meta"], reader_name=READER, auto_reset=True,
@@ -307,16 +271,13 @@ class ImageFileLoader:
     (short side, crop) to resize and crop to, else the training one (``data.shortest_side``,
     ``pipeline.crop_size``)."""
 
-    def __init__(self, cfg: Config, files: list[Path], tta: str = "none", batch_size: int | None = None,
-                 device: PipeDevice | None = None, rank: int = 0, world_size: int = 1, amp_dtype=None,
-                 resolution: tuple[int, int] | None = None):
+    def __init__(self, settings: PipeSettings, files: list[Path], batch_size: int, tta: str = "none",
+                 rank: int = 0, world_size: int = 1, resolution: tuple[int, int] | None = None):
         if resolution is None:
-            check_test_image_settings(cfg)
-        short, crop = resolution or (cfg.data.shortest_side, cfg.pipeline.crop_size)
-        device = device or resolve_device(cfg.pipeline.device)
-        batch_size = batch_size or cfg.predict.batch_size
+            check_test_image_settings(settings.crop_size, settings.shortest_side)
+        short, crop = resolution or (settings.shortest_side, settings.crop_size)
         pipe = image_file_pipeline(files, resize_shorter=short, tta=tta, shard_id=rank, num_shards=world_size,
-                                   **_pipe_args(cfg, device, batch_size, 0, amp_dtype, crop))
+                                   **_pipe_args(settings, batch_size, 0, crop))
         pipe.build()
         self.iterator = DALIGenericIterator(pipe, ["images", "positions"], reader_name=READER, auto_reset=True,
                                             last_batch_policy=LastBatchPolicy.PARTIAL)

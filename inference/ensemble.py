@@ -26,25 +26,24 @@ from common.cli import command, config_from_args, config_parser
 from common.config import Config
 from common.errors import UserError
 from common.paths import readable_dir, readable_file, writable_file
-from common.threads import apply_thread_budget
-from dali_pipes.device import resolve_device
-from dali_pipes.loader import ImageFileLoader, eval_loader, prepare_input
-from model.decision import choose_rule, choose_test_resolution
+from common.runtime import Runtime, start_runtime
+from common.tune_split import holdout_fingerprint, holdout_ids, holdout_originals, split_tune_shards, tuning_classes
+from dali_pipes.loader import ImageFileLoader, eval_loader
+from dali_pipes.settings import PipeSettings
+from model.decision import ChosenRule, choose_rule_with_estimate, choose_test_resolution
 from model.members import (Combination, check_holdout, combine_topk, load_members, member_models,
                             write_ensemble_file)
-from model.network import autocast_dtype
 from model.predict import predict_member_topk
-from common.tune_split import holdout_fingerprint, holdout_ids, holdout_originals, split_tune_shards, tuning_classes
 
 log = logging.getLogger(__name__)
 
 
-def member_tops(cfg: Config, models: list, loader, amp_dtype) -> tuple[list[tuple[np.ndarray, np.ndarray]], list, int]:
+def member_tops(models: list, loader, runtime: Runtime, top_k: int
+                ) -> tuple[list[tuple[np.ndarray, np.ndarray]], list, int]:
     """Every member's (indices, scores) over one pass of ``loader``; each batch's other outputs; the class count."""
     per_member: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in models]
     rests, classes = [], 0
-    for tops, classes, rest in predict_member_topk(models, loader, cfg.predict.top_k,
-                                                   lambda x: prepare_input(x, cfg), amp_dtype):
+    for tops, classes, rest in predict_member_topk(models, loader, top_k, runtime.to_input, runtime.amp_dtype):
         for m, (idx, sc) in enumerate(tops):
             per_member[m].append((idx.cpu().numpy(), sc.cpu().numpy()))
         rests.append(rest)
@@ -52,23 +51,19 @@ def member_tops(cfg: Config, models: list, loader, amp_dtype) -> tuple[list[tupl
              for batches in per_member], rests, classes)
 
 
-def predict_holdout(cfg: Config, models: list, holdout, device) -> tuple[list[tuple[np.ndarray, np.ndarray]],
-                                                                          list[list[int]], int]:
+def predict_holdout(models: list, holdout, runtime: Runtime, pipes: PipeSettings, predict
+                    ) -> tuple[list[tuple[np.ndarray, np.ndarray]], list[list[int]], int]:
     """Every member's (indices, scores) over the hold-out's shards, from one pass; the true labels; the class count."""
-    amp_dtype = autocast_dtype(device.kind == "gpu", cfg.model.amp, cfg.model.amp_dtype)
-    loader = eval_loader(cfg, batch_size=cfg.predict.batch_size, device=device, shards=holdout, tta=cfg.predict.tta,
-                         amp_dtype=amp_dtype)
-    tops, rests, classes = member_tops(cfg, models, loader, amp_dtype)
+    loader = eval_loader(pipes, holdout, predict.batch_size, tta=predict.tta)
+    tops, rests, classes = member_tops(models, loader, runtime, predict.top_k)
     return tops, [np.flatnonzero(t).tolist() for target, _ in rests for t in target.cpu().numpy()], classes
 
 
-def predict_originals(cfg: Config, models: list, files: list[Path], device, resolution: tuple[int, int]
-                      ) -> tuple[list[tuple[np.ndarray, np.ndarray]], int]:
+def predict_originals(models: list, files: list[Path], runtime: Runtime, pipes: PipeSettings, predict,
+                      resolution: tuple[int, int]) -> tuple[list[tuple[np.ndarray, np.ndarray]], int]:
     """Every member's (indices, scores) over ``files`` at ``resolution``, from one pass, in the files' order."""
-    amp_dtype = autocast_dtype(device.kind == "gpu", cfg.model.amp, cfg.model.amp_dtype)
-    loader = ImageFileLoader(cfg, files, tta=cfg.predict.tta, device=device, amp_dtype=amp_dtype,
-                             resolution=resolution)
-    tops, rests, classes = member_tops(cfg, models, loader, amp_dtype)
+    loader = ImageFileLoader(pipes, files, predict.batch_size, tta=predict.tta, resolution=resolution)
+    tops, rests, classes = member_tops(models, loader, runtime, predict.top_k)
     order = np.argsort(np.concatenate([positions.view(-1).cpu().numpy() for positions, in rests]))
     return [(idx[order], sc[order]) for idx, sc in tops], classes
 
@@ -86,41 +81,47 @@ def make_ensemble(cfg: Config, checkpoints: list[Path], out: Path) -> dict:
     writable_file(out, "--out")
     members = load_members([readable_file(Path(c), "--checkpoint") for c in checkpoints])
     combination = Combination.from_vote(cfg.predict.ensemble_vote, len(members))
-    with tempfile.TemporaryDirectory(prefix="iic_holdout_") as folder:
+    tune, predict = cfg.tune, cfg.predict
+    with tempfile.TemporaryDirectory(prefix="iic_holdout_") as folder, start_runtime(cfg) as runtime:
         # the tune stage's own split, remade from the config (a few MB): the images the members were not fitted on
-        _, holdout = split_tune_shards(cfg.paths.shards, Path(folder), cfg.tune.holdout_fraction, cfg.data.seed)
+        _, holdout = split_tune_shards(cfg.paths.shards, Path(folder), tune.holdout_fraction, cfg.data.seed)
         fingerprint = holdout_fingerprint(holdout_ids(Path(folder)))
         check_holdout(members, fingerprint, "this config's tune hold-out")
-        device = resolve_device(cfg.pipeline.device, announce=True)
-        apply_thread_budget(cfg.pipeline.num_threads, device.kind == "gpu")
-        models = member_models(members, cfg.model.channels_last, device.torch_device)
-        seen = tuning_classes(cfg.paths.shards) if cfg.tune.unseen_class_threshold else None
-        if cfg.tune.test_resolutions:
+        pipes = PipeSettings.from_config(cfg, runtime)
+        models = member_models(members, cfg.model.channels_last, runtime.device.torch_device)
+        seen = tuning_classes(cfg.paths.shards) if tune.unseen_class_threshold else None
+
+        def choose(indices, scores, targets) -> ChosenRule:
+            return choose_rule_with_estimate(indices, scores, targets, tune.min_class_examples, seen,
+                                             tune.rule_folds, cfg.data.seed)
+        if tune.test_resolutions:
             files, targets = holdout_originals(cfg.paths.shards, cfg.paths.competition_data, Path(folder))
             passes = {}
 
-            def predict(resolution):
-                passes[resolution] = predict_originals(cfg, models, files, device, resolution)
-                return combined(*passes[resolution], cfg.predict.top_k, combination)
-            chosen, trials = choose_test_resolution(cfg.tune.test_resolutions, predict, targets,
-                                                    cfg.tune.min_class_examples, seen)
+            def predict_at(resolution):
+                passes[resolution] = predict_originals(models, files, runtime, pipes, predict, resolution)
+                return combined(*passes[resolution], predict.top_k, combination)
+            best, trials = choose_test_resolution(tune.test_resolutions, predict_at, targets, tune.min_class_examples,
+                                                  seen, tune.rule_folds, cfg.data.seed)
             log.info("hold-out F2 of the ensemble by test resolution: %s; chosen %d/%d",
-                     ", ".join(f"{t.resolution[0]}/{t.resolution[1]} {t.f2:.4f}" for t in trials), *chosen.resolution)
-            rule, f2 = chosen.rule, chosen.f2
-            tops = passes[chosen.resolution][0]
+                     ", ".join(f"{t.resolution[0]}/{t.resolution[1]} {t.f2:.4f}" for t in trials), *best.resolution)
+            chosen, tops = best.chosen, passes[best.resolution][0]
         else:
-            tops, targets, classes = predict_holdout(cfg, models, holdout, device)
-            rule, f2 = choose_rule(*combined(tops, classes, cfg.predict.top_k, combination), targets,
-                                   cfg.tune.min_class_examples, seen)
-    member_f2 = [choose_rule(idx, sc, targets, cfg.tune.min_class_examples, seen)[1] for idx, sc in tops]
-    write_ensemble_file(out, members, combination, rule, fingerprint, f2, member_f2)
-    log.info("hold-out F2 (%d images, each with its own rule chosen there): ensemble %.4f (%s), members %s; "
-             "wrote %s", len(targets), f2, combination.describe(len(members)),
-             ", ".join(f"{x:.4f}" for x in member_f2), out)
-    if f2 < max(member_f2):
+            tops, targets, classes = predict_holdout(models, holdout, runtime, pipes, predict)
+            chosen = choose(*combined(tops, classes, predict.top_k, combination), targets)
+    member_chosen = [choose(idx, sc, targets) for idx, sc in tops]
+    write_ensemble_file(out, members, combination, chosen, fingerprint, member_chosen)
+    log.info("hold-out F2 (%d images, each with its own rule chosen there), expected on new images (cross-fitted "
+             "over %d folds): ensemble %.4f (%s), members %s; on the images that chose the rules: ensemble %.4f, "
+             "members %s; wrote %s", len(targets), tune.rule_folds, chosen.f2_cross_fitted,
+             combination.describe(len(members)), ", ".join(f"{c.f2_cross_fitted:.4f}" for c in member_chosen),
+             chosen.f2_in_sample, ", ".join(f"{c.f2_in_sample:.4f}" for c in member_chosen), out)
+    if chosen.f2_cross_fitted < max(c.f2_cross_fitted for c in member_chosen):
         log.warning("the ensemble scores below its best member on the hold-out: check the members "
                     "(python -m inference.submit --checkpoint on each) or try predict.ensemble_vote")
-    return {"holdout_images": len(targets), "ensemble_f2": f2, "member_f2": member_f2, "out": str(out)}
+    return {"holdout_images": len(targets), "ensemble_f2": chosen.f2_in_sample,
+            "ensemble_f2_cross_fitted": chosen.f2_cross_fitted, "member_f2": [c.f2_in_sample for c in member_chosen],
+            "member_f2_cross_fitted": [c.f2_cross_fitted for c in member_chosen], "out": str(out)}
 
 
 @command(batch_keys="predict.batch_size")

@@ -16,13 +16,13 @@ from pathlib import Path
 
 import numpy as np
 
-from common.config import Config
 from common.errors import failure_kind
 from common.image_checks import check_image_file
 from common.log import progress
 from common.threads import worker_count
-from dali_pipes.device import PipeDevice
-from dali_pipes.loader import ImageFileLoader, prepare_input
+from common.runtime import Runtime
+from dali_pipes.loader import ImageFileLoader
+from dali_pipes.settings import PipeSettings
 from model.members import Combination
 from model.predict import predict_topk
 
@@ -75,23 +75,22 @@ class Predictions:
     failed: dict[int, str]  # position -> reason, for files DALI could not decode
 
 
-def predict_files(models, files: list[Path], cfg: Config, device: PipeDevice, amp_dtype=None,
+def predict_files(models, files: list[Path], runtime: Runtime, pipes: PipeSettings, predict,
                   combination: Combination = Combination(), resolution: tuple[int, int] | None = None
                   ) -> Predictions:
     """Every file's top-k by the model, or by several models combined (``model.members``) from one pass of the
-    pipeline: each image is decoded, resized and cropped once, whatever the number of models. ``resolution``:
-    (short side, crop), else the training one."""
-    k, step = cfg.predict.top_k, cfg.predict.batch_size
+    pipeline: each image is decoded, resized and cropped once, whatever the number of models. ``predict``: the
+    config's section (top_k, batch_size, tta); ``resolution``: (short side, crop), else the training one."""
+    k, step = predict.top_k, predict.batch_size
     pred = Predictions(np.full((len(files), k), -1, dtype=np.int64), np.zeros((len(files), k), dtype=np.float32), {})
 
     def run(positions: list[int], batch_size: int) -> int:
         """Predict ``positions``; returns how many were done before DALI failed (all, if it did not)."""
         done = 0
-        batches = guarded(lambda: ImageFileLoader(cfg, [files[p] for p in positions], tta=cfg.predict.tta,
-                                                  batch_size=batch_size, device=device, amp_dtype=amp_dtype,
+        batches = guarded(lambda: ImageFileLoader(pipes, [files[p] for p in positions], batch_size, tta=predict.tta,
                                                   resolution=resolution))
         try:
-            for idx, sc, (local,) in predict_topk(models, batches, k, lambda x: prepare_input(x, cfg), amp_dtype,
+            for idx, sc, (local,) in predict_topk(models, batches, k, runtime.to_input, runtime.amp_dtype,
                                                   combination):
                 rows = [positions[i] for i in local.tolist()]
                 pred.indices[rows, : idx.shape[1]] = idx

@@ -28,16 +28,15 @@ import pandas as pd
 
 from common.atomic import atomic_write, atomic_write_csv
 from common.cli import command, config_from_args, config_parser
-from common.config import Config, require_file
+from common.config import Config
 from common.errors import UserError
 from common.ids import image_path, is_plain_id
-from common.paths import readable_dir, readable_file, writable_dir, writable_file
-from common.threads import apply_thread_budget
-from dali_pipes.device import resolve_device
+from common.paths import readable_dir, readable_file, require_file, writable_dir, writable_file
+from common.runtime import start_runtime
 from dali_pipes.loader import check_test_image_settings
+from dali_pipes.settings import PipeSettings
 from inference.file_predictions import predict_files, screen
 from model.members import member_models, resolve_checkpoints
-from model.network import autocast_dtype
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +95,7 @@ def checkpoint_paths(cfg: Config, given: list[Path] | Path | None) -> list[Path]
 
 def submit(cfg: Config, stage: int, checkpoint: list[Path] | Path | None = None, save_scores: Path | None = None
            ) -> dict:
-    check_test_image_settings(cfg)
+    check_test_image_settings(cfg.pipeline.crop_size, cfg.data.shortest_side)
     comp = readable_dir(cfg.paths.competition_data, "paths.competition_data")
     out = writable_dir(cfg.paths.output, "paths.output")  # before the long work: it is written last
     if save_scores:
@@ -129,12 +128,10 @@ def submit(cfg: Config, stage: int, checkpoint: list[Path] | Path | None = None,
     problems.update({i: r for i, r in zip(candidates, reasons) if r})
     good = [i for i in candidates if i not in problems]
     # the model goes to the GPU after the screening's worker processes are done: CUDA does not survive a fork
-    device = resolve_device(cfg.pipeline.device, announce=True)
-    apply_thread_budget(cfg.pipeline.num_threads, device.kind == "gpu")
-    models = member_models(predictor.members, cfg.model.channels_last, device.torch_device)
-    pred = predict_files(models, [files[i] for i in good], cfg, device,
-                         autocast_dtype(device.kind == "gpu", cfg.model.amp, cfg.model.amp_dtype),
-                         predictor.combination, resolution)
+    with start_runtime(cfg) as runtime:
+        models = member_models(predictor.members, cfg.model.channels_last, runtime.device.torch_device)
+        pred = predict_files(models, [files[i] for i in good], runtime, PipeSettings.from_config(cfg, runtime),
+                             cfg.predict, predictor.combination, resolution)
     problems.update({good[p]: r for p, r in pred.failed.items()})
 
     refuse_mostly_fallback(problems, ids, cfg.submit.max_fallback_fraction, folder)

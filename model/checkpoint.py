@@ -6,7 +6,8 @@ A payload is a dict of tensors and plain data: ``model`` (the weights, plain key
 split: inference's fallback labels), ``decision_rule`` (the tune stage's, or None), ``stage``,
 ``epoch`` (finished epochs), ``step``, ``metric``, ``best_metric``, ``config``, ``holdout`` (the tune stage's:
 which images its rule was chosen on, ``common.tune_split.holdout_fingerprint``; None for the train stage);
-and, to resume training exactly, ``optimizer``, ``scheduler``, ``scaler``, ``rng`` (rank 0's random state) and ``rng_per_rank`` (every
+``lr_schedule`` (the stage's learning-rate schedule, a record: the rate is a function of the epoch, so there is no
+scheduler state); and, to resume training exactly, ``optimizer``, ``scaler``, ``rng`` (rank 0's random state) and ``rng_per_rank`` (every
 rank's, in rank order: each rank's dropout and other draws go on from its own), ``epoch_progress`` (how far into the next
 epoch a mid-epoch checkpoint stands, with the epoch's running sums) and ``dali`` (every rank's DALI
 pipeline checkpoint, in rank order, for a world of ``world_size`` processes).
@@ -24,7 +25,7 @@ from common.errors import UserError
 from model.network import create_model, unwrap
 
 
-RESUME_ONLY = ("optimizer", "scheduler", "scaler", "rng", "rng_per_rank", "epoch_progress", "dali")
+RESUME_ONLY = ("optimizer", "scheduler", "lr_schedule", "scaler", "rng", "rng_per_rank", "epoch_progress", "dali")
 
 
 def for_inference(state: dict) -> dict:
@@ -81,7 +82,7 @@ def save_checkpoint(path: Path, payload: dict) -> None:
 
 
 FOR_INFERENCE = ("model", "model_name", "classes")
-FOR_RESUME = FOR_INFERENCE + ("optimizer", "scheduler", "scaler", "rng", "epoch", "step", "best_metric")
+FOR_RESUME = FOR_INFERENCE + ("optimizer", "scaler", "rng", "epoch", "step", "best_metric")
 
 
 def load_checkpoint(path: Path, require: tuple[str, ...] = FOR_INFERENCE, map_location="cpu") -> dict:
@@ -108,13 +109,13 @@ def load_checkpoint(path: Path, require: tuple[str, ...] = FOR_INFERENCE, map_lo
     return payload
 
 
-def training_payload(*, model, optimizer, scheduler, scaler, stage: str, epoch: int, step: int, metric: float | None,
+def training_payload(*, model, optimizer, lr_schedule: dict, scaler, stage: str, epoch: int, step: int, metric: float | None,
                      best_metric: float, model_name: str, classes: list[str], class_counts: list[int] | None,
                      decision_rule: dict | None, config: dict, epoch_progress: dict, dali: list[str],
                      rng_per_rank: list[dict], world_size: int, holdout: dict | None = None) -> dict:
     """The payload as the train and tune stages save it (see the module docstring)."""
     return {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": rng_per_rank[0],
+            "lr_schedule": lr_schedule, "scaler": scaler.state_dict(), "rng": rng_per_rank[0],
             "rng_per_rank": rng_per_rank,
             "stage": stage, "epoch": epoch, "step": step, "metric": metric, "best_metric": best_metric,
             "model_name": model_name, "classes": classes, "class_counts": class_counts,

@@ -34,7 +34,7 @@ from common.atomic import atomic_write
 from common.errors import UserError
 from common.shard_format import file_sha256  # the manifest's hash of a file, reused
 from model.checkpoint import for_inference, load_checkpoint, model_from_checkpoint
-from model.decision import DecisionRule
+from model.decision import ChosenRule, DecisionRule
 
 log = logging.getLogger(__name__)
 
@@ -183,14 +183,17 @@ def relative_to(path: Path, folder: Path) -> str:
         return str(Path(path).resolve())
 
 
-def write_ensemble_file(out: Path, members: list[Member], combination: Combination, rule: DecisionRule,
-                        holdout: dict, holdout_f2: float, member_f2: list[float]) -> None:
+def write_ensemble_file(out: Path, members: list[Member], combination: Combination, chosen: ChosenRule,
+                        holdout: dict, member_chosen: list[ChosenRule]) -> None:
+    """``holdout_f2``: the F2 of each rule on the hold-out images that chose it; ``holdout_f2_cross_fitted``: the
+    same choice cross-fitted over folds of them, what new images can expect (``model.decision``)."""
+    def figures(c: ChosenRule) -> dict:
+        return {"holdout_f2": round(c.f2_in_sample, 5), "holdout_f2_cross_fitted": round(c.f2_cross_fitted, 5)}
     doc = {"format": FORMAT,
            "members": [{"path": relative_to(m.path, out.parent), "sha256": m.sha256,
-                        "model_name": m.state["model_name"], "holdout_f2": round(f2, 5)}
-                       for m, f2 in zip(members, member_f2)],
-           "combination": combination.to_dict(), "decision_rule": rule.to_dict(), "holdout": holdout,
-           "holdout_f2": round(holdout_f2, 5)}
+                        "model_name": m.state["model_name"], **figures(c)} for m, c in zip(members, member_chosen)],
+           "combination": combination.to_dict(), "decision_rule": chosen.rule.to_dict(), "holdout": holdout,
+           **figures(chosen)}
     with atomic_write(out, "w") as f:
         json.dump(doc, f, indent=1)
         f.write("\n")

@@ -15,16 +15,6 @@ def create_model(name: str, num_classes: int, channels_last: bool = False, drop_
     return model.to(memory_format=torch.channels_last) if channels_last else model
 
 
-def autocast_dtype(on_gpu: bool, enabled: bool, choice: str = "auto") -> torch.dtype | None:
-    """Mixed precision on the GPU (``model.amp``, ``model.amp_dtype``): ``auto`` is bf16 where supported, else
-    fp16 (trained with a GradScaler); None (fp32) on the CPU."""
-    if not on_gpu or not enabled:
-        return None
-    if choice == "auto":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return {"bfloat16": torch.bfloat16, "float16": torch.float16}[choice]
-
-
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """The plain module inside DistributedDataParallel and torch.compile wrappers, whose state dict keys
     carry no ``module.`` or ``_orig_mod.`` prefix."""

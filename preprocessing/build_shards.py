@@ -32,9 +32,9 @@ import numpy as np
 
 from common.atomic import atomic_write_csv, atomic_write_text
 from common.cli import command, config_from_args, config_parser
-from common.config import Config, ConfigError, require_file
+from common.config import Config, ConfigError
 from common.errors import UserError
-from common.paths import readable_dir, writable_dir
+from common.paths import readable_dir, require_file, writable_dir
 from common.image_checks import ImageProblem, read_image_file
 from common.log import progress
 from common.threads import worker_count

@@ -179,3 +179,29 @@ def run_main(main, args: list[str], capsys) -> tuple[int, str, str]:
         code = exc.code
     out, err = capsys.readouterr()
     return code, out, err
+
+
+def pipes(cfg, device=None, amp_dtype=None):
+    """The loaders' settings for ``cfg``, on the CPU unless ``device`` says otherwise."""
+    from dataclasses import replace
+    from common.device import resolve_device
+    from dali_pipes.settings import PipeSettings
+    return replace(PipeSettings.from_config(cfg, device=device or resolve_device("cpu")), amp_dtype=amp_dtype)
+
+
+def split(cfg, name: str):
+    return split_shards(cfg.paths.shards, name)
+
+
+def to_input(cfg):
+    """The model's input from a loader's images, as every command makes it."""
+    from common.runtime import InputAdapter
+    return InputAdapter.from_config(cfg)
+
+
+def cpu_runtime(cfg):
+    """A command's runtime on the CPU, alone (no process group to leave)."""
+    from common.device import resolve_device
+    from common.distributed import Dist
+    from common.runtime import Runtime
+    return Runtime(resolve_device("cpu"), Dist(), None, pipes(cfg).threads, to_input(cfg))

@@ -18,7 +18,7 @@ from preprocessing.resize import prepare_image
 from tests.fixtures import REPO, SMALL_SHARDS, write_config
 from training import losses
 from training.train import LossWatch, TrainingDiverged, train
-from training.distributed import Dist
+from common.distributed import Dist
 
 
 def test_the_first_non_finite_loss_of_a_log_interval_is_named_though_later_steps_are_finite():
@@ -38,7 +38,7 @@ def test_training_names_a_single_nan_step_inside_a_log_interval(built, kaggle, t
         calls.append(1)
         loss = loss_fn(logits, targets)
         return loss * math.nan if len(calls) == 3 else loss
-    monkeypatch.setitem(losses.LOSSES, "per_positive_softmax", lambda train: nan_once)
+    monkeypatch.setitem(losses.LOSSES, "per_positive_softmax", lambda floor: nan_once)
     path = write_config(tmp_path / "c.yaml", kaggle[0], cfg.paths.shards, "train:\n  batch_size: 4\n  log_every: 5\n",
                         artifacts=tmp_path / "a")
     with pytest.raises(TrainingDiverged, match=r"the loss is nan at epoch 1, step 3;"):
@@ -73,16 +73,6 @@ def test_the_scaled_decode_takes_the_smallest_scale_that_is_still_at_least_the_t
     (h, w), = seen  # resized once, and only ever down: never enlarged back from a scale too small
     assert h >= 64 and w >= 96
     assert h <= 2 * 64 + 2  # and from the smallest scale that stays at least the target (Pillow rounds down)
-
-
-def test_a_renamed_key_in_a_config_file_loads_with_its_warning(tmp_path, caplog):
-    path = tmp_path / "c.yaml"
-    path.write_text(f"extends: {REPO / 'config.yaml'}\nsubmit:\n  tta: flip\n")
-    with caplog.at_level(logging.WARNING, logger="common.config"):
-        cfg = load_config(path)
-    assert cfg.predict.tta == "flip"
-    assert [r.getMessage() for r in caplog.records] == [
-        f"config key 'submit.tta' ({path}) is now 'predict.tta'; the old name still works but will go"]
 
 
 def unfinished_build(kaggle, tmp_path, extra=""):

@@ -9,10 +9,10 @@ from PIL import Image
 from common.errors import UserError
 from common.shard_format import ShardWriter, SplitShards, encode_sample
 from benchmarks.baseline import baseline_loader
-from dali_pipes.device import resolve_device
-from dali_pipes.loader import ImageFileLoader, eval_loader, multi_hot, prepare_input, train_loader
+from common.device import resolve_device
+from dali_pipes.loader import ImageFileLoader, eval_loader, multi_hot, train_loader
 from benchmarks.photos import photo_jpegs
-from tests.fixtures import centre_crop_reference, jpeg_bytes, shard_samples
+from tests.fixtures import centre_crop_reference, jpeg_bytes, pipes, shard_samples, split, to_input
 
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU; this machine has none")
 
@@ -41,12 +41,12 @@ def test_device_choice():
 def test_train_batches_shapes_dtypes_and_ranges(built, layout, dtype):
     cfg, _ = built
     cfg = cfg.with_overrides([f"model.channels_last={layout == 'NHWC'}", f"pipeline.dtype={dtype}"])
-    loader = train_loader(cfg, batch_size=8)
+    loader = train_loader(pipes(cfg), split(cfg, "train"), 8)
     images, targets = next(iter(loader))
     c = cfg.pipeline.crop_size
     assert images.shape == ((8, 3, c, c) if layout == "NCHW" and dtype != "uint8" else (8, c, c, 3))
     assert images.dtype == getattr(torch, dtype) and images.device.type == "cpu"
-    images = prepare_input(images, cfg)
+    images = to_input(cfg)(images)
     assert images.shape == (8, 3, c, c) and images.is_floating_point()
     assert images.is_contiguous(memory_format=torch.contiguous_format if layout == "NCHW" else torch.channels_last)
     mean, std = np.array(cfg.pipeline.mean), np.array(cfg.pipeline.std)
@@ -61,9 +61,9 @@ def test_eval_covers_every_sample_once_with_its_labels(built):
     cfg, manifest = built
     truth = shard_samples(cfg, "train")
     seen = Counter()
-    loader = eval_loader(cfg, "train", batch_size=5)
+    loader = eval_loader(pipes(cfg), split(cfg, "train"), 5)
     for images, targets, ids in loader:
-        assert prepare_input(images, cfg).shape[1:] == (3, 56, 56) and len(ids) == len(images) <= 5
+        assert to_input(cfg)(images).shape[1:] == (3, 56, 56) and len(ids) == len(images) <= 5
         for image_id, row in zip(ids, rows(targets)):
             seen[image_id] += 1
             assert list(row) == truth[image_id][1]
@@ -79,8 +79,8 @@ def test_eval_pixels_match_the_torchvision_reference(built):
     """
     cfg, _ = built
     truth = shard_samples(cfg, "val")
-    for images, _, ids in eval_loader(cfg, "val", batch_size=4):
-        for image, image_id in zip(prepare_input(images, cfg), ids):
+    for images, _, ids in eval_loader(pipes(cfg), split(cfg, "val"), 4):
+        for image, image_id in zip(to_input(cfg)(images), ids):
             diff = (image - centre_crop_reference(cfg, truth[image_id][0])).abs()
             assert diff.mean() < 0.005 and diff.max() < 0.05, image_id
 
@@ -88,22 +88,22 @@ def test_eval_pixels_match_the_torchvision_reference(built):
 @pytest.mark.parametrize("tta", ["none", "tencrop"])
 def test_uint8_crops_normalised_by_the_consumer_equal_dali_normalisation(built, tta):
     cfg, _ = built
-    as_u8 = next(iter(eval_loader(cfg.with_overrides(["pipeline.dtype=uint8"]), "val", batch_size=4, tta=tta)))[0]
-    as_f32 = next(iter(eval_loader(cfg.with_overrides(["pipeline.dtype=float32"]), "val", batch_size=4, tta=tta)))[0]
+    as_u8 = next(iter(eval_loader(pipes(cfg.with_overrides(["pipeline.dtype=uint8"])), split(cfg, "val"), 4, tta=tta)))[0]
+    as_f32 = next(iter(eval_loader(pipes(cfg.with_overrides(["pipeline.dtype=float32"])), split(cfg, "val"), 4, tta=tta)))[0]
     assert as_u8.dtype == torch.uint8 and as_f32.dtype == torch.float32
-    assert torch.allclose(prepare_input(as_u8, cfg), as_f32, atol=1e-5)
+    assert torch.allclose(to_input(cfg)(as_u8), as_f32, atol=1e-5)
 
 
 def test_tencrop_views_are_corners_centre_and_their_mirrors(built):
     cfg, _ = built
-    images, _, ids = next(iter(eval_loader(cfg, "val", batch_size=3, tta="tencrop")))
-    images = prepare_input(images, cfg)
+    images, _, ids = next(iter(eval_loader(pipes(cfg), split(cfg, "val"), 3, tta="tencrop")))
+    images = to_input(cfg)(images)
     assert images.shape == (3, 10, 3, 56, 56)
-    centre = prepare_input(next(iter(eval_loader(cfg, "val", batch_size=3)))[0], cfg)
+    centre = to_input(cfg)(next(iter(eval_loader(pipes(cfg), split(cfg, "val"), 3)))[0])
     assert torch.allclose(images[:, 4], centre)  # view 4 is the centre crop
     assert torch.allclose(images[:, 5:], images[:, :5].flip(-1))  # views 5..9 mirror views 0..4
     assert not torch.allclose(images[:, 0], images[:, 3])  # corners differ
-    flip = prepare_input(next(iter(eval_loader(cfg, "val", batch_size=3, tta="flip")))[0], cfg)
+    flip = to_input(cfg)(next(iter(eval_loader(pipes(cfg), split(cfg, "val"), 3, tta="flip")))[0])
     assert flip.shape == (3, 2, 3, 56, 56) and torch.allclose(flip[:, 1], flip[:, 0].flip(-1))
 
 
@@ -111,36 +111,36 @@ def test_ranks_read_disjoint_parts_that_cover_the_split(built):
     cfg, _ = built
     parts = []
     for rank in range(2):
-        parts.append([i for _, _, ids in eval_loader(cfg, "train", rank, 2, batch_size=4) for i in ids])
+        parts.append([i for _, _, ids in eval_loader(pipes(cfg), split(cfg, "train"), 4, rank, 2) for i in ids])
     assert set(parts[0]).isdisjoint(parts[1])
     assert sorted(parts[0] + parts[1]) == sorted(shard_samples(cfg, "train"))
     # training ranks must step in lockstep: each yields the same number of batches, so an odd
     # sample out (at most world_size - 1 per pass) waits for the next pass
-    train_parts = [Counter(r for _, t in train_loader(cfg, "train", rank, 2, batch_size=1) for r in rows(t))
+    train_parts = [Counter(r for _, t in train_loader(pipes(cfg), split(cfg, "train"), 1, rank, 2) for r in rows(t))
                    for rank in range(2)]
     truth = Counter(tuple(v[1]) for v in shard_samples(cfg, "train").values())
-    assert sum(train_parts[0].values()) == sum(train_parts[1].values()) == len(train_loader(cfg, "train", 0, 2, 1))
+    assert sum(train_parts[0].values()) == sum(train_parts[1].values()) == len(train_loader(pipes(cfg), split(cfg, "train"), 1, 0, 2))
     assert train_parts[0] + train_parts[1] <= truth
     assert sum((train_parts[0] + train_parts[1]).values()) >= sum(truth.values()) - 1
 
 
 def test_train_epochs_reshuffle_and_the_seed_repeats_them(built):
     cfg, _ = built
-    loader = train_loader(cfg, batch_size=1)
+    loader = train_loader(pipes(cfg), split(cfg, "train"), 1)
     epoch1 = [r for _, t in loader for r in rows(t)]
     epoch2 = [r for _, t in loader for r in rows(t)]
     truth = Counter(tuple(v[1]) for v in shard_samples(cfg, "train").values())
     assert Counter(epoch1) == Counter(epoch2) == truth  # batch 1: a whole pass, nothing dropped
     assert epoch1 != epoch2
-    again = train_loader(cfg, batch_size=1)
+    again = train_loader(pipes(cfg), split(cfg, "train"), 1)
     assert [r for _, t in again for r in rows(t)] == epoch1
-    other = train_loader(cfg.with_overrides(["data.seed=7"]), batch_size=1)
+    other = train_loader(pipes(cfg.with_overrides(["data.seed=7"])), split(cfg, "train"), 1)
     assert [r for _, t in other for r in rows(t)] != epoch1
 
 
 def test_train_drops_only_the_last_partial_batch(built):
     cfg, manifest = built
-    loader = train_loader(cfg, batch_size=8)
+    loader = train_loader(pipes(cfg), split(cfg, "train"), 8)
     sizes = [len(t) for _, t in loader]
     assert sizes == [8] * (manifest["splits"]["train"]["samples"] // 8) and len(loader) == len(sizes)
 
@@ -154,8 +154,8 @@ def test_image_file_loader_resizes_and_keeps_positions(built, tmp_path):
         files.append(tmp_path / f"{k:024x}.jpg")
         files[-1].write_bytes(jpeg)
     seen = []
-    for images, positions in ImageFileLoader(cfg, files, batch_size=4):
-        images = prepare_input(images, cfg)
+    for images, positions in ImageFileLoader(pipes(cfg), files, 4):
+        images = to_input(cfg)(images)
         assert images.shape[1:] == (3, 56, 56)
         for image, pos in zip(images, positions.tolist()):
             seen.append(pos)
@@ -175,15 +175,15 @@ def test_baseline_loader_yields_the_same_kind_of_batches(built):
 
 @needs_gpu
 def test_gpu_pipelines_deliver_on_the_device_and_match_the_cpu(built):
-    """Like with like: the GPU's float16 batches and the CPU's uint8 ones, both through prepare_input."""
+    """Like with like: the GPU's float16 batches and the CPU's uint8 ones, both through the input adapter."""
     cfg, _ = built
     gpu, cpu = resolve_device("gpu"), resolve_device("cpu")
-    images, targets = next(iter(train_loader(cfg, batch_size=8, device=gpu, amp_dtype=torch.bfloat16)))
+    images, targets = next(iter(train_loader(pipes(cfg, gpu, torch.bfloat16), split(cfg, "train"), 8)))
     assert images.is_cuda and targets.is_cuda and images.dtype == torch.float16
-    g = next(iter(eval_loader(cfg, "val", batch_size=4, device=gpu, amp_dtype=torch.bfloat16)))
-    c = next(iter(eval_loader(cfg, "val", batch_size=4, device=cpu)))
+    g = next(iter(eval_loader(pipes(cfg, gpu, torch.bfloat16), split(cfg, "val"), 4)))
+    c = next(iter(eval_loader(pipes(cfg, cpu), split(cfg, "val"), 4)))
     assert g[2] == c[2] and torch.equal(g[1].cpu(), c[1])
-    diff = (prepare_input(g[0], cfg).float().cpu() - prepare_input(c[0], cfg)).abs()
+    diff = (to_input(cfg)(g[0]).float().cpu() - to_input(cfg)(c[0])).abs()
     assert diff.shape == (4, 3, 56, 56) and diff.mean() < 0.03
 
 
@@ -220,7 +220,7 @@ def test_train_crops_are_random_windows_of_the_right_size_and_half_are_mirrored(
     shards, decoded = gradient_shards(tmp_path, 64)
     reference = next(iter(decoded.values()))
     origins, mirrored = Counter(), 0
-    loader = train_loader(cfg, batch_size=16, shards=shards)
+    loader = train_loader(pipes(cfg), shards, 16)
     for _ in range(3):
         for images, _ in loader:
             assert images.shape == (16, c, c, 3) and images.dtype == torch.uint8

@@ -47,6 +47,7 @@ def test_the_whole_path_end_to_end_through_the_commands(tmp_path):
   batch_size: 16
 tune:
   epochs: 30
+  batch_size: 16
 """, artifacts=tmp_path / "artifacts", output=tmp_path / "out")
 
     def run(*args):

@@ -11,8 +11,8 @@ from common.config import load_config
 from common.seeds import training_seed
 from common.shard_format import split_shards
 from common.vocab import Vocabulary
-from dali_pipes.device import resolve_device
-from dali_pipes.loader import build_train_pipeline, eval_loader, prepare_input
+from common.device import resolve_device
+from dali_pipes.loader import build_train_pipeline, eval_loader
 from inference import file_predictions as predict_module
 from inference.ensemble import main as ensemble_main
 from inference.file_predictions import predict_files
@@ -22,9 +22,9 @@ from model.decision import DecisionRule, choose_rule
 from model.members import Combination, combine_topk
 from model.network import create_model
 from model.predict import predict_topk
-from tests.fixtures import corrupt_huffman_table, jpeg_bytes, photo, run_main, write_config
-from training.distributed import Dist
-from training.train import create_train_state, make_stage
+from tests.fixtures import corrupt_huffman_table, cpu_runtime, jpeg_bytes, photo, pipes, run_main, to_input, write_config
+from training.stages import train_stage, tune_stage
+from training.train import create_train_state
 from common.tune_split import holdout_fingerprint, holdout_ids, split_tune_shards, tuning_classes
 
 
@@ -88,7 +88,7 @@ def test_train_seed_moves_weights_and_shuffles_but_not_the_splits(built):
     device = resolve_device("cpu")
 
     def first_batch(c):
-        pipe = build_train_pipeline(c, shards, 0, 1, 4, device)
+        pipe = build_train_pipeline(pipes(c, device), shards, 4)
         images, labels, *_ = pipe.run()
         return np.array(images.as_tensor()), np.array(labels.as_tensor())
 
@@ -97,8 +97,7 @@ def test_train_seed_moves_weights_and_shuffles_but_not_the_splits(built):
     assert not np.array_equal(base[0], first_batch(other)[0])  # another order and other crops
 
     def weights(c):
-        stage = make_stage(c, "train", Dist())
-        state = create_train_state(c, stage, 10, torch.device("cpu"), None, 1, 1)
+        state = create_train_state(train_stage(c, 1), c.model, 10, torch.device("cpu"), None, training_seed(c))
         return torch.cat([p.detach().flatten() for p in state.model.parameters()])
 
     assert torch.equal(weights(cfg), weights(same)) and not torch.equal(weights(cfg), weights(other))
@@ -106,10 +105,12 @@ def test_train_seed_moves_weights_and_shuffles_but_not_the_splits(built):
 
 def test_members_that_differ_in_train_seed_share_the_tune_holdout(built, tmp_path):
     cfg, _ = built
+    init = tmp_path / "weights.pt"  # the stage's starting weights must exist; its data does not read them
+    init.touch()
     for seed, folder in ((None, "a"), (7, "b")):
         c = cfg.with_overrides([f"train.seed={'null' if seed is None else seed}",
                                 f"paths.artifacts={tmp_path / folder}"])
-        make_stage(c, "tune", Dist())
+        tune_stage(c, 1, init=str(init)).data.open()
     assert holdout_ids(tmp_path / "a" / "tune" / "data") == holdout_ids(tmp_path / "b" / "tune" / "data")
 
 
@@ -165,8 +166,8 @@ def test_the_ensemble_rule_is_chosen_on_the_combined_holdout_scores_as_tune_choo
     for p in paths:
         model = create_model("test_resnet", len(load_checkpoint(p)["classes"]))
         model.load_state_dict(load_checkpoint(p)["model"])
-        loader = eval_loader(cfg, batch_size=3, device=resolve_device("cpu"), shards=holdout, tta=cfg.predict.tta)
-        rows = list(predict_topk(model, loader, cfg.predict.top_k, lambda x: prepare_input(x, cfg)))
+        loader = eval_loader(pipes(cfg), holdout, 3, tta=cfg.predict.tta)
+        rows = list(predict_topk(model, loader, cfg.predict.top_k, to_input(cfg)))
         tops.append((torch.from_numpy(np.concatenate([r[0] for r in rows])),
                      torch.from_numpy(np.concatenate([r[1] for r in rows]))))
         targets = [np.flatnonzero(t).tolist() for r in rows for t in r[2][0].numpy()]
@@ -233,9 +234,10 @@ def test_a_submission_predicts_every_member_from_one_pass(members, tmp_path, mon
         m.load_state_dict(state["model"])
         models.append(m.eval())
     device = resolve_device("cpu")
-    together = predict_files(models, files, cfg, device, combination=Combination("vote", 2))
+    runtime = cpu_runtime(cfg)
+    together = predict_files(models, files, runtime, pipes(cfg), cfg.predict, combination=Combination("vote", 2))
     assert len(built_loaders) == 1  # one DALI pass for both members
-    alone = [predict_files(m, files, cfg, device) for m in models]
+    alone = [predict_files(m, files, runtime, pipes(cfg), cfg.predict) for m in models]
     tops = [(torch.from_numpy(a.indices), torch.from_numpy(a.scores)) for a in alone]
     idx, sc = combine_topk(tops, len(load_checkpoint(paths[0])["classes"]), cfg.predict.top_k, Combination("vote", 2))
     assert np.array_equal(together.indices, idx.numpy()) and np.allclose(together.scores, sc.numpy(), atol=1e-6)

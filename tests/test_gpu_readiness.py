@@ -8,15 +8,15 @@ import torch
 from common.config import load_config
 from common.errors import UserError
 from common.shard_format import split_shards
-from dali_pipes import device as device_module
-from dali_pipes.device import PipeDevice, gpu_index, resolve_device
+from common import device as device_module
+from common.device import Device, gpu_index, resolve_device
 from dali_pipes.loader import output_dtype
 from dali_pipes.pipelines import (Output, decode_only_pipeline, eval_pipeline, image_file_pipeline,
                                   train_pipeline)
 from inference.submit import submit
 from model.checkpoint import cuda_states_to_restore, load_checkpoint
 from tests.fixtures import REPO, write_config
-from training.train import Stage, lr_factor, train
+from training.train import train
 
 GPU = dict(on_gpu=True, batch_size=4, num_threads=1, device_id=0)
 
@@ -50,7 +50,7 @@ def test_every_gpu_graph_defines_on_a_cpu_only_machine(built, tmp_path):
 
 
 def test_auto_output_dtype_follows_the_autocast_dtype():
-    gpu, cpu = PipeDevice("gpu", 0), PipeDevice("cpu", None)
+    gpu, cpu = Device("gpu", 0), Device("cpu", None)
     assert output_dtype("auto", gpu, None) == "float32"  # an fp32 model (train.amp off) gets float32
     assert output_dtype("auto", gpu, torch.float16) == "float16"
     assert output_dtype("auto", gpu, torch.bfloat16) == "float16"  # autocast casts it; DALI has no bfloat16
@@ -79,18 +79,6 @@ def test_cuda_random_states_resume_on_fewer_or_more_gpus():
     assert [(i, int(s[0])) for i, s in cuda_states_to_restore(saved, 1)] == [(0, 0)]
     assert [i for i, _ in cuda_states_to_restore(saved[:1], 8)] == [0]
     assert [i for i, _ in cuda_states_to_restore(saved, 8)] == list(range(8))
-
-
-def test_linear_scaling_warms_up_then_follows_the_step_schedule():
-    cfg = load_config(REPO / "config.yaml", ["train.lr_scaling=linear", "train.warmup_epochs=2",
-                                             "train.batch_size=64", "train.lr_step_epochs=3"])
-    stage = Stage("train", None, None, 10, 0.01, 3, None, "val_gap", "none")
-    factor = lr_factor(cfg, stage, steps_per_epoch=10, world_size=8)  # global batch 512 = 16 x 32
-    assert factor(0) == pytest.approx(16 / 20) and factor(9) == pytest.approx(16 / 2)
-    assert factor(19) == pytest.approx(16) and factor(29) == pytest.approx(16)
-    assert factor(30) == pytest.approx(1.6)  # epoch 4: the first step decay
-    plain = lr_factor(load_config(REPO / "config.yaml"), stage, steps_per_epoch=10, world_size=8)
-    assert plain(0) == 1.0 and plain(30) == pytest.approx(0.1)  # none: the original's lr, whatever the world
 
 
 @pytest.mark.slow
@@ -185,14 +173,14 @@ def test_each_rank_resumes_its_own_random_state():
 def test_a_one_process_torchrun_run_sets_up_a_real_process_group(monkeypatch):
     """torchrun with one process (one GPU) runs DDP and the collectives, as eight would."""
     import socket
-    from training import distributed
+    from common import distributed
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    assert not distributed.setup(PipeDevice("cpu", None)).active  # a plain run: no group
+    assert not distributed.setup(Device("cpu", None)).active  # a plain run: no group
     for k, v in dict(WORLD_SIZE="1", RANK="0", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)).items():
         monkeypatch.setenv(k, v)
-    d = distributed.setup(PipeDevice("cpu", None))
+    d = distributed.setup(Device("cpu", None))
     try:
         assert d.active and distributed.backend(d) == "gloo"
         t = torch.ones(2)
@@ -225,7 +213,7 @@ def test_submit_screens_the_images_before_the_model_goes_to_the_device(built, ka
 
 
 def test_model_amp_dtype_chooses_the_autocast_dtype(monkeypatch):
-    from model.network import autocast_dtype
+    from common.runtime import autocast_dtype
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **kw: True)
     assert autocast_dtype(True, True, "auto") == torch.bfloat16
     assert autocast_dtype(True, True, "float16") == torch.float16  # the GradScaler path, on any GPU
@@ -239,6 +227,6 @@ def test_the_throughput_benchmark_times_trainings_own_step_with_its_autocast_dty
     monkeypatch.setattr(training.train, "training_step",
                         lambda net, opt, scaler, loss_fn, inputs, targets, amp: seen.append((inputs.dtype, amp)))
     cfg = load_config(REPO / "config.yaml", ["model.channels_last=false"])
-    step = throughput.training_step_fn("test_resnet", 5, PipeDevice("cpu", None), cfg, torch.bfloat16)
+    step = throughput.training_step_fn("test_resnet", 5, Device("cpu", None), cfg, torch.bfloat16)
     step(lambda x: x.half())((torch.zeros(2, 3, 8, 8), torch.zeros(2, 5)))
     assert seen == [(torch.float16, torch.bfloat16)]

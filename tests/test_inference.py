@@ -13,11 +13,11 @@ from sklearn.preprocessing import MultiLabelBinarizer
 
 from common.config import load_config
 from common.vocab import Vocabulary
-from dali_pipes.device import resolve_device
+from common.device import resolve_device
 from inference.file_predictions import predict_files
 from inference.score import read_labels, score
 from inference.submit import main as submit_main, submit
-from tests.fixtures import REPO, centre_crop_reference, corrupt_huffman_table, jpeg_bytes, photo, run_main, write_config
+from tests.fixtures import REPO, centre_crop_reference, corrupt_huffman_table, jpeg_bytes, photo, run_main, write_config, cpu_runtime, pipes
 from model.checkpoint import save_checkpoint
 from model.decision import DecisionRule
 from model.metrics import topk_rescore
@@ -90,7 +90,7 @@ def test_a_batch_that_fails_inside_dali_costs_only_the_bad_image(setup, monkeypa
     files.remove(folder / "truncated000000000000000.jpg")  # libjpeg may decode a truncated file partially
     model = create_model("test_resnet", len(vocab)).eval()
     cfg = cfg.with_overrides(["predict.tta=none"])
-    pred = predict_files(model, files, cfg, resolve_device("cpu"))
+    pred = predict_files(model, files, cpu_runtime(cfg), pipes(cfg), cfg.predict)
     bad = files.index(folder / "corrupt00000000000000000.jpg")
     assert pred.failed == {bad: "cannot decode (DALI)"}
     assert (pred.indices[[i for i in range(len(files)) if i != bad], 0] >= 0).all()
@@ -106,7 +106,7 @@ def test_dali_predictions_equal_a_pil_torchvision_reference(setup):
     model = create_model("test_resnet", len(vocab)).eval()
     inputs = []
     hook = model.register_forward_pre_hook(lambda _, args: inputs.append(args[0].detach().clone()))
-    pred = predict_files(model, files, cfg, resolve_device("cpu"))
+    pred = predict_files(model, files, cpu_runtime(cfg), pipes(cfg), cfg.predict)
     hook.remove()
     inputs = torch.cat(inputs)
     assert len(inputs) == len(files)

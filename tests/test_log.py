@@ -1,4 +1,5 @@
 import logging
+import re
 
 from common.log import progress, setup_logging
 
@@ -17,6 +18,8 @@ def test_only_rank_zero_speaks_but_errors_pass_from_every_rank(monkeypatch, caps
     with progress(log, total=3) as bar:
         assert not bar.disable
     out, err = capsys.readouterr()
-    assert out == "from rank 0\n"
-    assert [line for line in err.splitlines() if ": " in line and "it/s" not in line] == [
-        "error: rank 1 failed", "warning: careful"]
+    stamp = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d "  # a long run's log says when each line was written
+    assert re.fullmatch(stamp + "from rank 0\n", out), out
+    lines = [line for line in err.splitlines() if ": " in line and "it/s" not in line]
+    assert lines[0] == "error: rank 1 failed"  # a command's last word, as scripts read it: no time before it
+    assert len(lines) == 2 and re.fullmatch(stamp + "warning: careful", lines[1]), lines

@@ -13,7 +13,7 @@ from common.vocab import Vocabulary
 from dali_pipes.loader import multi_hot, train_loader, with_machine_labels
 from preprocessing.build_shards import build_shards
 from preprocessing.labels import read_human_labels, read_machine_labels
-from tests.fixtures import SMALL_SHARDS, write_config
+from tests.fixtures import SMALL_SHARDS, write_config, pipes
 from training import losses
 from training.losses import bce_loss, per_positive_softmax_loss
 from training.train import train
@@ -86,10 +86,10 @@ def test_the_train_loader_hands_over_soft_targets(machine_built):
             classes, conf = decode_machine(files)
             row[classes] = conf
             expected[tuple(np.round(row, 4).tolist())] += 1
-    got = Counter(tuple(np.round(t.numpy().astype(np.float64), 4).tolist()) for _, targets in train_loader(cfg, batch_size=1, machine_labels=True)
+    got = Counter(tuple(np.round(t.numpy().astype(np.float64), 4).tolist()) for _, targets in train_loader(pipes(cfg), shards, 1, machine_labels=True)
                   for t in targets)
     assert got == expected
-    plain = Counter(tuple(t.numpy().tolist()) for _, targets in train_loader(cfg, batch_size=1) for t in targets)
+    plain = Counter(tuple(t.numpy().tolist()) for _, targets in train_loader(pipes(cfg), shards, 1) for t in targets)
     assert all(set(row) <= {0.0, 1.0} for row in plain)  # the same shards, read without them
 
 
@@ -105,12 +105,12 @@ def test_training_with_machine_labels_gives_the_loss_their_confidences(machine_b
     caplog.set_level("INFO", logger="training.train")
     seen = []
 
-    def recording(train_cfg):
+    def recording(floor):
         loss = losses.per_positive_softmax_loss
 
         def record(logits, targets):
             seen.append(targets.clone())
-            return loss(logits, targets, floor=train_cfg.machine_label_floor)
+            return loss(logits, targets, floor=floor)
         return record
     monkeypatch.setitem(losses.LOSSES, "per_positive_softmax", recording)
     train(cfg.with_overrides(["train.epochs=1", "train.batch_size=8", "train.max_steps_per_epoch=3",
@@ -163,9 +163,9 @@ def test_a_machine_label_never_lowers_a_human_positive():
 
 def test_a_floor_outside_0_1_is_refused():
     from common.config import ConfigError
-    cfg = load_config(write_config.__globals__["REPO"] / "config.yaml", ["train.machine_label_floor=0"])
-    with pytest.raises(ConfigError, match="machine_label_floor"):
-        losses.LOSSES["per_positive_softmax"](cfg.train)
+    for floor in ("0", "1.5"):
+        with pytest.raises(ConfigError, match="machine_label_floor"):
+            load_config(write_config.__globals__["REPO"] / "config.yaml", [f"train.machine_label_floor={floor}"])
 
 
 def test_verify_passes_machine_shards_and_repair_rebuilds_them_byte_for_byte(machine_built, tmp_path):

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from common.config import RENAMED, load_config
+from common.config import OLD_KEYS, load_config
 import common.threads as threads
 from common.threads import apply_thread_budget, thread_budget, usable_cores
 from inference.score import main as score_main
@@ -187,7 +187,7 @@ def test_the_tune_stage_writes_its_hold_out_labels_to_score_on(built, kaggle, tm
     from common.shard_format import decode_meta, iter_samples
     from training.train import train
     cfg, _ = built
-    path = write_config(tmp_path / "c.yaml", kaggle[0], cfg.paths.shards, FAST + "tune:\n  epochs: 1\n",
+    path = write_config(tmp_path / "c.yaml", kaggle[0], cfg.paths.shards, FAST + "tune:\n  epochs: 1\n  batch_size: 4\n",
                         artifacts=tmp_path / "a")
     train(load_config(path), "train")
     train(load_config(path), "tune")
@@ -204,4 +204,16 @@ def test_no_help_text_names_a_moved_key(module, capsys):
     main = __import__(module, fromlist=["main"]).main
     code, out, _ = run_main(main, ["--help"], capsys)
     assert code == 0 and out
-    assert not [old for old in RENAMED if old in out]
+    assert not [old for old in OLD_KEYS if old in out]
+
+
+def test_train_sh_keeps_torchrun_s_restart_lines_and_a_rank_s_error_is_one_line(tmp_path):
+    r = subprocess.run(["bash", "scripts/train.sh", "--nproc-per-node", "1", "--max-restarts", "1", "--",
+                        "--config", str(tmp_path / "missing.yaml"), "--stage", "train"], cwd=REPO,
+                       capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"})
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and lines[-1] == f"error: config file not found: {tmp_path / 'missing.yaml'}", r.stderr
+    assert len([line for line in lines if "error:" in line]) == 1 and "Traceback" not in r.stderr
+    assert any("attempts left; will restart worker group" in line for line in lines), r.stderr  # torchrun's own
+    assert not any("failed (exitcode" in line for line in lines)  # said better by the rank's one line

@@ -11,8 +11,9 @@ from dali_pipes.loader import ImageFileLoader
 from model.checkpoint import load_checkpoint, save_checkpoint
 from model.decision import DecisionRule, choose_test_resolution
 from model.network import create_model
-from tests.fixtures import REPO
-from training.train import RESOLUTION_REPORT, train
+from tests.fixtures import REPO, pipes
+from training.rule_choice import REPORT
+from training.train import train
 
 
 def test_the_best_resolution_wins_the_first_on_a_tie_and_its_rule_carries_it():
@@ -41,9 +42,9 @@ def test_a_rule_keeps_its_resolution_and_an_old_rule_has_none():
 def test_the_file_loader_crops_at_the_resolution_asked(kaggle, built):
     cfg, _ = built
     files = sorted((kaggle[0].competition_data / "stage_1_test_images").glob("*.jpg"))[:4]
-    images, _ = next(iter(ImageFileLoader(cfg, files, batch_size=4, resolution=(80, 72))))
+    images, _ = next(iter(ImageFileLoader(pipes(cfg), files, 4, resolution=(80, 72))))
     assert images.shape[1:3] == (72, 72)
-    images, _ = next(iter(ImageFileLoader(cfg, files, batch_size=4)))
+    images, _ = next(iter(ImageFileLoader(pipes(cfg), files, 4)))
     assert images.shape[1:3] == (cfg.pipeline.crop_size,) * 2
 
 
@@ -61,16 +62,16 @@ def test_the_tune_stage_chooses_saves_and_submit_uses_it(built, tmp_path, monkey
     save_checkpoint(start, {"model": create_model("test_resnet", len(vocab)).state_dict(),
                             "model_name": "test_resnet", "classes": vocab.codes})
     cfg = cfg.with_overrides([f"paths.artifacts={tmp_path / 'a'}", f"paths.output={tmp_path / 'out'}",
-                              "tune.epochs=1", "train.batch_size=4", "predict.tta=none",
+                              "tune.epochs=1", "tune.batch_size=4", "predict.tta=none",
                               "tune.test_resolutions=[[64, 56], [80, 72]]", "submit.max_fallback_fraction=0.5"])
     train(cfg, "tune", init=str(start))
     best = load_checkpoint(tmp_path / "a" / "tune" / "checkpoints" / "best.pt")
     rule = DecisionRule.from_dict(best["decision_rule"])
-    report = json.loads((tmp_path / "a" / "tune" / RESOLUTION_REPORT).read_text())
+    report = json.loads((tmp_path / "a" / "tune" / REPORT).read_text())
     assert [(c["short_side"], c["crop"]) for c in report["candidates"]] == [(64, 56), (80, 72)]
-    chosen = max(report["candidates"], key=lambda c: c["f2"])
-    assert rule.test_resolution == (report["chosen"]["short_side"], report["chosen"]["crop"])
-    assert chosen["f2"] == max(c["f2"] for c in report["candidates"])
+    chosen = max(report["candidates"], key=lambda c: c["f2_in_sample"])  # the first best, as max takes it
+    assert rule.test_resolution == tuple(report["chosen_resolution"]) == (chosen["short_side"], chosen["crop"])
+    assert all(0 <= c["f2_cross_fitted"] <= 1 for c in report["candidates"])
     assert report["holdout_images"] == best["holdout"]["images"]
 
     import inference.submit as submit_module
@@ -78,7 +79,7 @@ def test_the_tune_stage_chooses_saves_and_submit_uses_it(built, tmp_path, monkey
     real = submit_module.predict_files
 
     def spy(*args, **kw):
-        used.append(args[6] if len(args) > 6 else kw.get("resolution"))
+        used.append(args[6] if len(args) > 6 else kw.get("resolution"))  # (models, files, runtime, pipes, ...)
         return real(*args, **kw)
     monkeypatch.setattr(submit_module, "predict_files", spy)
     submit_module.submit(cfg, 1, tmp_path / "a" / "tune" / "checkpoints" / "best.pt")
@@ -90,6 +91,6 @@ def test_the_tune_stage_chooses_saves_and_submit_uses_it(built, tmp_path, monkey
     assert best_path.stat().st_mtime_ns == written
     other = cfg.with_overrides(["tune.test_resolutions=[[72, 64]]"])
     train(other, "tune", init=str(start))  # other candidates on the finished stage: chosen again
-    report = json.loads((tmp_path / "a" / "tune" / RESOLUTION_REPORT).read_text())
+    report = json.loads((tmp_path / "a" / "tune" / REPORT).read_text())
     assert [(c["short_side"], c["crop"]) for c in report["candidates"]] == [(72, 64)]
     assert DecisionRule.from_dict(load_checkpoint(best_path)["decision_rule"]).test_resolution == (72, 64)

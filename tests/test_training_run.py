@@ -13,7 +13,7 @@ import torch
 from common.config import load_config
 from benchmarks.gpu_check import validation_from_checkpoint
 from common.errors import UserError
-from dali_pipes.device import resolve_device
+from common.device import resolve_device
 from model.checkpoint import load_checkpoint
 from training.train import TrainingDiverged, main as train_main, train
 from preprocessing.verify import main as verify_main
@@ -31,6 +31,7 @@ train:
   lr_step_epochs: 2
 tune:
   epochs: 2
+  batch_size: 4
   holdout_fraction: 0.4
 """
 
@@ -74,14 +75,26 @@ def test_a_short_run_lowers_the_loss_and_writes_every_artefact(trained):
     assert state["epoch"] == 3 and state["model_name"] == "test_resnet" and len(state["classes"]) == 22
 
 
-def test_tune_stage_saves_its_decision_rule(trained):
+def test_the_tune_stage_picks_best_by_gap_and_saves_a_rule_with_its_honest_figure(trained):
     _, artifacts = trained
     best = load_checkpoint(artifacts / "tune" / "checkpoints" / "best.pt")
     rule = best["decision_rule"]
     assert 0 < rule["threshold"] < 1 and 1 <= rule["min_labels"] <= rule["max_labels"]
-    rows = [r for r in records(artifacts / "tune" / "metrics.jsonl") if "val_f2_rule" in r]
+    rows = [r for r in records(artifacts / "tune" / "metrics.jsonl") if "val_gap" in r]
     assert len(rows) == 2 and all(r["val_images"] >= 4 for r in rows)
-    assert best["metric"] == max(r["val_f2_rule"] for r in rows)
+    # picked by the hold-out's GAP, which no rule enters, not by the F2 of a rule chosen on the same images
+    assert best["metric"] == max(r["val_gap"] for r in rows) and "val_f2_rule" not in rows[0]
+    report = json.loads((artifacts / "tune" / "report.json").read_text())
+    assert report["best_epoch"] == best["epoch"] and report["rule"] == rule
+    assert report["holdout_images"] == rows[0]["val_images"] == best["holdout"]["images"]
+    assert 0 <= report["f2_cross_fitted"] <= 1 and 0 <= report["f2_in_sample"] <= 1
+
+
+def test_every_record_has_its_wall_time(trained):
+    _, artifacts = trained
+    for stage in ("train", "tune"):
+        times = [r["wall_time"] for r in records(artifacts / stage / "metrics.jsonl")]
+        assert times == sorted(times) and abs(times[-1] - time.time()) < 3600
 
 
 @pytest.mark.slow
@@ -242,34 +255,37 @@ def test_a_training_step_reads_nothing_back_from_the_device(built, kaggle, tmp_p
     assert (counts[45] - counts[5]) / 40 < 0.1, counts
 
 
-def test_the_tune_stage_knows_the_classes_of_the_tuning_labels_unless_told_not_to(built, kaggle, tmp_path):
+def test_the_tune_stage_s_rule_knows_the_classes_of_the_tuning_labels(trained):
     from common.tune_split import tuning_classes
-    from training.distributed import Dist
-    from training.train import make_stage
-    cfg, _ = built
-    cfg = load_config(write_config(tmp_path / "c.yaml", kaggle[0], cfg.paths.shards, FAST,
-                                   artifacts=tmp_path / "artifacts"))
-    seen = make_stage(cfg, "tune", Dist()).seen_classes
+    cfg_path, artifacts = trained
+    cfg = load_config(cfg_path)
+    report = json.loads((artifacts / "tune" / "report.json").read_text())
     truth = {c for _, labels in shard_samples(cfg, "tune").values() for c in labels}
-    assert seen == tuning_classes(cfg.paths.shards) == sorted(truth) and seen
-    off = cfg.with_overrides(["tune.unseen_class_threshold=false"])
-    assert make_stage(off, "tune", Dist()).seen_classes is None
-    assert make_stage(cfg, "train", Dist()).seen_classes is None
+    assert report["tuning_label_classes"] == len(tuning_classes(cfg.paths.shards)) == len(truth) > 0
 
 
-def test_the_tune_log_line_says_what_the_unseen_class_threshold_did(caplog):
-    from types import SimpleNamespace
-    from training.train import log_epoch
-    record = {"epoch": 1, "loss": 0.5, "images_per_s": 10.0, "data_wait_share": 0.0}
-    val = {"val_gap": 0.5, "val_f2": 0.5, "val_threshold": 0.3, "val_f2_rule": 0.6,
-           "decision_rule": {"unseen_threshold": 0.95}}
-    lines = []
-    for seen, unseen in ([1, 2], 0.95), ([1, 2], None), (None, None):
-        caplog.clear()
-        with caplog.at_level("INFO", logger="training.train"):
-            log_epoch(record, {**val, "decision_rule": {"unseen_threshold": unseen}},
-                      SimpleNamespace(name="tune", seen_classes=seen), False)
-        lines.append(caplog.text)
+def test_the_tune_report_line_says_what_the_unseen_class_threshold_did():
+    from model.decision import ChosenRule, DecisionRule
+    from training.rule_choice import describe
+    report = {"best_by": "val_gap", "best_epoch": 3, "holdout_gap": 0.5, "holdout_images": 40}
+    lines = [describe("tune", report, ChosenRule(DecisionRule(unseen_threshold=unseen, seen_classes=seen), 0.7, 0.6,
+                                                 5))
+             for seen, unseen in (((1, 2), 0.95), ((1, 2), None), ((), None))]
     assert "never show: above 0.95" in lines[0]
     assert "never show: the global threshold" in lines[1]
     assert "never show" not in lines[2]
+    assert "F2 0.6000 expected on new images (cross-fitted over 5 folds), 0.7000 on the images that chose it" \
+        in lines[0]
+
+
+def test_a_torn_last_record_does_not_stop_a_resume(tmp_path, caplog):
+    from training.train import MetricsLog
+    good = [{"stage": "train", "epoch": 1, "step": s, "loss": 1.0} for s in (1, 2, 3)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in good) + '{"stage": "train", "ep')
+    with caplog.at_level("WARNING", logger="training.train"):
+        metrics = MetricsLog(tmp_path, enabled=True, resumed_step=2)  # a kill mid-write, after the step-2 save
+    metrics.write({"stage": "train", "epoch": 1, "step": 3, "loss": 0.5}, 3)
+    metrics.close()
+    rows = records(tmp_path / "metrics.jsonl")
+    assert [(r["step"], r["loss"]) for r in rows] == [(1, 1.0), (2, 1.0), (3, 0.5)]
+    assert "1 unreadable record(s) dropped" in caplog.text

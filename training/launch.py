@@ -6,7 +6,9 @@ Under plain torchrun a mistyped config key prints its one-line error once per ra
 torchrun's ChildFailedError. Here every rank hands its one-line error to this process (a file per rank in a
 folder named by ``IIC_ERROR_DIR``; ``common.cli.command`` writes it instead of printing), and when the run
 fails this process prints each distinct message once and exits with the ranks' exit code. A rank that
-crashed without such a message (a bug) keeps torchrun's full report.
+crashed without such a message (a bug) keeps torchrun's full report. torchrun's own warnings (rendezvous trouble, a
+node that stopped answering) and each restart of the worker group (``--max-restarts``) are printed with their time;
+only its per-child failure lines, which the ranks' one-line errors say better, are left out.
 """
 from __future__ import annotations
 
@@ -17,6 +19,28 @@ import tempfile
 from pathlib import Path
 
 ERROR_DIR = "IIC_ERROR_DIR"
+# the per-child "failed (exitcode: 2) local_rank: 0 ..." and "Sending process ... closing signal" lines
+CHILD_LINES = "torch.distributed.elastic.multiprocessing"
+RESTART_LOGGER = "torch.distributed.elastic.agent.server.api"  # "Worker group FAILED. 1/1 attempts left; ..."
+
+
+class LauncherLines(logging.Filter):
+    """torchrun's lines a user needs: its warnings and errors, and the (informational) restarts."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name.startswith(CHILD_LINES):
+            return False
+        return record.levelno >= logging.WARNING or "restart worker group" in str(record.msg)
+
+
+def show_launcher_lines() -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(LauncherLines())
+    handler.setFormatter(logging.Formatter("%(asctime)s torchrun: %(message)s", "%Y-%m-%d %H:%M:%S"))
+    root = logging.getLogger("torch.distributed")
+    root.handlers[:] = [handler]
+    root.propagate = False
+    logging.getLogger(RESTART_LOGGER).setLevel(logging.INFO)
 
 
 def collected_errors(folder: Path) -> list[tuple[int, str]]:
@@ -36,11 +60,7 @@ def main(argv=None) -> int:
     args = get_args_parser().parse_args(argv)
     # the thread budget (common.threads) sets each rank's threads; without this torchrun warns that it sets 1
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    # torchrun's own log lines ("failed (exitcode: 2) local_rank: 0 ...", "sending SIGTERM to ..."): a rank's
-    # error says it better, and a crash's report is in the ChildFailedError re-raised below
-    for name in list(logging.root.manager.loggerDict):
-        if name.startswith("torch.distributed"):
-            logging.getLogger(name).setLevel(logging.CRITICAL)
+    show_launcher_lines()  # (a crash's report is in the ChildFailedError re-raised below)
     with tempfile.TemporaryDirectory(prefix="iic_launch_") as folder:
         os.environ[ERROR_DIR] = folder
         # torchrun's agent makes a torchelastic_* folder for its logs and leaves it: make it in ours, gone at the end

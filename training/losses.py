@@ -1,4 +1,4 @@
-"""Losses, by config name (``train.loss``): each entry makes the loss from the ``train`` config section.
+"""Losses, by config name (``train.loss``, ``tune.loss``): ``make_loss(name, floor)``.
 
 Targets are ``[batch, classes]`` in [0, 1]: 1 for a human label, a machine label's confidence when the shards
 carry machine labels (``data.machine_labels``), else 0.
@@ -40,12 +40,13 @@ def bce_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.binary_cross_entropy_with_logits(logits.float(), targets.float())
 
 
-def check_floor(train) -> float:
-    if not 0 < train.machine_label_floor <= 1:
-        raise ConfigError(f"config key 'train.machine_label_floor' must be above 0 and at most 1, got "
-                          f"{train.machine_label_floor}")
-    return train.machine_label_floor
+# name -> the loss, made with the per-positive softmax's soft-target floor
+LOSSES = {"per_positive_softmax": lambda floor: partial(per_positive_softmax_loss, floor=floor),
+          "bce": lambda floor: bce_loss}
 
 
-LOSSES = {"per_positive_softmax": lambda train: partial(per_positive_softmax_loss, floor=check_floor(train)),
-          "bce": lambda train: bce_loss}
+def make_loss(name: str, machine_label_floor: float = 1.0):
+    """The loss called ``name`` (``train.loss``, ``tune.loss``)."""
+    if name not in LOSSES:
+        raise ConfigError(f"unknown loss {name!r}; the losses are {', '.join(LOSSES)}")
+    return LOSSES[name](machine_label_floor)

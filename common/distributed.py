@@ -38,7 +38,7 @@ def setup(device) -> Dist:
     on_gpu = device.kind == "gpu"
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if on_gpu:
-        torch.cuda.set_device(device.device_id)  # not always local_rank: see dali_pipes.device.gpu_index
+        torch.cuda.set_device(device.device_id)  # not always local_rank: see common.device.gpu_index
     if not dist.is_initialized():
         dist.init_process_group("nccl" if on_gpu else "gloo")
     return Dist(dist.get_rank(), world_size, local_rank, group=True)
@@ -74,6 +74,16 @@ def broadcast_buffers(d: Dist, model: torch.nn.Module) -> None:
 def barrier(d: Dist) -> None:
     if d.active:
         dist.barrier()
+
+
+def main_alone(d: Dist) -> Dist | None:
+    """Work that runs on one process whatever the launcher started: every rank leaves the process group, rank 0
+    goes on as a process of its own (``Dist()``), the others get None and end (torchrun waits for rank 0)."""
+    if not d.active:
+        return d
+    barrier(d)
+    teardown(d)
+    return Dist() if d.is_main else None
 
 
 def teardown(d: Dist) -> None:

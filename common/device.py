@@ -1,4 +1,4 @@
-"""Pick where the pipelines (and the model) run: ``pipeline.device`` is auto, gpu or cpu."""
+"""Where a command's pipelines and model run: ``pipeline.device`` is auto, gpu or cpu."""
 from __future__ import annotations
 
 import logging
@@ -15,7 +15,7 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class PipeDevice:
+class Device:
     kind: str  # "gpu" or "cpu"
     device_id: int | None  # DALI's device_id: None runs a CPU-only pipeline
 
@@ -41,7 +41,7 @@ def gpu_index(local_rank: int, visible: int) -> int:
     return local_rank if local_rank < visible else local_rank % max(visible, 1)
 
 
-def resolve_device(choice: str, local_rank: int | None = None, announce: bool = False) -> PipeDevice:
+def resolve_device(choice: str, local_rank: int | None = None, announce: bool = False) -> Device:
     """``auto`` takes the GPU when CUDA is available; ``gpu`` without one is an error, and so is ``auto`` when the
     driver sees GPUs that this PyTorch cannot use (running on the CPU instead would be a silent 50x slowdown)."""
     if local_rank is None:
@@ -55,7 +55,7 @@ def resolve_device(choice: str, local_rank: int | None = None, announce: bool = 
                             f"{torch.version.cuda}) cannot use them: the driver is probably older than that CUDA "
                             "needs (see 'Installing' in the README), or set pipeline.device: cpu to run on the CPU")
     kind = "gpu" if choice == "gpu" or (choice == "auto" and has_gpu) else "cpu"
-    device = PipeDevice(kind, gpu_index(local_rank, torch.cuda.device_count()) if kind == "gpu" else None)
+    device = Device(kind, gpu_index(local_rank, torch.cuda.device_count()) if kind == "gpu" else None)
     if announce:
         where = f"GPU {device.device_id} ({torch.cuda.get_device_name(device.device_id)})" if kind == "gpu" else "the CPU"
         log.info("DALI pipelines run on %s (pipeline.device=%s)", where, choice)

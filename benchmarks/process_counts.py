@@ -1,0 +1,116 @@
+"""The recipe at several process counts, on the demo data: does N processes give what one process gives?
+
+    python -m benchmarks.process_counts [--processes 1,4] [--resume 4,2] [--work DIR] [--json PATH]
+
+Generates the demo data (default sizes) and builds its shards once, then for each count in ``--processes`` runs the
+README's commands with ``demo/config.yaml`` under ``scripts/train.sh --nproc-per-node N``: the train stage, the
+tune stage from its ``best.pt``, a stage-2 submission (one process) and its score. Each row: the train stage's last
+epoch (val GAP, loss, global batch, learning rate, wall time), the tune stage's steps an epoch, its hold-out
+figures (the rule's F2 on the images that chose it, and cross-fitted) and the tuned model's stage-2 F2.
+``--resume A,B``: also a train run stopped after ``--resume-after`` epochs on A processes and resumed on B, beside
+a run on B throughout: the epoch at which each first decays its learning rate (they must agree).
+On a CPU the processes are gloo ranks sharing its cores: the figures are about the recipe, not about speed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from benchmarks.harness import (demo_settings, fresh_scratch, parser, run, scratch_folder, stage2_f2,
+                                write_json)
+from common.cli import command
+
+MARKER = ".made_by_benchmarks.process_counts"
+
+
+def counts(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give process counts of at least 1, separated by commas")
+    return values
+
+
+def epochs(artifacts: Path, stage: str) -> list[dict]:
+    lines = (artifacts / stage / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if "val_gap" in r]
+
+
+def first_decay(records: list[dict]) -> int | None:
+    """The first epoch whose learning rate is below the epoch before's (None: it never falls)."""
+    return next((b["epoch"] for a, b in zip(records, records[1:]) if b["lr"] < a["lr"] * 0.99), None)
+
+
+def one_count(work: Path, processes: int) -> dict:
+    out = work / f"n{processes}"
+    started = time.time()
+    run("training.train", *demo_settings(work, out), "--stage", "train", processes=processes)
+    train_seconds = time.time() - started
+    run("training.train", *demo_settings(work, out), "--stage", "tune", processes=processes)
+    last, tune = epochs(out, "train")[-1], epochs(out, "tune")
+    report = json.loads((out / "tune" / "report.json").read_text())
+    return {"processes": processes, "train_seconds": round(train_seconds), "train_val_gap": round(last["val_gap"], 4),
+            "train_loss": round(last["loss"], 4), "train_global_batch": last["global_batch"],
+            "train_lr_last_epoch": last["lr"], "train_first_decay_epoch": first_decay(epochs(out, "train")),
+            "tune_steps_per_epoch": sorted({r["steps"] for r in tune}), "tune_processes": len(tune[0]["samples_per_rank"]),
+            "tune_best_epoch": report["best_epoch"], "tune_holdout_f2_in_sample": report["f2_in_sample"],
+            "tune_holdout_f2_cross_fitted": report["f2_cross_fitted"],
+            "stage2_f2": round(stage2_f2(work, out, out / "tune" / "checkpoints" / "best.pt"), 4)}
+
+
+def resumed(work: Path, first: int, then: int, after: int) -> dict:
+    """A train run stopped after ``after`` epochs on ``first`` processes and resumed on ``then``, and a run on
+    ``then`` throughout."""
+    out, alone = work / f"resume_{first}_{then}", work / f"throughout_{then}"
+    run("training.train", *demo_settings(work, out, f"train.epochs={after}"), "--stage", "train", processes=first)
+    run("training.train", *demo_settings(work, out), "--stage", "train", processes=then)
+    run("training.train", *demo_settings(work, alone), "--stage", "train", processes=then)
+    a, b = epochs(out, "train"), epochs(alone, "train")
+    return {"stopped_after": after, "first": first, "then": then,
+            "first_decay_epoch": {"resumed": first_decay(a), "throughout": first_decay(b)},
+            "lr_by_epoch": {"resumed": [r["lr"] for r in a], "throughout": [r["lr"] for r in b]}}
+
+
+@command
+def main(argv=None):
+    p = parser("benchmarks.process_counts", __doc__)
+    p.add_argument("--processes", type=counts, default=[1, 4], help="process counts to compare (default 1,4)")
+    p.add_argument("--resume", type=counts, default=None, metavar="A,B",
+                   help="also stop a train run on A processes and resume it on B (e.g. 4,2)")
+    p.add_argument("--resume-after", type=int, default=4, help="epochs before the stop (default 4)")
+    p.add_argument("--work", type=scratch_folder(MARKER), default=Path("/tmp/iic_process_counts"),
+                   help="scratch folder: new, empty, or one this benchmark made (it is emptied first)")
+    args = p.parse_args(argv)
+    if args.resume is not None and len(args.resume) != 2:
+        p.error("--resume takes two counts, A,B")
+    started = time.time()
+    work = fresh_scratch(args.work, MARKER)
+    print("demo data and shards ...", flush=True)
+    run("demo.data", str(work / "data"))
+    run("preprocessing.build_shards", *demo_settings(work, work))
+    result = {"rows": []}
+    for n in args.processes:
+        print(f"{n} process(es): train, tune, submit ...", flush=True)
+        result["rows"].append(one_count(work, n))
+        print(result["rows"][-1], flush=True)
+        write_json(args.json, result)
+    if args.resume:
+        print(f"train on {args.resume[0]}, resumed on {args.resume[1]} ...", flush=True)
+        result["resume"] = resumed(work, *args.resume, args.resume_after)
+        print(result["resume"], flush=True)
+    result["seconds"] = round(time.time() - started)
+    print("\n| processes | train global batch | train val GAP | tune steps/epoch | tune hold-out F2 "
+          "(in-sample / cross-fitted) | stage-2 F2 |\n|---|---|---|---|---|---|")
+    for r in result["rows"]:
+        print(f"| {r['processes']} | {r['train_global_batch']} | {r['train_val_gap']:.3f} | "
+              f"{r['tune_steps_per_epoch']} | {r['tune_holdout_f2_in_sample']:.3f} / "
+              f"{r['tune_holdout_f2_cross_fitted']:.3f} | {r['stage2_f2']:.3f} |")
+    write_json(args.json, result)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,45 @@
+"""What the loaders need to know, and nothing more: made from the config at a command's edge."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from common.device import Device, resolve_device
+from common.seeds import training_seed
+from common.threads import dali_threads
+
+
+@dataclass(frozen=True)
+class PipeSettings:
+    device: Device
+    threads: int  # DALI's threads per pipeline
+    prefetch_queue_depth: int
+    shuffle_buffer: int  # the train reader's shuffle buffer (DALI's initial_fill)
+    shortest_side: int  # data.shortest_side: the short side of the shards' images and of resized test images
+    crop_size: int
+    augmentation: str  # crop_flip | random_resized_crop
+    dtype: str  # auto | float16 | float32 | uint8 (``dali_pipes.loader.output_dtype``)
+    amp_dtype: torch.dtype | None  # the model's autocast dtype, which ``auto`` follows
+    channels_last: bool  # float batches HWC (True) or CHW
+    mean: tuple
+    std: tuple
+    seed: int  # the training run's seed (readers' shuffles, augmentation)
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.device.kind == "gpu"
+
+    @classmethod
+    def from_config(cls, cfg, runtime=None, device: Device | None = None) -> "PipeSettings":
+        """The config's pipeline keys with the runtime's device, autocast dtype and DALI threads; without a runtime
+        (tools and tests), ``device`` or the configured one, fp32 and the thread budget's DALI threads."""
+        device = runtime.device if runtime else device or resolve_device(cfg.pipeline.device)
+        p = cfg.pipeline
+        return cls(device=device,
+                   threads=runtime.dali_threads if runtime else dali_threads(p.num_threads, device.kind == "gpu"),
+                   prefetch_queue_depth=p.prefetch_queue_depth, shuffle_buffer=p.shuffle_buffer,
+                   shortest_side=cfg.data.shortest_side, crop_size=p.crop_size, augmentation=p.augmentation,
+                   dtype=p.dtype, amp_dtype=runtime.amp_dtype if runtime else None,
+                   channels_last=cfg.model.channels_last, mean=tuple(p.mean), std=tuple(p.std),
+                   seed=training_seed(cfg))
