@@ -4,7 +4,8 @@
 
 Generates the demo data (default sizes) and builds its shards once, then for each count in ``--processes`` runs the
 README's commands with ``demo/config.yaml`` under ``scripts/train.sh --nproc-per-node N``: the train stage, the
-tune stage from its ``best.pt``, a stage-2 submission (one process) and its score. Each row: the train stage's last
+tune stage from its ``best.pt``, a stage-2 submission (one process) and its score; for every count after the first,
+also the tune stage from the first count's train ``best.pt``, which compares the tune stages from the same start. Each row: the train stage's last
 epoch (val GAP, loss, global batch, learning rate, wall time), the tune stage's steps an epoch, its hold-out
 figures (the rule's F2 on the images that chose it, and cross-fitted) and the tuned model's stage-2 F2.
 ``--resume A,B``: also a train run stopped after ``--resume-after`` epochs on A processes and resumed on B, beside
@@ -41,25 +42,39 @@ def epochs(artifacts: Path, stage: str) -> list[dict]:
 
 
 def first_decay(records: list[dict]) -> int | None:
-    """The first epoch whose learning rate is below the epoch before's (None: it never falls)."""
-    return next((b["epoch"] for a, b in zip(records, records[1:]) if b["lr"] < a["lr"] * 0.99), None)
+    """The first epoch whose learning rate per image of the global batch is below the epoch before's (None: it
+    never falls): a resumed run's change of global batch moves the rate, not this."""
+    rates = [(r["epoch"], r["lr"] / r["global_batch"]) for r in records]
+    return next((b for (_, x), (b, y) in zip(rates, rates[1:]) if y < x * 0.99), None)
 
 
-def one_count(work: Path, processes: int) -> dict:
+def tuned(work: Path, out: Path, processes: int, init: Path | None = None) -> dict:
+    """The tune stage under ``processes`` processes (from ``init``, else its own train stage's best.pt)."""
+    run("training.train", *demo_settings(work, out), "--stage", "tune", *(["--init", str(init)] if init else []),
+        processes=processes)
+    tune, report = epochs(out, "tune"), json.loads((out / "tune" / "report.json").read_text())
+    return {"tune_steps_per_epoch": sorted({r["steps"] for r in tune}),
+            "tune_processes": len(tune[0]["samples_per_rank"]), "tune_best_epoch": report["best_epoch"],
+            "tune_holdout_f2_in_sample": report["f2_in_sample"], "tune_holdout_f2_cross_fitted": report["f2_cross_fitted"],
+            "stage2_f2": round(stage2_f2(work, out, out / "tune" / "checkpoints" / "best.pt"), 4)}
+
+
+def one_count(work: Path, processes: int, first: Path | None) -> dict:
+    """Both stages under ``processes`` processes; and, with ``first`` (the first count's train best.pt), the tune
+    stage again from it: the same start, so the two tune stages' figures compare the tune stage alone."""
     out = work / f"n{processes}"
     started = time.time()
     run("training.train", *demo_settings(work, out), "--stage", "train", processes=processes)
     train_seconds = time.time() - started
-    run("training.train", *demo_settings(work, out), "--stage", "tune", processes=processes)
-    last, tune = epochs(out, "train")[-1], epochs(out, "tune")
-    report = json.loads((out / "tune" / "report.json").read_text())
-    return {"processes": processes, "train_seconds": round(train_seconds), "train_val_gap": round(last["val_gap"], 4),
-            "train_loss": round(last["loss"], 4), "train_global_batch": last["global_batch"],
-            "train_lr_last_epoch": last["lr"], "train_first_decay_epoch": first_decay(epochs(out, "train")),
-            "tune_steps_per_epoch": sorted({r["steps"] for r in tune}), "tune_processes": len(tune[0]["samples_per_rank"]),
-            "tune_best_epoch": report["best_epoch"], "tune_holdout_f2_in_sample": report["f2_in_sample"],
-            "tune_holdout_f2_cross_fitted": report["f2_cross_fitted"],
-            "stage2_f2": round(stage2_f2(work, out, out / "tune" / "checkpoints" / "best.pt"), 4)}
+    last = epochs(out, "train")[-1]
+    row = {"processes": processes, "train_seconds": round(train_seconds), "train_val_gap": round(last["val_gap"], 4),
+           "train_loss": round(last["loss"], 4), "train_global_batch": last["global_batch"],
+           "train_lr_last_epoch": last["lr"], "train_first_decay_epoch": first_decay(epochs(out, "train")),
+           **tuned(work, out, processes)}
+    if first is not None:
+        row["tune_from_first_count_train_checkpoint"] = tuned(work, work / f"n{processes}_same_start", processes,
+                                                             first)
+    return row
 
 
 def resumed(work: Path, first: int, then: int, after: int) -> dict:
@@ -93,9 +108,10 @@ def main(argv=None):
     run("demo.data", str(work / "data"))
     run("preprocessing.build_shards", *demo_settings(work, work))
     result = {"rows": []}
-    for n in args.processes:
+    for k, n in enumerate(args.processes):
         print(f"{n} process(es): train, tune, submit ...", flush=True)
-        result["rows"].append(one_count(work, n))
+        first = work / f"n{args.processes[0]}" / "train" / "checkpoints" / "best.pt" if k else None
+        result["rows"].append(one_count(work, n, first))
         print(result["rows"][-1], flush=True)
         write_json(args.json, result)
     if args.resume:
@@ -104,11 +120,14 @@ def main(argv=None):
         print(result["resume"], flush=True)
     result["seconds"] = round(time.time() - started)
     print("\n| processes | train global batch | train val GAP | tune steps/epoch | tune hold-out F2 "
-          "(in-sample / cross-fitted) | stage-2 F2 |\n|---|---|---|---|---|---|")
+          "(in-sample / cross-fitted) | stage-2 F2 | stage-2 F2, tuned from the first count's train checkpoint |\n"
+          "|---|---|---|---|---|---|---|")
     for r in result["rows"]:
+        same = r.get("tune_from_first_count_train_checkpoint")
+        last = f"{same['stage2_f2']:.3f}" if same else "(the start)"
         print(f"| {r['processes']} | {r['train_global_batch']} | {r['train_val_gap']:.3f} | "
               f"{r['tune_steps_per_epoch']} | {r['tune_holdout_f2_in_sample']:.3f} / "
-              f"{r['tune_holdout_f2_cross_fitted']:.3f} | {r['stage2_f2']:.3f} |")
+              f"{r['tune_holdout_f2_cross_fitted']:.3f} | {r['stage2_f2']:.3f} | {last} |")
     write_json(args.json, result)
 
 

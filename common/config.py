@@ -9,10 +9,11 @@ from __future__ import annotations
 import logging
 import re
 from pathlib import Path
-from typing import Annotated, Any, Iterable, Literal
+from typing import Annotated, Any, Iterable, Literal, get_args
 
 import yaml
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, Strict, ValidationError
+from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, Strict, ValidationError,
+                      model_validator)
 
 from common.errors import UserError, reading
 
@@ -44,7 +45,7 @@ def integer(**bounds):  # an integer within bounds: 2.0, "2" and true are not
 
 
 Bool = Annotated[bool, Strict()]
-Resolution = Annotated[tuple[integer(gt=0), integer(gt=0)], AfterValidator(_crop_fits)]
+TestResolution = Annotated[tuple[integer(gt=0), integer(gt=0)], AfterValidator(_crop_fits)]  # [short side, crop]
 
 
 class Section(BaseModel):
@@ -94,13 +95,31 @@ class Model(Section):
     amp_dtype: Literal["auto", "bfloat16", "float16"] = "auto"
 
 
+class Resolution(Section):
+    """The train stage's crops at ``start`` px until ``start_epoch``, rising linearly to ``end`` px at ``end_epoch``
+    in multiples of ``step`` (FFCV's ramp)."""
+    start: integer(gt=0)
+    end: integer(gt=0)
+    start_epoch: integer(ge=0)
+    end_epoch: integer(ge=0)
+    step: integer(gt=0) = 32
+
+    @model_validator(mode="after")
+    def _ordered(self):
+        if not (self.start <= self.end and self.start_epoch <= self.end_epoch):
+            raise ValueError("must rise: start <= end and start_epoch <= end_epoch")
+        return self
+
+
 class Stage(Section):
     """What both stages set, each in its own section: optimiser, schedule, loop."""
     loss: Literal["per_positive_softmax", "bce"] = "per_positive_softmax"
     epochs: integer(gt=0)
     batch_size: integer(gt=0) = 32
     lr: number(gt=0)
-    lr_step_epochs: integer(ge=0)  # lr *= lr_gamma every lr_step_epochs epochs; 0 = never
+    lr_schedule: Literal["step", "triangular"] = "step"  # triangular: up to lr at lr_peak_epoch, down to 0 at the end
+    lr_peak_epoch: number(ge=0) = 2.0
+    lr_step_epochs: integer(ge=0)  # step: lr *= lr_gamma every lr_step_epochs epochs; 0 = never
     lr_gamma: number(gt=0) = 0.1
     warmup_epochs: number(ge=0) = 0.0
     momentum: number(ge=0, le=1) = 0.9
@@ -121,6 +140,7 @@ class Train(Stage):
     checkpoint_every_steps: integer(ge=0) = 10000
     seed: integer() | None = None
     machine_label_floor: number(gt=0, le=1) = 0.5
+    resolution: Resolution | None = None  # none: every epoch at pipeline.crop_size
 
 
 class Tune(Stage):
@@ -130,7 +150,7 @@ class Tune(Stage):
     holdout_fraction: number(gt=0, lt=1) = 0.3
     min_class_examples: integer(gt=0) = 5
     unseen_class_threshold: Bool = True
-    test_resolutions: tuple[Resolution, ...] = ()
+    test_resolutions: tuple[TestResolution, ...] = ()
     rule_folds: integer(ge=2) = 5
 
 
@@ -162,6 +182,14 @@ class Config(Section):
     source: Path | None = Field(None, exclude=True)  # the file it was loaded from
     overrides: tuple[str, ...] = Field((), exclude=True)  # its --set values (messages repeat them)
 
+    @model_validator(mode="after")
+    def _crops_fit(self):
+        resolution = self.train.resolution
+        if resolution and resolution.end > self.pipeline.crop_size:
+            raise ConfigError(f"config key 'train.resolution.end' ({resolution.end}) must be at most pipeline.crop_size "
+                              f"({self.pipeline.crop_size}): each epoch's crops are the crop_size window, resized")
+        return self
+
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return self.model_dump(mode="json")
 
@@ -183,15 +211,22 @@ OLD_KEYS = {**{old: f"is now '{new}': rename it" for old, new in (
 def _place(raw: dict, dotted: str, value: Any, where: str, base: Path) -> None:
     """One value under its key (a path resolved against ``base``); an unknown or old key is an error."""
     section, _, name = dotted.partition(".")
+    name, _, inner = name.partition(".")  # train.resolution.end: one key of a nested mapping
     if dotted in OLD_KEYS:
         raise ConfigError(f"config key '{dotted}' ({where}) {OLD_KEYS[dotted]}")
-    if section not in SECTIONS or name not in Config.model_fields[section].annotation.model_fields:
+    fields = Config.model_fields[section].annotation.model_fields if section in SECTIONS else {}
+    if name not in fields or inner and not any(isinstance(t, type) and issubclass(t, BaseModel)
+                                               for t in (fields[name].annotation, *get_args(fields[name].annotation))):
         raise ConfigError(f"unknown config key '{dotted}' in {where}")
     if section == "paths":
         if not isinstance(value, (str, Path)) or not str(value):
             raise ConfigError(f"config key '{dotted}' must be a path, got {value!r}")
         value = (base / Path(value).expanduser()).resolve()
-    raw.setdefault(section, {})[name] = value
+    values = raw.setdefault(section, {})
+    if inner:
+        values[name] = {**(values.get(name) or {}), inner: value}
+    else:
+        values[name] = value
 
 
 def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, dict[str, Any]]:
@@ -238,10 +273,13 @@ def _validated(raw: dict[str, Any], source: Path | None, overrides: tuple[str, .
         return Config(**raw, source=source, overrides=overrides)
     except ValidationError as exc:
         error = exc.errors()[0]
-        key, item = ".".join(map(str, error["loc"][:2])), error["loc"][2:3]
+        key = ".".join(part for part in error["loc"] if isinstance(part, str))
+        items = [part for part in error["loc"] if isinstance(part, int)]
+        if error["type"] == "extra_forbidden":
+            raise ConfigError(f"unknown config key '{key}'") from None
         rule = "is missing" if error["type"] == "missing" else \
             re.sub(r"^(Input|String|Tuple|List) should", "must", error["msg"].removeprefix("Value error, "))
-        where = f" item {item[0] + 1}" if item and isinstance(item[0], int) else ""
+        where = f" item {items[0] + 1}" if items else ""
         raise ConfigError(f"config key '{key}'{where} {rule}, got {error['input']!r}") from None
 
 

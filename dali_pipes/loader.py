@@ -132,6 +132,7 @@ class DaliLoader:
     with_ids: bool
     shards: SplitShards
     machine_labels: bool = False  # the batches carry machine labels: targets are soft
+    size: int = 0  # the side of its crops
 
     def __len__(self) -> int:
         return len(self.iterator)  # DALI's count: equal on every rank, as lockstep training needs
@@ -218,36 +219,43 @@ def train_reader_seeds(seed: int, epoch: int, rank: int) -> tuple[int, int]:
 
 def build_train_pipeline(settings: PipeSettings, shards: SplitShards, batch_size: int, rank: int = 0,
                          world_size: int = 1, epoch: int = 0, checkpoint: str | None = None,
-                         machine_labels: bool = False):
+                         machine_labels: bool = False, size: int | None = None):
     """The built train graph; each rank shuffles with its own seed derived from the training seed (and the epoch
-    the pipeline starts at). With ``checkpoint`` (``DaliLoader.checkpoint()`` of an earlier run) it resumes
-    exactly where that one stood: reader position, shuffle and augmentation random state."""
+    the pipeline starts at). With ``checkpoint`` (``DaliLoader.checkpoint()`` of an earlier run, or of a pipeline
+    of another ``size``) it goes on exactly where that one stood: reader position, shuffle and augmentation random
+    state. ``size``: crops of ``pipeline.crop_size`` resized to this side (a resolution schedule); None: crops of
+    ``pipeline.crop_size`` as they are."""
     seed, order_seed = train_reader_seeds(settings.seed, epoch, rank)
     pipe = train_pipeline(shards.tars, shards.indexes, augmentation=settings.augmentation,
                           initial_fill=settings.shuffle_buffer, shard_id=rank, num_shards=world_size,
                           reader_seed=seed, order_seed=order_seed, enable_checkpointing=True, checkpoint=checkpoint,
-                          machine_labels=machine_labels, **_pipe_args(settings, batch_size, seed))
+                          machine_labels=machine_labels, window=None if size is None else settings.crop_size,
+                          **_pipe_args(settings, batch_size, seed, size))
     with shard_errors(shards):  # building opens the shards and their indexes
         pipe.build()
     return pipe
 
 
 def train_loader(settings: PipeSettings, shards: SplitShards, batch_size: int, rank: int = 0, world_size: int = 1,
-                 epoch: int = 0, checkpoint: str | None = None, machine_labels: bool = False) -> DaliLoader:
+                 epoch: int = 0, checkpoint: str | None = None, machine_labels: bool = False,
+                 size: int | None = None) -> DaliLoader:
     """Shuffled, augmented batches; a fresh order every pass, the same orders for the same seed. Build it once
-    per run: each pass (``iter()``) continues the same pipeline, and ``stream()`` runs across passes.
-    ``machine_labels``: soft targets from the shards' machine labels too."""
+    per run (and again, from its ``checkpoint()``, where a resolution schedule changes ``size``): each pass
+    (``iter()``) continues the same pipeline, and ``stream()`` runs across passes. ``machine_labels``: soft
+    targets from the shards' machine labels too."""
     check_data_settings(settings, shards, resizes=False, machine_labels=machine_labels)
     if shards.samples // world_size < batch_size:  # DALI's count of whole batches per rank, equal on every rank
         raise UserError(f"the training data ({describe_shards(shards)}) has {shards.samples} images for "
                         f"{world_size} process(es), fewer than one batch of {batch_size} each: lower the "
                         "stage's batch_size")
-    pipe = build_train_pipeline(settings, shards, batch_size, rank, world_size, epoch, checkpoint, machine_labels)
+    pipe = build_train_pipeline(settings, shards, batch_size, rank, world_size, epoch, checkpoint, machine_labels,
+                                size)
     outputs = train_outputs(_pipe_args(settings, batch_size, 0)["out"], machine_labels)
     with shard_errors(shards):  # DALI reads and decodes its first batches while the iterator is built
         it = DALIGenericIterator(pipe, outputs, reader_name=READER, auto_reset=True,
                                  last_batch_policy=LastBatchPolicy.DROP)
-    return DaliLoader(it, shards.num_classes, with_ids=False, shards=shards, machine_labels=machine_labels)
+    return DaliLoader(it, shards.num_classes, with_ids=False, shards=shards, machine_labels=machine_labels,
+                      size=size or settings.crop_size)
 
 
 def eval_loader(settings: PipeSettings, shards: SplitShards, batch_size: int, rank: int = 0, world_size: int = 1,

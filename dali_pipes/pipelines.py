@@ -125,10 +125,12 @@ def pad_labels(labels, on_gpu: bool, fill_value=-1):
 @pipeline_def(enable_conditionals=False)
 def train_pipeline(tars, indexes, *, on_gpu: bool, out: Output, augmentation: str, initial_fill: int,
                    shard_id: int = 0, num_shards: int = 1, reader_seed: int = 0, order_seed: int = 0,
-                   machine_labels: bool = False):
+                   machine_labels: bool = False, window: int | None = None):
     """The original augmentation: random 224 crop of the 256-short-side image, random flip, ImageNet norm.
-    Outputs (images, labels), for uint8 crops with the mirror coins (the flip is the loader's to apply), and
-    last, with ``machine_labels``, the machine labels and confidences: ``train_outputs`` names them."""
+    ``window``: the crop is a ``window``-px window resized to ``out.crop`` px (a resolution schedule's epoch: the
+    same field of view at fewer pixels); None: the window is ``out.crop`` itself. Outputs (images, labels), for
+    uint8 crops with the mirror coins (the flip is the loader's to apply), and last, with ``machine_labels``, the
+    machine labels and confidences: ``train_outputs`` names them."""
     read = read_shards(tars, indexes, with_meta=False, shuffle=True, initial_fill=initial_fill, shard_id=shard_id,
                        num_shards=num_shards, seed=reader_seed, order_seed=order_seed, with_machine=machine_labels)
     jpegs, labels = read[:2]
@@ -138,8 +140,10 @@ def train_pipeline(tars, indexes, *, on_gpu: bool, out: Output, augmentation: st
                                                **decoder_args(on_gpu))
         images = fn.resize(images, size=(out.crop, out.crop), antialias=True)
     else:
-        images = decode(jpegs, on_gpu, out.crop, fn.random.uniform(range=(0.0, 1.0)),
+        images = decode(jpegs, on_gpu, window or out.crop, fn.random.uniform(range=(0.0, 1.0)),
                         fn.random.uniform(range=(0.0, 1.0)))
+        if window is not None:  # even at the window's own size: every size then runs the same operators
+            images = fn.resize(images, size=(out.crop, out.crop), antialias=True)
     mirror = fn.random.coin_flip(probability=0.5)
     if out.dtype == "uint8":
         # Raw crops are handed over with their coin, and the loader mirrors them as it copies them out of DALI's

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from common.device import Device, resolve_device
@@ -43,3 +44,37 @@ class PipeSettings:
                    dtype=p.dtype, amp_dtype=runtime.amp_dtype if runtime else None,
                    channels_last=cfg.model.channels_last, mean=tuple(p.mean), std=tuple(p.std),
                    seed=training_seed(cfg))
+
+
+@dataclass(frozen=True)
+class ResolutionSchedule:
+    """Each epoch's crop side in pixels (FFCV's ramp): ``start`` up to ``start_epoch``, ``end`` from ``end_epoch``,
+    linear between, rounded to multiples of ``step``. Epochs count from 0. The crops are always the same window of
+    the image (``pipeline.crop_size`` of its short side), resized to the epoch's side: a low-resolution epoch sees
+    the field of view the original does, at fewer pixels."""
+    start: int
+    end: int
+    start_epoch: int = 0
+    end_epoch: int = 0
+    step: int = 32
+
+    def __call__(self, epoch: int) -> int:
+        if epoch <= self.start_epoch:
+            return self.start
+        if epoch >= self.end_epoch:
+            return self.end
+        side = np.interp(epoch, [self.start_epoch, self.end_epoch], [self.start, self.end])
+        return int(min(self.end, max(self.start, round(side / self.step) * self.step)))
+
+    def sizes(self, epochs: int) -> list[int]:
+        """The sides of ``epochs`` epochs, each once, in the order they come."""
+        return list(dict.fromkeys(self(e) for e in range(epochs)))
+
+    @classmethod
+    def from_config(cls, cfg, final_only: bool = False) -> "ResolutionSchedule":
+        """``train.resolution``'s schedule (``final_only``: its last side throughout, as the tune stage trains),
+        else ``pipeline.crop_size`` throughout."""
+        r, crop = cfg.train.resolution, cfg.pipeline.crop_size
+        if r is None:
+            return cls(crop, crop)
+        return cls(r.end, r.end) if final_only else cls(r.start, r.end, r.start_epoch, r.end_epoch, r.step)

@@ -194,3 +194,24 @@ def test_the_label_file_benchmark_runs_end_to_end_and_writes_its_json(tmp_path):
     result = json.loads((tmp_path / "labels.json").read_text())
     assert result["human_and_machine"]["machine_pairs"] > 0 and result["rows_ratio"] > 2.5
     assert result["human"]["rows"] == round(8_040_000 * 0.0005)
+
+
+@pytest.mark.slow
+def test_the_time_to_accuracy_benchmark_writes_its_json_and_plot(tmp_path):
+    out, plot = tmp_path / "t.json", tmp_path / "t.png"
+    r = run_module("benchmarks.time_to_accuracy", "--quick", "--recipes", "original,fast", "--json", str(out),
+                   "--plot", str(plot), "--work", str(tmp_path / "work"), timeout=900)
+    assert r.returncode == 0, r.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert set(result["recipes"]) == {"original", "fast"} and plot.stat().st_size > 0
+    original, fast = result["recipes"]["original"], result["recipes"]["fast"]
+    assert set(original["images_per_s_by_side"]) == {"56"} and set(fast["images_per_s_by_side"]) == {"40", "48"}
+    assert len(fast["gap_by_epoch"]) == 3 and all(0 < s for s, _ in fast["gap_by_epoch"])
+    assert fast["test_resolution"] in ([55, 48], [64, 56], [73, 64]) and 0 <= fast["stage2_f2"] <= 1
+    assert result["ratios"]["fast"]["train_seconds_vs_original"] > 0
+
+
+def test_the_time_to_accuracy_benchmark_refuses_an_unknown_recipe_in_one_line(tmp_path):
+    r = run_module("benchmarks.time_to_accuracy", "--recipes", "orignal", "--json", str(tmp_path / "t.json"))
+    assert r.returncode == 2 and "the recipes are original, progressive, fast" in r.stderr
+    assert not (tmp_path / "t.json").exists()

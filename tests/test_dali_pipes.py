@@ -1,5 +1,6 @@
 import io
 from collections import Counter
+from itertools import islice
 
 import numpy as np
 import pytest
@@ -248,3 +249,50 @@ def test_every_epoch_reads_the_tars_in_a_new_order_and_each_sample_once_across_r
     assert freshness(epochs)["max_abs_rho"] < 0.6
     old = positions(tars, indexes, 1920, ranks, epochs=2, buffer=4, shard_order=False)
     assert freshness(old)["max_abs_rho"] > 0.9  # what the test guards against: the buffer alone
+
+
+def test_the_train_graph_makes_each_scheduled_side_and_passes_its_state_from_one_side_to_the_next(built):
+    """A resolution schedule's epochs: the same window (pipeline.crop_size) resized to each side, in the handed-over
+    form of each dtype; a pipeline of another side built from a checkpoint goes on with the very samples the first
+    one would have read next."""
+    cfg, _ = built
+    train, window = split(cfg, "train"), cfg.pipeline.crop_size
+    for dtype in ("uint8", "float32"):
+        settings = pipes(cfg.with_overrides([f"pipeline.dtype={dtype}"]))
+        for side in (40, 48, window):
+            images, _ = next(iter(train_loader(settings, train, 4, size=side)))
+            assert images.shape == ((4, side, side, 3) if dtype == "uint8" else (4, 3, side, side))
+            assert to_input(cfg)(images).shape == (4, 3, side, side)
+    first = train_loader(pipes(cfg), train, 4, size=40)
+    stream = first.stream()
+    for _ in range(3):
+        next(stream)
+    other = train_loader(pipes(cfg), train, 4, size=48, checkpoint=first.checkpoint())
+    assert other.size == 48
+    went_on = [rows(next(stream)[1]) for _ in range(4)]
+    assert [rows(t) for _, t in islice(other.stream(), 4)] == went_on
+
+
+def test_the_preview_shows_a_row_per_scheduled_side_then_the_eval_views(built, kaggle, tmp_path, capsys):
+    from common.config import load_config
+    from dali_pipes.preview import LABEL_LINES, LINE, PAD, main as preview_main, preview_rows
+    from tests.fixtures import run_main, write_config
+    cfg, _ = built
+    path = write_config(tmp_path / "c.yaml", kaggle[0], cfg.paths.shards, """train:
+  epochs: 4
+  resolution: {start: 40, end: 56, start_epoch: 1, end_epoch: 3, step: 8}
+tune:
+  test_resolutions: [[64, 56], [80, 72]]
+""")
+    out = tmp_path / "look" / "batch.png"
+    code, _, err = run_main(preview_main, ["--config", str(path), "--out", str(out), "--images", "4"], capsys)
+    assert code == 0, err
+    rows = preview_rows(load_config(path), 4)
+    assert [r.title for r in rows][:3] == ["train 40 px (epochs 1-2)", "train 48 px (epochs 3-3)",
+                                          "train 56 px (epochs 4-4)"]
+    assert [r.title.split(" of ")[0] for r in rows[3:]] == ["ten-crop", "test 64/56", "test 80/72"]
+    assert [{c.shape[:2] for c in r.crops} for r in rows] == [{(40, 40)}, {(48, 48)}, {(56, 56)}, {(56, 56)},
+                                                              {(56, 56)}, {(72, 72)}]
+    assert [len(r.crops) for r in rows] == [4, 4, 4, 10, 4, 4] and all(r.captions[0] for r in rows)
+    picture = Image.open(out)  # a grid of the six rows, cells of the largest crop
+    assert picture.size == (PAD + 10 * (72 + PAD), PAD + 6 * (LINE + 72 + LABEL_LINES * LINE + PAD))

@@ -33,6 +33,11 @@ def test_every_gpu_graph_defines_on_a_cpu_only_machine(built, tmp_path):
             for machine_labels in (False, True):
                 train_pipeline(shards.tars, shards.indexes, out=out, augmentation=augmentation, initial_fill=16,
                                enable_checkpointing=True, machine_labels=machine_labels, **GPU)
+        for side in (40, 48, 56):  # a resolution schedule's sides: the 56-px window resized on the GPU
+            for dtype in ("float16", "uint8"):
+                train_pipeline(shards.tars, shards.indexes, out=Output(side, dtype, channels_last, (0.5,) * 3,
+                                                                       (0.2,) * 3),
+                               augmentation="crop_flip", initial_fill=16, enable_checkpointing=True, window=56, **GPU)
         for resize in (None, 64):
             for tta in ("none", "flip", "tencrop"):
                 eval_pipeline(shards.tars, shards.indexes, out=out, resize_shorter=resize, tta=tta, **GPU)

@@ -56,7 +56,7 @@ def test_the_tune_stage_keeps_the_original_batch_and_steps_at_any_process_count(
 def test_the_stage_line_says_processes_batches_rate_and_steps():
     line = train_stage(load_config(REPO / "config.yaml"), world_size=4).describe(steps=13, started=4)
     assert line == ("train: 4 process(es), global batch 128 (32 per process), lr 0.04 (0.01 x 4, linear scaling; "
-                    "warm-up from 0.01 over 5 epochs), x0.1 every 10 epochs, 13 steps an epoch, 25 epochs")
+                    "warm-up from 0.01 over 5 epochs), x0.1 every 10 epochs, 224-px crops, 13 steps an epoch, 25 epochs")
     assert LrSchedule(1e-4, 1e-4, 0, 0, 0.1).describe() == "lr 0.0001, constant"
 
 
@@ -141,3 +141,27 @@ def test_four_processes_resumed_on_two_decay_at_the_epoch_two_decay_at_and_tune_
     fit_samples = alone.data.open()[0].samples
     assert tuned["samples_per_rank"] == [alone.steps_per_epoch(fit_samples) * 4]
     assert tuned["steps"] == alone.steps_per_epoch(fit_samples) and tuned["global_batch"] == 4
+
+
+def test_the_resolution_schedule_is_ffcv_s_ramp_and_the_tune_stage_trains_at_its_last_side(tmp_path):
+    """FFCV's ResNet-50 at 24 epochs: 160 px until the ramp (epochs 17 to 20), 192 after, in multiples of 32."""
+    cfg = load_config(REPO / "config.yaml", ["train.epochs=24", "train.resolution={start: 160, end: 192, "
+                                             "start_epoch: 17, end_epoch: 20}"])
+    spec = train_stage(cfg, 1)
+    assert [spec.resolution(e) for e in range(24)] == [160] * 19 + [192] * 5 and spec.resizes
+    assert spec.resolution.sizes(24) == [160, 192] and spec.window_px == 224
+    assert "crops of 160 -> 192 px (epochs 18 to 21) from the 224-px window" in spec.describe(100, 1)
+    init = tmp_path / "w.pt"
+    init.touch()
+    tune = tune_stage(cfg, 1, init=str(init))
+    assert tune.resolution.sizes(80) == [192] and tune.resizes  # the final side, from the same window
+    plain = train_stage(load_config(REPO / "config.yaml"), 1)
+    assert plain.resolution.sizes(25) == [224] and not plain.resizes  # the original graph: no resize at all
+
+
+def test_the_triangular_rate_rises_to_its_peak_and_falls_to_zero():
+    cfg = load_config(REPO / "config.yaml", ["train.lr_schedule=triangular", "train.lr_peak_epoch=2",
+                                             "train.epochs=16"])
+    lr = train_stage(cfg, 4).lr  # the peak scales with the global batch as the step schedule's does
+    assert lr(0) == pytest.approx(4e-6) and lr(1) == pytest.approx(0.02, rel=1e-3) and lr(2) == pytest.approx(0.04)
+    assert lr(9) == pytest.approx(0.02) and lr(16) == 0.0

@@ -127,12 +127,15 @@ def test_two_processes_on_the_cpu_keep_identical_weights(built, kaggle, tmp_path
     cfg, manifest = built
     cfg_path = write_config(tmp_path / "c.yaml", kaggle[0], cfg.paths.shards, FAST.replace("epochs: 3", "epochs: 2"),
                             artifacts=tmp_path / "artifacts")
+    # with a resolution schedule: every rank rebuilds its pipeline for the second epoch's side
     r = subprocess.run(["bash", "scripts/train.sh", "--nproc-per-node", "2", "--", "--config", str(cfg_path),
-                        "--stage", "train"], cwd=REPO, capture_output=True, text=True, timeout=600,
+                        "--stage", "train", "--set",
+                        "train.resolution={start: 40, end: 56, start_epoch: 0, end_epoch: 1, step: 16}"],
+                       cwd=REPO, capture_output=True, text=True, timeout=600,
                        env={**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"})
     assert r.returncode == 0, r.stderr[-3000:]
     epochs = [x for x in records(tmp_path / "artifacts" / "train" / "metrics.jsonl") if "val_gap" in x]
-    assert len(epochs) == 2
+    assert len(epochs) == 2 and [e["resolution"] for e in epochs] == [40, 56]
     # each rank validated its half with its own replica: equal to one process on the saved weights only when DDP
     # kept every rank's weights and BatchNorm statistics identical
     alone = validation_from_checkpoint(cfg_path, tmp_path / "artifacts" / "train" / "checkpoints" / "last.pt",
@@ -289,3 +292,85 @@ def test_a_torn_last_record_does_not_stop_a_resume(tmp_path, caplog):
     rows = records(tmp_path / "metrics.jsonl")
     assert [(r["step"], r["loss"]) for r in rows] == [(1, 1.0), (2, 1.0), (3, 0.5)]
     assert "1 unreadable record(s) dropped" in caplog.text
+
+
+RAMP = """model:
+  drop_rate: 0.3
+train:
+  epochs: 3
+  batch_size: 4
+  log_every: 2
+  checkpoint_every_steps: 3
+  resolution: {start: 40, end: 56, start_epoch: 0, end_epoch: 2, step: 8}
+"""
+
+
+class Crash(Exception):
+    pass
+
+
+@pytest.mark.slow
+def test_a_run_stopped_inside_an_epoch_after_a_size_change_resumes_to_exactly_the_clean_run(built, kaggle, tmp_path,
+                                                                                          monkeypatch):
+    """Crops of 40, 48, then 56 px; one run stops right after its first mid-epoch checkpoint of epoch 3 (its
+    pipeline rebuilt twice from the one before's state), and is run again: bitwise the uninterrupted run's weights."""
+    import training.train as loop
+    from training import losses
+    cfg, _ = built
+    paths = {name: write_config(tmp_path / f"{name}.yaml", kaggle[0], cfg.paths.shards, RAMP, artifacts=tmp_path / name)
+             for name in ("clean", "stopped", "one_side")}
+    seen = {}
+
+    def recording(run):
+        def factory(floor):
+            loss = losses.per_positive_softmax_loss
+            return lambda logits, targets: (seen.setdefault(run, []).append(targets.clone()), loss(logits, targets))[1]
+        return factory
+    for run, changes in (("clean", []), ("one_side", ["train.resolution=null"])):
+        monkeypatch.setitem(losses.LOSSES, "per_positive_softmax", recording(run))
+        train(load_config(paths[run], changes), "train")
+    monkeypatch.undo()
+    # the schedule changes the pixels alone: each rebuilt pipeline goes on with the samples (and windows) the one
+    # before would have read, so the targets come in the order a run at one side trains on
+    assert len(seen["clean"]) == len(seen["one_side"]) and all(
+        torch.equal(a, b) for a, b in zip(seen["clean"], seen["one_side"]))
+    save = loop.CheckpointSaver.save
+
+    def save_then_crash(self, state, loader, metric=None):
+        saved = save(self, state, loader, metric)
+        if state.epoch == 2 and state.progress.step:
+            assert loader.size == 56
+            raise Crash()
+        return saved
+    monkeypatch.setattr(loop.CheckpointSaver, "save", save_then_crash)
+    with pytest.raises(Crash):
+        train(load_config(paths["stopped"]), "train")
+    monkeypatch.setattr(loop.CheckpointSaver, "save", save)
+    train(load_config(paths["stopped"]), "train")
+    clean, resumed = (load_checkpoint(tmp_path / name / "train" / "checkpoints" / "last.pt")
+                      for name in ("clean", "stopped"))
+    assert resumed["step"] == clean["step"]
+    for k in clean["model"]:
+        assert torch.equal(resumed["model"][k], clean["model"][k]), k
+    sides = [r["resolution"] for r in records(tmp_path / "clean" / "train" / "metrics.jsonl") if "val_gap" in r]
+    assert sides == [40, 48, 56]
+    assert comparable(records(tmp_path / "stopped" / "train" / "metrics.jsonl")) == \
+        comparable(records(tmp_path / "clean" / "train" / "metrics.jsonl"))
+
+
+def test_a_compiled_model_makes_one_graph_per_crop_side_not_one_per_step(built, kaggle, tmp_path):
+    import torch._dynamo
+    graphs = []
+
+    @torch._dynamo.register_backend(name="iic_counting")
+    def counting(gm, example_inputs):
+        graphs.append([tuple(x.shape) for x in example_inputs if hasattr(x, "shape")])
+        return gm.forward
+    cfg, _ = built
+    path = write_config(tmp_path / "c.yaml", kaggle[0], cfg.paths.shards, RAMP.replace("checkpoint_every_steps: 3",
+                                                                                       "max_steps_per_epoch: 3"),
+                        artifacts=tmp_path / "a")
+    torch._dynamo.reset()
+    train(load_config(path, ["model.compile=true", "model.compile_backend=iic_counting"]), "train")
+    batches = [shape for shapes in graphs for shape in shapes if shape[:2] == (4, 3)]  # [batch 4, RGB, side, side]
+    assert [shape[-1] for shape in batches] == [40, 48, 56] and len(graphs) == 3  # 9 steps, 3 sides: 3 graphs

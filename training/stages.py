@@ -17,10 +17,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from common.errors import UserError
 from common.paths import readable_file
 from common.shard_format import SplitShards, split_shards
 from common.tune_split import holdout_fingerprint, holdout_ids, split_tune_shards
+from dali_pipes.settings import ResolutionSchedule
 
 
 @dataclass(frozen=True)
@@ -46,6 +49,22 @@ class LrSchedule:
             warms = self.warmup_epochs and self.peak > self.base
             text += f"; warm-up from {self.base:g} over {self.warmup_epochs:g} epochs)" if warms else ")"
         return text + (f", x{self.gamma:g} every {self.step_epochs} epochs" if self.step_epochs else ", constant")
+
+
+@dataclass(frozen=True)
+class TriangularLr:
+    """FFCV's linear ramp: from 1e-4 of the peak up to the peak at ``peak_epoch``, then down to 0 at ``epochs``."""
+    base: float
+    peak: float
+    peak_epoch: float
+    epochs: int
+
+    def __call__(self, epoch: float) -> float:
+        return float(np.interp(epoch, [0, self.peak_epoch, self.epochs], [1e-4 * self.peak, self.peak, 0.0]))
+
+    def describe(self) -> str:
+        scaled = f" ({self.base:g} x {self.peak / self.base:g}, linear scaling)" if self.peak != self.base else ""
+        return f"lr up to {self.peak:g}{scaled} at epoch {self.peak_epoch:g}, down to 0 at epoch {self.epochs}"
 
 
 @dataclass(frozen=True)
@@ -108,7 +127,9 @@ class StageSpec:
     epochs: int
     batch_size: int  # per process
     processes: int  # the processes that train it
-    lr: LrSchedule
+    lr: LrSchedule | TriangularLr
+    resolution: ResolutionSchedule  # each epoch's crop side; the crops are the window_px window, resized
+    window_px: int  # pipeline.crop_size: the side of the window each crop is cut from
     momentum: float
     nesterov: bool
     weight_decay: float
@@ -129,6 +150,12 @@ class StageSpec:
         return self.batch_size * self.processes
 
     @property
+    def resizes(self) -> bool:
+        """Whether any epoch's crops differ from the window: then the train graph resizes every crop (one graph for
+        every size, so that DALI's state passes from one size's pipeline to the next)."""
+        return any(side != self.window_px for side in self.resolution.sizes(self.epochs))
+
+    @property
     def checkpoints(self) -> Path:
         return self.out / "checkpoints"
 
@@ -144,17 +171,25 @@ class StageSpec:
     def describe(self, steps: int, started: int) -> str:
         """The one line each stage starts with: processes, batches, learning rate, steps."""
         alone = f" (of {started} started: this stage trains on one)" if self.processes < started else ""
+        sizes = self.resolution.sizes(self.epochs)
+        crops = (f", crops of {' -> '.join(map(str, sizes))} px (epochs {self.resolution.start_epoch + 1} to "
+                 f"{self.resolution.end_epoch + 1}) from the {self.window_px}-px window" if len(sizes) > 1 else
+                 f", {sizes[0]}-px crops" + (f" from the {self.window_px}-px window" if self.resizes else ""))
         return (f"{self.name}: {self.processes} process(es){alone}, global batch {self.global_batch} "
-                f"({self.batch_size} per process), {self.lr.describe()}, {steps} steps an epoch, {self.epochs} epochs")
+                f"({self.batch_size} per process), {self.lr.describe()}{crops}, {steps} steps an epoch, "
+                f"{self.epochs} epochs")
 
 
-def _schedule(section, global_batch: int, scaling: str = "none", reference: int = 32) -> LrSchedule:
+def _schedule(section, global_batch: int, scaling: str = "none", reference: int = 32) -> LrSchedule | TriangularLr:
     peak = section.lr * global_batch / reference if scaling == "linear" else section.lr
+    if section.lr_schedule == "triangular":
+        return TriangularLr(section.lr, peak, section.lr_peak_epoch, section.epochs)
     return LrSchedule(section.lr, peak, section.warmup_epochs, section.lr_step_epochs, section.lr_gamma)
 
 
-def _common(section, processes: int, schedule: LrSchedule) -> dict:
+def _common(cfg, section, processes: int, schedule, resolution: ResolutionSchedule) -> dict:
     return dict(epochs=section.epochs, batch_size=section.batch_size, processes=processes, lr=schedule,
+                resolution=resolution, window_px=cfg.pipeline.crop_size,
                 momentum=section.momentum, nesterov=section.nesterov, weight_decay=section.weight_decay,
                 loss=section.loss, max_steps_per_epoch=section.max_steps_per_epoch, log_every=section.log_every,
                 checkpoint_every_steps=section.checkpoint_every_steps)
@@ -168,12 +203,13 @@ def train_stage(cfg, world_size: int, init: str | None = None) -> StageSpec:
                      machine_labels=cfg.data.machine_labels,
                      validation=Validation("none", cfg.predict.top_k, cfg.predict.batch_size, cfg.predict.max_labels),
                      out=cfg.paths.artifacts / "train", init=readable_file(Path(init), "--init") if init else None,
-                     **_common(t, world_size, schedule))
+                     **_common(cfg, t, world_size, schedule, ResolutionSchedule.from_config(cfg)))
 
 
 def tune_stage(cfg, world_size: int, init: str | None = None) -> StageSpec:
-    """Fine-tuning on the tuning labels, on one process, from the train stage's best.pt (or ``--init``); its
-    hold-out picks best.pt by GAP, then chooses the decision rule (on the submission's views)."""
+    """Fine-tuning on the tuning labels, on one process, from the train stage's best.pt (or ``--init``), at the train
+    stage's final crop side; its hold-out picks best.pt by GAP, then chooses the decision rule (on the submission's
+    views)."""
     t = cfg.tune
     start = Path(init) if init else cfg.paths.artifacts / "train" / "checkpoints" / "best.pt"
     if not init and not start.is_file():
@@ -185,7 +221,8 @@ def tune_stage(cfg, world_size: int, init: str | None = None) -> StageSpec:
                      machine_label_floor=1.0, machine_labels=False,
                      validation=Validation(cfg.predict.tta, cfg.predict.top_k, cfg.predict.batch_size,
                                            cfg.predict.max_labels),
-                     out=out, init=readable_file(start, "--init"), rule=rule, **_common(t, 1, _schedule(t, 32)))
+                     out=out, init=readable_file(start, "--init"), rule=rule, **_common(cfg, t, 1, _schedule(t, 32),
+                                                    ResolutionSchedule.from_config(cfg, final_only=True)))
 
 
 STAGES = {"train": train_stage, "tune": tune_stage}

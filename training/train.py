@@ -362,20 +362,34 @@ def run_stage(spec: StageSpec, runtime: Runtime, pipes: PipeSettings, model_cfg,
 def fit_epochs(spec: StageSpec, runtime: Runtime, pipes: PipeSettings, model_cfg, state: TrainState,
                saver: CheckpointSaver, fit: SplitShards, val: SplitShards, steps: int, dali_checkpoint) -> dict:
     d = runtime.dist
-    # one pipeline for the whole run: built once, resumed from its own checkpoint where there is one
-    loader = train_loader(pipes, fit, spec.batch_size, d.rank, d.world_size, state.epoch, dali_checkpoint,
-                          spec.machine_labels)
-    assert len(loader) >= steps, (len(loader), steps)  # the schedule was made for this many steps
+
+    def loader_for(epoch: int, checkpoint: str | None):
+        """The train pipeline at ``epoch``'s crop side, going on from ``checkpoint`` (DALI's state passes from one
+        side's pipeline to the next: the graphs differ only in the resize's size)."""
+        side = spec.resolution(epoch) if spec.resizes else None
+        made = train_loader(pipes, fit, spec.batch_size, d.rank, d.world_size, epoch, checkpoint, spec.machine_labels,
+                            side)
+        assert len(made) >= steps, (len(made), steps)  # the schedule was made for this many steps
+        return made
+
+    # one pipeline for the run (one per crop side), resumed from its own checkpoint where there is one
+    loader = loader_for(state.epoch, dali_checkpoint)
     batches = loader.stream()
     net = state.model
     if d.active:
         net = DistributedDataParallel(net, device_ids=[runtime.device.device_id] if runtime.on_gpu else None)
-    if model_cfg.compile:
-        net = torch.compile(net, backend=model_cfg.compile_backend)  # after DDP, so that it sees DDP's buckets
+    if model_cfg.compile:  # after DDP, so that it sees DDP's buckets; one static graph per crop side
+        net = torch.compile(net, backend=model_cfg.compile_backend, dynamic=False if spec.resizes else None)
     metrics = MetricsLog(spec.out, d.is_main, state.step)
     record: dict = {}
     try:
         while state.epoch < spec.epochs:
+            if spec.resolution(state.epoch) != loader.size:
+                if d.is_main:
+                    log.info(f"{spec.name} epoch {state.epoch + 1}: crops of {spec.resolution(state.epoch)} px from "
+                             f"here on (was {loader.size})")
+                loader = loader_for(state.epoch, loader.checkpoint())
+                batches = loader.stream()
             train_one_epoch(net, batches, loader, state, spec, runtime, steps, metrics, saver)
             epoch = state.progress
             # each rank's last forward updated its BatchNorm statistics with its own batch: validate (and save)
@@ -388,7 +402,8 @@ def fit_epochs(spec: StageSpec, runtime: Runtime, pipes: PipeSettings, model_cfg
                       "loss": epoch.loss_sum / steps,
                       "lr": epoch.lr, "images_per_s": sum(seen) / epoch.seconds,
                       "data_wait_share": epoch.wait / epoch.seconds, **val_record, "samples_per_rank": seen,
-                      "global_batch": spec.global_batch, "process_group": distributed.backend(d)}
+                      "global_batch": spec.global_batch, "resolution": loader.size,
+                      "process_group": distributed.backend(d)}
             state.progress = EpochProgress()
             improved = saver.save(state, loader, val_record[spec.best_by])
             if d.is_main:
