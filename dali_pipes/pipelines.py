@@ -148,8 +148,9 @@ def train_pipeline(tars, indexes, *, on_gpu: bool, out: Output, augmentation: st
     if out.dtype == "uint8":
         # Raw crops are handed over with their coin, and the loader mirrors them as it copies them out of DALI's
         # buffers (which it does anyway): a flip in DALI is one more pass over every crop, a fifth of the CPU
-        # graph's time (docs/BENCHMARKS.md). The coin stays here, so DALI's checkpoint keeps its random state.
-        return images, pad_labels(labels, on_gpu), mirror, *machine
+        # graph's time (docs/BENCHMARKS.md). The coin stays here, so DALI's checkpoint keeps its random state; it
+        # goes where the crops go (on a GPU, torch.where takes no mask from the host).
+        return images, pad_labels(labels, on_gpu), mirror.gpu() if on_gpu else mirror, *machine
     return finish(images, out, crop=False, mirror=mirror), pad_labels(labels, on_gpu), *machine
 
 

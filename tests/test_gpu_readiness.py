@@ -235,3 +235,41 @@ def test_the_throughput_benchmark_times_trainings_own_step_with_its_autocast_dty
     step = throughput.training_step_fn("test_resnet", 5, Device("cpu", None), cfg, torch.bfloat16)
     step(lambda x: x.half())((torch.zeros(2, 3, 8, 8), torch.zeros(2, 5)))
     assert seen == [(torch.float16, torch.bfloat16)]
+
+
+def test_every_gpu_graph_hands_its_batches_over_on_the_gpu(built, tmp_path):
+    """Every output a GPU graph hands to PyTorch is on the GPU, but the two the host reads itself (eval's image
+    ids, the test images' positions): a mask left on the CPU (the uint8 graph's flip coins) would make the loader's
+    torch.where fail on the first GPU batch."""
+    cfg, _ = built
+    shards = split_shards(cfg.paths.shards, "train")
+    on_host = {"eval": {2}, "files": {1}}  # output positions: meta (ids), positions
+    graphs = []
+    for dtype in ("float16", "float32", "uint8"):
+        out = Output(56, dtype, True, (0.5,) * 3, (0.2,) * 3)
+        for augmentation in ("crop_flip", "random_resized_crop"):
+            for machine_labels in (False, True):
+                for window in (None, 56):
+                    graphs.append(("train", train_pipeline(
+                        shards.tars, shards.indexes, out=out, augmentation=augmentation, initial_fill=16,
+                        enable_checkpointing=True, machine_labels=machine_labels, window=window, **GPU)))
+        for resize in (None, 64):
+            for tta in ("none", "tencrop"):
+                graphs.append(("eval", eval_pipeline(shards.tars, shards.indexes, out=out, resize_shorter=resize,
+                                                     tta=tta, **GPU)))
+        graphs.append(("files", image_file_pipeline([tmp_path / "a.jpg"], out=out, resize_shorter=64, tta="tencrop",
+                                                    **GPU)))
+    for kind, pipe in graphs:
+        devices = [node.device for node in pipe._graph_out]
+        assert devices == ["cpu" if k in on_host.get(kind, ()) else "gpu" for k in range(len(devices))], \
+            (kind, [node.name for node in pipe._graph_out], devices)
+
+
+def test_the_loader_mirrors_crops_with_coins_from_anywhere_where_the_crops_are():
+    from dali_pipes.loader import mirror_crops
+    crops = torch.arange(2 * 2 * 3 * 3, dtype=torch.uint8).view(2, 2, 3, 3)  # [B, H, W, C]
+    coins = torch.tensor([[1], [0]], dtype=torch.uint8)
+    flipped = mirror_crops(crops.clone(), coins)
+    assert torch.equal(flipped[0], crops[0].flip(-2)) and torch.equal(flipped[1], crops[1])
+    # on a device other than the CPU ("meta": shapes only) the mask goes where the crops are
+    assert mirror_crops(crops.to("meta"), coins).device.type == "meta"
