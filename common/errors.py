@@ -19,6 +19,14 @@ DEVICE_FAILURE = re.compile(r"CUDA error|CUDA driver|cudaError|CUBLAS_STATUS|CUD
 DEVICE_FAILURE_TYPES = {"AcceleratorError", "DistBackendError", "DistNetworkError", "DistStoreError"}
 
 
+# A sample a decoder could not decode, in DALI's words on either device: the image's fault, never the machine's,
+# whatever else the message says. DALI's nvImageCodec decoders (CPU and mixed alike: dali/operators/imgcodec/
+# image_decoder.h) say "Failed to decode sample #3 : <source>"; nvJPEG's own statuses for a bad or unsupported
+# stream (dali/operators/decoder/nvjpeg/nvjpeg_helper.h: "nvJPEG error (3): Cannot parse the JPEG stream ...").
+IMAGE_FAILURE = re.compile(r"Failed to decode sample|nvJPEG error \((3|4|10)\)|Cannot parse the JPEG stream|"
+                           r"not supported by the nvJPEG library|Bitstream input data incomplete")
+
+
 def is_out_of_memory(exc: BaseException) -> bool:
     return type(exc).__name__ == "OutOfMemoryError" or bool(OUT_OF_MEMORY.search(str(exc)))
 
@@ -30,9 +38,12 @@ def is_device_failure(exc: BaseException) -> bool:
 
 def failure_kind(exc: BaseException) -> str:
     """What a failure is, from its type and then its words: "out_of_memory", "device" (the GPU, its driver,
-    NCCL) or "other". The one place that tells them apart: the loaders, inference and the command frame ask it."""
+    NCCL) or "other" (a bad image among them, however its decoder words it). The one place that tells them
+    apart: the loaders, inference and the command frame ask it."""
     if is_out_of_memory(exc):
         return "out_of_memory"
+    if type(exc).__name__ not in DEVICE_FAILURE_TYPES and IMAGE_FAILURE.search(str(exc)):  # nvJPEG names both kinds
+        return "other"
     if is_device_failure(exc):
         return "device"
     return "other"

@@ -170,6 +170,14 @@ class DamagedShard(DamagedData):
     """A shard that DALI cannot read: one line naming it (and its sample, where DALI names it)."""
 
 
+class ForeignState(Exception):
+    """A DALI checkpoint saved by another graph (DALI restores by operator name): the caller decides what to do."""
+
+
+# DALI's words when a checkpoint names operators this graph does not have
+FOREIGN_STATE = re.compile(r"doesn't recognize \S+ as a name of an operator")
+
+
 # DALI names the sample it failed on as "<tar path>:<offset>:<key>.<extension>"
 SAMPLE_SOURCE = re.compile(r"(\S+\.tar):\d+:(\S+?)\.\w+\b")
 # the line of DALI's message that says what went wrong (the rest is DALI's own traceback and C++ context)
@@ -200,13 +208,24 @@ def damaged_shard(exc: RuntimeError, shards: SplitShards) -> DamagedShard:
 def shard_errors(shards: SplitShards):
     """A failure of DALI's reading or decoding becomes one DamagedShard line; running out of memory and a fault
     of the GPU or its driver (``common.errors.failure_kind``, DALI's words too) stay what they are, errors of
-    the run."""
+    the run, and a checkpoint of another graph is a ForeignState, not a damaged shard."""
     try:
         yield
     except RuntimeError as exc:
         if failure_kind(exc) != "other":
             raise
+        if FOREIGN_STATE.search(str(exc)):
+            raise ForeignState(DALI_CAUSE.search(str(exc)).group(0).strip()) from None
         raise damaged_shard(exc, shards) from None
+
+
+def train_graph(settings: PipeSettings, machine_labels: bool, resized: bool) -> str:
+    """What the train graph's operators depend on, in words. DALI restores a checkpoint by operator name, so the
+    state of a graph with another description (a CPU run's, another output dtype's, with or without machine labels
+    or a resolution schedule's resize) does not restore into this one: checkpoints record it to tell."""
+    return ", ".join([f"{settings.device.kind} graph", f"{output_dtype(settings.dtype, settings.device, settings.amp_dtype)}"
+                      " crops", settings.augmentation, "resized" if resized else "not resized",
+                      "with machine labels" if machine_labels else "human labels"])
 
 
 def train_reader_seeds(seed: int, epoch: int, rank: int) -> tuple[int, int]:

@@ -10,7 +10,8 @@ which images its rule was chosen on, ``common.tune_split.holdout_fingerprint``; 
 scheduler state); and, to resume training exactly, ``optimizer``, ``scaler``, ``rng`` (rank 0's random state) and ``rng_per_rank`` (every
 rank's, in rank order: each rank's dropout and other draws go on from its own), ``epoch_progress`` (how far into the next
 epoch a mid-epoch checkpoint stands, with the epoch's running sums) and ``dali`` (every rank's DALI
-pipeline checkpoint, in rank order, for a world of ``world_size`` processes).
+pipeline checkpoint, in rank order, for a world of ``world_size`` processes, with ``dali_graph``, the description of
+the train graph it was saved by: ``dali_pipes.loader.train_graph``).
 """
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ from common.errors import UserError
 from model.network import create_model, unwrap
 
 
-RESUME_ONLY = ("optimizer", "scheduler", "lr_schedule", "scaler", "rng", "rng_per_rank", "epoch_progress", "dali")
+RESUME_ONLY = ("optimizer", "scheduler", "lr_schedule", "scaler", "rng", "rng_per_rank", "epoch_progress", "dali",
+               "dali_graph")
 
 
 def for_inference(state: dict) -> dict:
@@ -111,7 +113,7 @@ def load_checkpoint(path: Path, require: tuple[str, ...] = FOR_INFERENCE, map_lo
 
 def training_payload(*, model, optimizer, lr_schedule: dict, scaler, stage: str, epoch: int, step: int, metric: float | None,
                      best_metric: float, model_name: str, classes: list[str], class_counts: list[int] | None,
-                     decision_rule: dict | None, config: dict, epoch_progress: dict, dali: list[str],
+                     decision_rule: dict | None, config: dict, epoch_progress: dict, dali: list[str], dali_graph: str,
                      rng_per_rank: list[dict], world_size: int, holdout: dict | None = None) -> dict:
     """The payload as the train and tune stages save it (see the module docstring)."""
     return {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
@@ -119,7 +121,7 @@ def training_payload(*, model, optimizer, lr_schedule: dict, scaler, stage: str,
             "rng_per_rank": rng_per_rank,
             "stage": stage, "epoch": epoch, "step": step, "metric": metric, "best_metric": best_metric,
             "model_name": model_name, "classes": classes, "class_counts": class_counts,
-            "decision_rule": decision_rule, "config": config, "epoch_progress": epoch_progress, "dali": dali,
+            "decision_rule": decision_rule, "config": config, "epoch_progress": epoch_progress, "dali": dali, "dali_graph": dali_graph,
             "world_size": world_size, "holdout": holdout}
 
 

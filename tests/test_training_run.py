@@ -374,3 +374,37 @@ def test_a_compiled_model_makes_one_graph_per_crop_side_not_one_per_step(built, 
     train(load_config(path, ["model.compile=true", "model.compile_backend=iic_counting"]), "train")
     batches = [shape for shapes in graphs for shape in shapes if shape[:2] == (4, 3)]  # [batch 4, RGB, side, side]
     assert [shape[-1] for shape in batches] == [40, 48, 56] and len(graphs) == 3  # 9 steps, 3 sides: 3 graphs
+
+
+@pytest.mark.parametrize("recorded", [True, False], ids=["graph-recorded", "older-checkpoint"])
+def test_a_last_pt_of_another_train_graph_resumes_at_its_epoch_s_start_saying_so(built, kaggle, tmp_path, monkeypatch,
+                                                                                 caplog, recorded):
+    """Stopped mid-epoch with the CPU's uint8 graph, run again with float32 out of DALI (another graph: DALI
+    restores by operator name): the epoch starts again, with a warning saying what is repeated, not a damaged
+    shard. Checkpoints from before they named their graph are recognised by DALI's own words."""
+    import training.train as loop
+    cfg, _ = built
+    path = write_config(tmp_path / "c.yaml", kaggle[0], cfg.paths.shards, MID_EPOCH, artifacts=tmp_path / "a")
+    save = loop.CheckpointSaver.save
+
+    def save_then_crash(self, state, loader, metric=None):
+        saved = save(self, state, loader, metric)
+        if state.progress.step:
+            raise Crash()
+        return saved
+    monkeypatch.setattr(loop.CheckpointSaver, "save", save_then_crash)
+    with pytest.raises(Crash):
+        train(load_config(path), "train")
+    monkeypatch.setattr(loop.CheckpointSaver, "save", save)
+    last = tmp_path / "a" / "train" / "checkpoints" / "last.pt"
+    stopped = load_checkpoint(last)
+    assert stopped["epoch_progress"]["step"] == 3 and "uint8 crops" in stopped["dali_graph"]
+    if not recorded:
+        del stopped["dali_graph"]
+        torch.save(stopped, last)
+    with caplog.at_level("WARNING", logger="training.train"):
+        train(load_config(path, ["pipeline.dtype=float32"]), "train")
+    warning = "holds the state of another train graph" + (" (cpu graph, uint8 crops" if recorded else " (DALI: ")
+    assert warning in caplog.text and "epoch 1 starts again from its beginning (its first 3 steps" in caplog.text
+    finished = load_checkpoint(last)
+    assert finished["epoch"] == 2 and finished["step"] == 2 * 11 and "float32 crops" in finished["dali_graph"]

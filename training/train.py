@@ -31,7 +31,7 @@ from common.runtime import Runtime, start_runtime
 from common.seeds import int_seed
 from common.shard_format import SplitShards, read_manifest
 from common.vocab import Vocabulary
-from dali_pipes.loader import check_data_settings, eval_loader, train_loader
+from dali_pipes.loader import ForeignState, check_data_settings, train_graph, train_loader
 from dali_pipes.settings import PipeSettings
 from model.checkpoint import (FOR_RESUME, load_checkpoint, load_weights, rank_rng_state, restore_scaler, rng_state,
                               save_checkpoint, set_rng_state, training_payload)
@@ -86,8 +86,8 @@ class CheckpointSaver:
     """Owns the checkpoint payload and the last/best paths (timm's CheckpointSaver, kept small)."""
 
     def __init__(self, spec: StageSpec, model_name: str, classes: list[str], class_counts: list[int] | None,
-                 config: dict, d: distributed.Dist):
-        self.spec, self.model_name, self.config, self.d = spec, model_name, config, d
+                 config: dict, d: distributed.Dist, graph: str):
+        self.spec, self.model_name, self.config, self.d, self.graph = spec, model_name, config, d, graph
         self.classes, self.class_counts = classes, class_counts
         self.last, self.best = spec.checkpoints / "last.pt", spec.checkpoints / "best.pt"
         self.holdout = spec.data.holdout()  # the images a rule is chosen on (ensembles must choose on the same)
@@ -107,7 +107,7 @@ class CheckpointSaver:
             stage=self.spec.name, epoch=state.epoch, step=state.step, metric=metric,
             best_metric=state.best_metric, model_name=self.model_name, classes=self.classes,
             class_counts=self.class_counts, decision_rule=None, config=self.config,
-            epoch_progress=asdict(state.progress), dali=list(dali), rng_per_rank=list(rngs),
+            epoch_progress=asdict(state.progress), dali=list(dali), dali_graph=self.graph, rng_per_rank=list(rngs),
             world_size=self.d.world_size, holdout=self.holdout)
         save_checkpoint(self.last, payload)
         if improved:
@@ -131,11 +131,16 @@ def resume_or_init(state: TrainState, saver: CheckpointSaver, spec: StageSpec, d
             f"the end of epoch {state.epoch}"
         log.info(f"resuming {spec.name} from {saver.last} at {where}" if state.epoch < spec.epochs
                  else f"{spec.name} already finished its {spec.epochs} epochs ({saver.last})")
-        if saved.get("world_size") == d.world_size and saved.get("dali"):
+        same_graph = saved.get("dali_graph", saver.graph) == saver.graph  # (older checkpoints: DALI will tell)
+        if saved.get("world_size") == d.world_size and saved.get("dali") and same_graph:
             return saved["dali"][d.rank]
         if state.progress.step:
-            log.warning("last.pt was saved by %s process(es), this run has %d: the data of epoch %d starts afresh",
-                        saved.get("world_size"), d.world_size, state.epoch + 1)
+            why = (f"was saved by {saved.get('world_size')} process(es), this run has {d.world_size}"
+                   if same_graph else f"holds the state of another train graph ({saved['dali_graph']}; this run's: "
+                                      f"{saver.graph})")
+            log.warning("last.pt %s: epoch %d starts again from its beginning (its first %d steps are trained again)",
+                        why, state.epoch + 1, state.progress.step)
+            state.step -= state.progress.step
             state.progress = EpochProgress()
     elif spec.init is not None:
         saved = load_checkpoint(spec.init)
@@ -349,7 +354,8 @@ def run_stage(spec: StageSpec, runtime: Runtime, pipes: PipeSettings, model_cfg,
     counts = read_manifest(spec.data.shards).get("class_counts", {}).get("train")  # inference's fallback labels
     state = create_train_state(spec, model_cfg, len(vocab), runtime.device.torch_device, runtime.amp_dtype,
                                pipes.seed)
-    saver = CheckpointSaver(spec, model_cfg.name, vocab.codes, counts, config, d)
+    saver = CheckpointSaver(spec, model_cfg.name, vocab.codes, counts, config, d,
+                            train_graph(pipes, spec.machine_labels, spec.resizes))
     dali_checkpoint = resume_or_init(state, saver, spec, d)
     record: dict = {}
     if state.epoch < spec.epochs:
@@ -373,7 +379,15 @@ def fit_epochs(spec: StageSpec, runtime: Runtime, pipes: PipeSettings, model_cfg
         return made
 
     # one pipeline for the run (one per crop side), resumed from its own checkpoint where there is one
-    loader = loader_for(state.epoch, dali_checkpoint)
+    try:
+        loader = loader_for(state.epoch, dali_checkpoint)
+    except ForeignState as exc:  # a last.pt from before checkpoints named their graph, saved by another graph
+        if state.progress.step:
+            log.warning("last.pt holds the state of another train graph (DALI: %s): epoch %d starts again from its "
+                        "beginning (its first %d steps are trained again)", exc, state.epoch + 1, state.progress.step)
+        state.step -= state.progress.step
+        state.progress = EpochProgress()
+        loader = loader_for(state.epoch, None)
     batches = loader.stream()
     net = state.model
     if d.active:
