@@ -20,8 +20,9 @@ ENV PATH=/opt/venv/bin:$PATH
 # pinned: the versions the project is tested with (they satisfy pyproject.toml); one CUDA (13) for both
 RUN pip install torch==2.14.1 torchvision==0.29.1 nvidia-dali-cuda130==2.4.0 timm==1.0.31
 
-# --build-arg EXTRAS=bench adds what the benchmarks and the GPU check need (python -m benchmarks.NAME)
-ARG EXTRAS=""
+# the bench extra: what the GPU check (python -m benchmarks.gpu_check, README step 4) and the benchmarks need;
+# --build-arg EXTRAS= leaves it out
+ARG EXTRAS="bench"
 WORKDIR /source
 COPY . /source
 RUN pip install -e ".${EXTRAS:+[$EXTRAS]}"

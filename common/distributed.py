@@ -1,11 +1,14 @@
 """Process-group setup for torchrun (NCCL on GPUs, gloo on CPUs) and the few collectives training needs."""
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -30,6 +33,13 @@ def launched_by_torchrun() -> bool:
     return "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ
 
 
+def backend_for(on_gpu: bool, processes_here: int, gpus_here: int) -> str:
+    """NCCL where each process of this machine has a GPU of its own; gloo on CPUs, and where processes share a GPU
+    (NCCL refuses two ranks on one device; gloo's collectives take CUDA tensors too, through the host): two
+    processes on a one-GPU machine run every multi-rank path of a real run, slower."""
+    return "nccl" if on_gpu and processes_here <= gpus_here else "gloo"
+
+
 def setup(device) -> Dist:
     """Join the process group torchrun describes in the environment; a plain run is rank 0 of 1, alone."""
     if not launched_by_torchrun():
@@ -40,7 +50,12 @@ def setup(device) -> Dist:
     if on_gpu:
         torch.cuda.set_device(device.device_id)  # not always local_rank: see common.device.gpu_index
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if on_gpu else "gloo")
+        backend = backend_for(on_gpu, int(os.environ.get("LOCAL_WORLD_SIZE", 1)),
+                              torch.cuda.device_count() if on_gpu else 0)
+        if on_gpu and backend == "gloo" and local_rank == 0:
+            log.warning("%s processes share this machine's %d GPU(s): their process group is gloo (NCCL needs a GPU "
+                        "a process), which is slower", os.environ.get("LOCAL_WORLD_SIZE"), torch.cuda.device_count())
+        dist.init_process_group(backend)
     return Dist(dist.get_rank(), world_size, local_rank, group=True)
 
 

@@ -9,8 +9,9 @@ busy core elsewhere makes training 20x slower (issue 16: 32-41 images/s instead 
   machine's count), shared equally by the processes torchrun starts on this machine;
 - on the CPU, DALI decodes while the model computes, so they split the cores (DALI at most
   ``pipeline.num_threads``, and at most half) and together never exceed them;
-- on a GPU the model's work is on the GPU: DALI gets up to ``pipeline.num_threads`` of this process's cores
-  (reading, the host half of nvJPEG's decoding) less one for PyTorch, which only launches kernels;
+- on a GPU the model's work is on the GPU: DALI gets up to ``pipeline.num_threads`` threads for each pipeline
+  (reading, the host half of nvJPEG's decoding), counted twice since its mixed decoder runs a thread pool of as
+  many beside the pipeline's, within this process's cores less one for PyTorch, which only launches kernels;
 - OpenCV (the shard builder's resize) runs one thread per builder worker process.
 
 ``IIC_THREAD_BUDGET=off`` leaves every library at its defaults (for comparison; docs/BENCHMARKS.md, "Thread budget").
@@ -107,9 +108,9 @@ class ThreadBudget:
 
 def thread_budget(requested_dali: int, on_gpu: bool, cores: int | None = None) -> ThreadBudget:
     cores = cores or usable_cores()
-    if on_gpu:
-        dali = max(1, min(requested_dali, cores - 1))
-        return ThreadBudget(dali=dali, torch=max(1, min(4, cores - dali)))
+    if on_gpu:  # the mixed decoder runs a pool of as many threads again beside the pipeline's own
+        dali = max(1, min(requested_dali, (cores - 1) // 2))
+        return ThreadBudget(dali=dali, torch=max(1, min(4, cores - 2 * dali)))
     dali = max(1, min(requested_dali, cores // 2))
     return ThreadBudget(dali=dali, torch=max(1, cores - dali))
 

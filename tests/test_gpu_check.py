@@ -11,8 +11,10 @@ import torch
 from tests.fixtures import REPO
 
 from benchmarks import gpu_check
-from benchmarks.gpu_check import (QUICK, Batch, batch_parity, data_wait, data_wait_share, image_blind_gap,
+from benchmarks.gpu_check import (QUICK, Batch, Tolerance, batch_parity, data_wait, data_wait_share, image_blind_gap,
                                   labels_match_truth, loader_keeps_up, tencrop_order, weights_match)
+
+TOL = Tolerance(0.01, 0.05)
 
 
 def batches(n=20, size=4, seed=0, views=None):
@@ -27,11 +29,11 @@ def failed(gates):
 
 
 def test_equal_batches_pass_every_parity_gate():
-    assert failed(batch_parity("x", batches(), batches(), 0.01, 0.05)) == set()
+    assert failed(batch_parity("x", batches(), batches(), TOL)) == set()
 
 
 def test_a_short_batch_list_fails_on_its_count_not_on_its_common_prefix():
-    gates = batch_parity("x", batches()[:-1], batches(), 0.01, 0.05)
+    gates = batch_parity("x", batches()[:-1], batches(), TOL)
     assert failed(gates) == {"batches", "images"}
     assert not any("abs diff" in g.name for g in gates)  # no pixel figure from a prefix
 
@@ -39,7 +41,7 @@ def test_a_short_batch_list_fails_on_its_count_not_on_its_common_prefix():
 def test_one_bad_batch_among_good_ones_fails_though_the_mean_passes():
     device = batches(n=200)
     device[57].images[0, :, :4] += 0.5  # an eighth of one image of one batch in 200
-    gates = batch_parity("x", device, batches(n=200), 0.01, 0.05)
+    gates = batch_parity("x", device, batches(n=200), TOL)
     assert [g.passed for g in gates if g.name == "x: mean abs diff"] == [True]
     assert failed(gates) == {"worst batch mean abs diff", "worst batch p99.9 abs diff"}
 
@@ -48,7 +50,7 @@ def test_swapped_ids_or_labels_fail_their_gates():
     device = batches()
     device[3].ids = device[3].ids[::-1]
     device[5].labels = device[5].labels.roll(1, 0)
-    assert failed(batch_parity("x", device, batches(), 0.01, 0.05)) == {"ids equal", "labels equal"}
+    assert failed(batch_parity("x", device, batches(), TOL)) == {"ids equal", "labels equal"}
 
 
 def test_labels_handed_over_with_the_wrong_images_fail_the_truth_gate():
@@ -67,10 +69,12 @@ def test_the_ten_crop_order_is_checked_on_every_batch():
         b.images[:, 5:] = b.images[:, :5].flip(-1)
     centre = [Batch(b.images[:, 4].clone(), b.labels, b.ids) for b in tencrop]
     assert failed(tencrop_order("x", tencrop, centre)) == set()
+    centre[2].images += 0.01  # within what the device's centre crops differ from the CPU's, measured: passes
+    assert failed(tencrop_order("x", tencrop, centre, centre_tolerance=0.02, basis="measured")) == set()
+    assert failed(tencrop_order("x", tencrop, centre, centre_tolerance=0.005, basis="measured")) == {
+        "view 4 against the centre crop (max abs diff)"}
     tencrop[11].images[:, [5, 6]] = tencrop[11].images[:, [6, 5]]  # two mirrors swapped in one batch
-    assert failed(tencrop_order("x", tencrop, centre)) == {"batches whose views 5-9 mirror 0-4"}
-    centre[2].images += 0.1
-    assert "view 4 is the centre crop" in failed(tencrop_order("x", tencrop, centre))
+    assert "batches whose views 5-9 mirror 0-4" in failed(tencrop_order("x", tencrop, centre, 0.02))
 
 
 def test_a_loader_slower_than_one_and_a_half_model_steps_fails():
@@ -127,6 +131,13 @@ def test_the_quick_rehearsal_runs_every_part_and_passes(tmp_path):
         assert part["passed"] and part["gates"]
     assert report["parts"]["ddp"]["processes"] == 2
     assert not list((tmp_path / "tmp").glob("iic_gpu_check_*"))  # its work folder is removed at the end
+    names = " ".join(g["name"] for part in report["parts"].values() for g in part["gates"])
+    for path in ("machine labels", "at 256/224", "at 292/256", "random_resized_crop", "uint8", "ensemble",
+                 "px of the 224-px window", "crop sides", "tune: test resolution"):
+        assert path in names, path  # every path the project ships has a gate
+    assert all(g["basis"].split(":")[0] in ("exact", "measured", "design") for part in report["parts"].values()
+               for g in part["gates"])
+    assert set(report["gpu_estimate"]["seconds_by_part"]) == set(gpu_check.PARTS)
 
 
 def test_labels_handed_over_with_the_wrong_images_fail_the_parity_part(tmp_path, monkeypatch):
@@ -152,6 +163,25 @@ training.resume_or_init = lambda *a, **kw: (resume_or_init(*a, **kw), None)[1]
 import training.train as training
 training.DistributedDataParallel = lambda net, **kw: net
 """),
+    # the tune stage split over every process, as before the stages knew their processes
+    "tune-on-every-rank": ("ddp", "tune: processes that trained it", """
+import dataclasses
+import training.train as training
+import training.stages as stages
+tune = stages.STAGES["tune"]
+stages.STAGES["tune"] = lambda cfg, world, init=None: dataclasses.replace(tune(cfg, world, init), processes=world)
+"""),
+    # batches of another size every step (a ragged loader): a compiled model recompiles at every new shape
+    "ragged-batches": ("compile", "recompilations over two epochs at two crop sides", """
+import training.train as training
+step, calls = training.training_step, [0]
+
+def ragged(net, optimizer, scaler, loss_fn, inputs, targets, amp_dtype):
+    calls[0] += 1
+    k = len(inputs) - calls[0] % 3
+    return step(net, optimizer, scaler, loss_fn, inputs[:k], targets[:k], amp_dtype)
+training.training_step = ragged
+"""),
 }
 
 
@@ -163,3 +193,24 @@ def test_the_check_fails_on_a_faulty_training_program_with_the_gate_that_noticed
     program.write_text(bug + "import sys\ntraining.main(sys.argv[1:])\n")
     report = gpu_check.run_check(QUICK, (part,), tmp_path / "r.json", tmp_path / "work", train_program=(str(program),))
     assert not report["passed"] and gate in failing_gates(report)[part], report["parts"][part]
+
+
+@pytest.mark.slow
+def test_machine_labels_lost_on_the_way_fail_the_parity_part(tmp_path, monkeypatch):
+    import dali_pipes.loader as loader
+    monkeypatch.setattr(loader, "with_machine_labels", lambda targets, classes, confidences: targets)
+    report = gpu_check.run_check(QUICK, ("parity",), tmp_path / "r.json", tmp_path / "work")
+    assert failing_gates(report)["parity"] == [
+        "train with machine labels: a pass's soft targets are the shards' labels and machine labels"]
+
+
+def test_a_rehearsal_estimates_each_part_s_time_on_a_gpu_and_names_what_the_machine_lacks(monkeypatch):
+    parts = {"parity": {"seconds": 40.0}, "throughput": {"seconds": 30.0}}
+    estimate = gpu_check.gpu_estimate(parts)
+    assert estimate["seconds_by_part"] == {"parity": 20.0, "throughput": 30.0} and estimate["total_seconds"] == 50.0
+    monkeypatch.setattr(gpu_check.shutil, "which", lambda name: None)  # no compiler, no nvidia-smi
+    monkeypatch.setenv("NVIDIA_DRIVER_CAPABILITIES", "compute,utility")
+    lacks = gpu_check.machine_lacks("gpu", quick=False)
+    assert [line.split(" ", 2)[:2] for line in lacks][:3] == [["nvidia-smi:", "the"], ["the", "'video'"],
+                                                              ["a", "C"]]
+    assert gpu_check.machine_lacks("cpu", quick=True) == []

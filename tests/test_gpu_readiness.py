@@ -273,3 +273,10 @@ def test_the_loader_mirrors_crops_with_coins_from_anywhere_where_the_crops_are()
     assert torch.equal(flipped[0], crops[0].flip(-2)) and torch.equal(flipped[1], crops[1])
     # on a device other than the CPU ("meta": shapes only) the mask goes where the crops are
     assert mirror_crops(crops.to("meta"), coins).device.type == "meta"
+
+
+def test_processes_that_share_a_gpu_take_gloo_and_one_a_gpu_take_nccl():
+    from common.distributed import backend_for
+    assert backend_for(on_gpu=True, processes_here=8, gpus_here=8) == "nccl"
+    assert backend_for(on_gpu=True, processes_here=2, gpus_here=1) == "gloo"  # NCCL refuses two ranks on one GPU
+    assert backend_for(on_gpu=False, processes_here=4, gpus_here=0) == "gloo"

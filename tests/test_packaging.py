@@ -124,3 +124,23 @@ def test_dali_is_pinned_to_its_tested_minor_version():
     tested = Version(version(dali.name))
     assert dali.specifier.contains(tested)
     assert not dali.specifier.contains(f"{tested.major}.{tested.minor + 1}.0")
+
+
+def test_the_default_image_carries_what_the_gpu_check_imports():
+    """README step 4 runs the GPU check in the image built without any build argument: its default extras must
+    hold every third-party package the check imports, itself or through the benchmarks' modules it uses."""
+    arg = next(line for line in dockerfile_lines() if line.startswith("ARG EXTRAS"))
+    extras = [e for e in arg.split("=", 1)[1].strip('"').split(",") if e]
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    installed = {Requirement(d).name.lower() for d in project["dependencies"]}
+    for extra in extras:
+        installed |= {Requirement(d).name.lower() for d in project["optional-dependencies"][extra]}
+    imports = imported_modules(["benchmarks"])
+    needed = {name.split(".")[0] for name, files in imports.items()
+              if files & {"benchmarks/gpu_check.py", "benchmarks/harness.py", "benchmarks/photos.py"}}
+    third_party = {n for n in needed if n not in ("benchmarks", *PRODUCT) and not __import__("sys").stdlib_module_names
+                   .__contains__(n)}
+    distribution = {"skimage": "scikit-image", "cv2": "opencv-python-headless", "yaml": "pyyaml", "PIL": "pillow",
+                    "nvidia": "nvidia-dali-cuda130"}
+    missing = {n for n in third_party if distribution.get(n, n).lower() not in installed}
+    assert not missing, f"the default image lacks {missing} (EXTRAS={extras})"
