@@ -205,9 +205,9 @@ def test_the_time_to_accuracy_benchmark_writes_its_json_and_plot(tmp_path):
     result = json.loads(out.read_text())
     assert set(result["recipes"]) == {"original", "fast"} and plot.stat().st_size > 0
     original, fast = result["recipes"]["original"], result["recipes"]["fast"]
-    assert set(original["images_per_s_by_side"]) == {"56"} and set(fast["images_per_s_by_side"]) == {"40", "48"}
+    assert set(original["images_per_s_by_side"]) == {"56"} and set(fast["images_per_s_by_side"]) == {"40", "48", "56"}
     assert len(fast["gap_by_epoch"]) == 3 and all(0 < s for s, _ in fast["gap_by_epoch"])
-    assert fast["test_resolution"] in ([55, 48], [64, 56], [73, 64]) and 0 <= fast["stage2_f2"] <= 1
+    assert fast["test_resolution"] in ([64, 56], [73, 64]) and 0 <= fast["stage2_f2"] <= 1
     assert result["ratios"]["fast"]["train_seconds_vs_original"] > 0
 
 
