@@ -15,7 +15,7 @@ from common.errors import UserError
 from inference.submit import refuse_mostly_fallback
 from preprocessing.build_shards import RECORDS, build_shards
 from preprocessing.resize import prepare_image
-from tests.fixtures import REPO, SMALL_SHARDS, write_config
+from tests.fixtures import SMALL_SHARDS, write_config
 from training import losses
 from training.train import LossWatch, TrainingDiverged, train
 from common.distributed import Dist

@@ -233,7 +233,6 @@ def test_a_submission_predicts_every_member_from_one_pass(members, tmp_path, mon
         m = create_model("test_resnet", len(state["classes"]))
         m.load_state_dict(state["model"])
         models.append(m.eval())
-    device = resolve_device("cpu")
     runtime = cpu_runtime(cfg)
     together = predict_files(models, files, runtime, pipes(cfg), cfg.predict, combination=Combination("vote", 2))
     assert len(built_loaders) == 1  # one DALI pass for both members

@@ -13,7 +13,6 @@ from sklearn.preprocessing import MultiLabelBinarizer
 
 from common.config import load_config
 from common.vocab import Vocabulary
-from common.device import resolve_device
 from inference.file_predictions import predict_files
 from inference.score import read_labels, score
 from inference.submit import main as submit_main, submit

@@ -1,5 +1,4 @@
 """Machine labels, end to end: from train_machine_labels.csv through the shards and the train loader to the loss."""
-import json
 from collections import Counter
 
 import numpy as np
@@ -8,7 +7,7 @@ import torch
 
 from common.config import load_config
 from common.errors import UserError
-from common.shard_format import MANIFEST, decode_labels, decode_machine, iter_samples, split_shards
+from common.shard_format import decode_labels, decode_machine, iter_samples, split_shards
 from common.vocab import Vocabulary
 from dali_pipes.loader import multi_hot, train_loader, with_machine_labels
 from preprocessing.build_shards import build_shards
