@@ -35,7 +35,8 @@ this run, or a design requirement):
                   floor no image-blind model reaches
 
 Report: {"passed", "rehearsal", "device", "machine_lacks", "parts": {NAME: {"passed", "gates": [...], "seconds",
-...}}, "gpu_estimate" (rehearsals: each part's expected seconds on a GPU machine)}, written after every part. Exit 0 when every gate passed, 1 when one failed (or a part broke), 2 when the check cannot run here.
+...}}, "gpu_estimate" (rehearsals: each part's expected seconds on a GPU machine)}, written after every part.
+Exit 0 when every gate passed, 1 when one failed (or a part broke), 2 when the check cannot run here.
 --rehearse: every part on the CPU with CPU thresholds (gloo, the CPU graphs against the other output dtypes,
 timm's test_resnet, small data); --quick: small enough for the test suite (0.5 s windows, eager torch.compile).
 """

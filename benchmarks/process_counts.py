@@ -5,12 +5,12 @@
 Generates the demo data (default sizes) and builds its shards once, then for each count in ``--processes`` runs the
 README's commands with ``demo/config.yaml`` under ``scripts/train.sh --nproc-per-node N``: the train stage, the
 tune stage from its ``best.pt``, a stage-2 submission (one process) and its score; for every count after the first,
-also the tune stage from the first count's train ``best.pt``, which compares the tune stages from the same start. Each row: the train stage's last
-epoch (val GAP, loss, global batch, learning rate, wall time), the tune stage's steps an epoch, its hold-out
-figures (the rule's F2 on the images that chose it, and cross-fitted) and the tuned model's stage-2 F2.
-``--resume A,B``: also a train run stopped after ``--resume-after`` epochs on A processes and resumed on B, beside
-a run on B throughout: the epoch at which each first decays its learning rate (they must agree).
-On a CPU the processes are gloo ranks sharing its cores: the figures are about the recipe, not about speed.
+also the tune stage from the first count's train ``best.pt``, which compares the tune stages from the same start.
+Each row: the train stage's last epoch (val GAP, loss, global batch, learning rate, wall time), the tune stage's
+steps an epoch, its hold-out figures (the rule's F2 on the images that chose it, and cross-fitted) and the tuned
+model's stage-2 F2. ``--resume A,B``: also a train run stopped after ``--resume-after`` epochs on A processes and
+resumed on B, beside a run on B throughout: the epoch at which each first decays its learning rate (they must
+agree). On a CPU the processes are gloo ranks sharing its cores: the figures are about the recipe, not about speed.
 """
 from __future__ import annotations
 
@@ -55,7 +55,8 @@ def tuned(work: Path, out: Path, processes: int, init: Path | None = None) -> di
     tune, report = epochs(out, "tune"), json.loads((out / "tune" / "report.json").read_text())
     return {"tune_steps_per_epoch": sorted({r["steps"] for r in tune}),
             "tune_processes": len(tune[0]["samples_per_rank"]), "tune_best_epoch": report["best_epoch"],
-            "tune_holdout_f2_in_sample": report["f2_in_sample"], "tune_holdout_f2_cross_fitted": report["f2_cross_fitted"],
+            "tune_holdout_f2_in_sample": report["f2_in_sample"],
+            "tune_holdout_f2_cross_fitted": report["f2_cross_fitted"],
             "stage2_f2": round(stage2_f2(work, out, out / "tune" / "checkpoints" / "best.pt"), 4)}
 
 

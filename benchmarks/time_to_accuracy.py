@@ -124,7 +124,8 @@ def main(argv=None):
     write_json(args.json, result)
     if args.plot:
         plot(args.plot, result["recipes"])
-    print("\n| recipe | train stage s | images/s by crop side | final val GAP | stage-2 F2 (tuned) |\n|---|---|---|---|---|")
+    print("\n| recipe | train stage s | images/s by crop side | final val GAP | stage-2 F2 (tuned) |\n"
+          "|---|---|---|---|---|")
     for name, r in result["recipes"].items():
         sides = ", ".join(f"{s} px {v:.0f}" for s, v in r["images_per_s_by_side"].items())
         print(f"| {name} | {r['train_seconds']:.0f} | {sides} | {r['final_val_gap']:.3f} | {r['stage2_f2']:.3f} |")

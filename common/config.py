@@ -186,8 +186,9 @@ class Config(Section):
     def _crops_fit(self):
         resolution = self.train.resolution
         if resolution and resolution.end > self.pipeline.crop_size:
-            raise ConfigError(f"config key 'train.resolution.end' ({resolution.end}) must be at most pipeline.crop_size "
-                              f"({self.pipeline.crop_size}): each epoch's crops are the crop_size window, resized")
+            raise ConfigError(f"config key 'train.resolution.end' ({resolution.end}) must be at most "
+                              f"pipeline.crop_size ({self.pipeline.crop_size}): each epoch's crops are the crop_size "
+                              "window, resized")
         return self
 
     def to_dict(self) -> dict[str, dict[str, Any]]:

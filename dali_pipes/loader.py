@@ -91,7 +91,8 @@ def _pipe_args(settings: PipeSettings, batch_size: int, seed: int, crop: int | N
                 prefetch_queue_depth=settings.prefetch_queue_depth, seed=seed, on_gpu=settings.on_gpu, out=out)
 
 
-def check_data_settings(settings: PipeSettings, shards: SplitShards, resizes: bool, machine_labels: bool = False) -> None:
+def check_data_settings(settings: PipeSettings, shards: SplitShards, resizes: bool,
+                        machine_labels: bool = False) -> None:
     """The image settings against the shards' manifest, before any work: a crop larger than the image makes DALI
     fail (or crash) mid-run. ``resizes``: the graph resizes to ``data.shortest_side`` (eval), else it crops the
     shards' images as they are (train), which must then have the short side the config says. ``machine_labels``:
@@ -223,8 +224,9 @@ def train_graph(settings: PipeSettings, machine_labels: bool, resized: bool) -> 
     """What the train graph's operators depend on, in words. DALI restores a checkpoint by operator name, so the
     state of a graph with another description (a CPU run's, another output dtype's, with or without machine labels
     or a resolution schedule's resize) does not restore into this one: checkpoints record it to tell."""
-    return ", ".join([f"{settings.device.kind} graph", f"{output_dtype(settings.dtype, settings.device, settings.amp_dtype)}"
-                      " crops", settings.augmentation, "resized" if resized else "not resized",
+    dtype = output_dtype(settings.dtype, settings.device, settings.amp_dtype)
+    return ", ".join([f"{settings.device.kind} graph", f"{dtype} crops", settings.augmentation,
+                      "resized" if resized else "not resized",
                       "with machine labels" if machine_labels else "human labels"])
 
 

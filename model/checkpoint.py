@@ -7,9 +7,10 @@ split: inference's fallback labels), ``decision_rule`` (the tune stage's, or Non
 ``epoch`` (finished epochs), ``step``, ``metric``, ``best_metric``, ``config``, ``holdout`` (the tune stage's:
 which images its rule was chosen on, ``common.tune_split.holdout_fingerprint``; None for the train stage);
 ``lr_schedule`` (the stage's learning-rate schedule, a record: the rate is a function of the epoch, so there is no
-scheduler state); and, to resume training exactly, ``optimizer``, ``scaler``, ``rng`` (rank 0's random state) and ``rng_per_rank`` (every
-rank's, in rank order: each rank's dropout and other draws go on from its own), ``epoch_progress`` (how far into the next
-epoch a mid-epoch checkpoint stands, with the epoch's running sums) and ``dali`` (every rank's DALI
+scheduler state); and, to resume training exactly, ``optimizer``, ``scaler``, ``rng`` (rank 0's random state)
+and ``rng_per_rank`` (every rank's, in rank order: each rank's dropout and other draws go on from its own),
+``epoch_progress`` (how far into the next epoch a mid-epoch checkpoint stands, with the epoch's running sums) and
+``dali`` (every rank's DALI
 pipeline checkpoint, in rank order, for a world of ``world_size`` processes, with ``dali_graph``, the description of
 the train graph it was saved by: ``dali_pipes.loader.train_graph``).
 """
@@ -111,7 +112,8 @@ def load_checkpoint(path: Path, require: tuple[str, ...] = FOR_INFERENCE, map_lo
     return payload
 
 
-def training_payload(*, model, optimizer, lr_schedule: dict, scaler, stage: str, epoch: int, step: int, metric: float | None,
+def training_payload(*, model, optimizer, lr_schedule: dict, scaler, stage: str, epoch: int, step: int,
+                     metric: float | None,
                      best_metric: float, model_name: str, classes: list[str], class_counts: list[int] | None,
                      decision_rule: dict | None, config: dict, epoch_progress: dict, dali: list[str], dali_graph: str,
                      rng_per_rank: list[dict], world_size: int, holdout: dict | None = None) -> dict:
@@ -121,7 +123,8 @@ def training_payload(*, model, optimizer, lr_schedule: dict, scaler, stage: str,
             "rng_per_rank": rng_per_rank,
             "stage": stage, "epoch": epoch, "step": step, "metric": metric, "best_metric": best_metric,
             "model_name": model_name, "classes": classes, "class_counts": class_counts,
-            "decision_rule": decision_rule, "config": config, "epoch_progress": epoch_progress, "dali": dali, "dali_graph": dali_graph,
+            "decision_rule": decision_rule, "config": config, "epoch_progress": epoch_progress, "dali": dali,
+            "dali_graph": dali_graph,
             "world_size": world_size, "holdout": holdout}
 
 

@@ -56,7 +56,8 @@ def test_the_tune_stage_keeps_the_original_batch_and_steps_at_any_process_count(
 def test_the_stage_line_says_processes_batches_rate_and_steps():
     line = train_stage(load_config(REPO / "config.yaml"), world_size=4).describe(steps=13, started=4)
     assert line == ("train: 4 process(es), global batch 128 (32 per process), lr 0.04 (0.01 x 4, linear scaling; "
-                    "warm-up from 0.01 over 5 epochs), x0.1 every 10 epochs, 224-px crops, 13 steps an epoch, 25 epochs")
+                    "warm-up from 0.01 over 5 epochs), x0.1 every 10 epochs, 224-px crops, 13 steps an epoch, "
+                    "25 epochs")
     assert LrSchedule(1e-4, 1e-4, 0, 0, 0.1).describe() == "lr 0.0001, constant"
 
 
@@ -88,7 +89,8 @@ def test_cross_fitting_deals_every_image_into_one_fold_and_repeats_with_its_seed
 def run_train_sh(nproc: int, cfg_path: Path, stage: str, *extra: str) -> subprocess.CompletedProcess:
     return subprocess.run(["bash", "scripts/train.sh", "--nproc-per-node", str(nproc), "--", "--config",
                            str(cfg_path), "--stage", stage, *extra], cwd=REPO, capture_output=True, text=True,
-                          timeout=600, env={**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"})
+                          timeout=600,
+                          env={**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"})
 
 
 def epoch_records(artifacts: Path, stage: str) -> list[dict]:

@@ -99,9 +99,9 @@ def describe(stage: str, report: dict, chosen: ChosenRule) -> str:
     """The report in one line, each figure named for what it is."""
     figure = report["best_by"].removeprefix("val_")
     text = (f"{stage}: best.pt is epoch {report['best_epoch']} (hold-out {figure.upper()} "
-            f"{report[f'holdout_{figure}']:.4f}); its decision rule, chosen on the hold-out's {report['holdout_images']} "
-            f"images: F2 {chosen.f2_cross_fitted:.4f} expected on new images (cross-fitted over {chosen.folds} folds), "
-            f"{chosen.f2_in_sample:.4f} on the images that chose it")
+            f"{report[f'holdout_{figure}']:.4f}); its decision rule, chosen on the hold-out's "
+            f"{report['holdout_images']} images: F2 {chosen.f2_cross_fitted:.4f} expected on new images (cross-fitted "
+            f"over {chosen.folds} folds), {chosen.f2_in_sample:.4f} on the images that chose it")
     if chosen.rule.seen_classes:
         unseen = chosen.rule.unseen_threshold
         text += ("; classes the tuning labels never show: " + (f"above {unseen:.2f}" if unseen is not None

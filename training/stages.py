@@ -215,14 +215,14 @@ def tune_stage(cfg, world_size: int, init: str | None = None) -> StageSpec:
     if not init and not start.is_file():
         raise UserError(f"the tune stage starts from {start}: run --stage train first or pass --init CKPT")
     out = cfg.paths.artifacts / "tune"
-    rule = RuleChoice(t.min_class_examples, t.unseen_class_threshold, t.rule_folds, cfg.data.seed, tuple(tuple(r) for r in t.test_resolutions),
-                      cfg.paths.competition_data)
+    rule = RuleChoice(t.min_class_examples, t.unseen_class_threshold, t.rule_folds, cfg.data.seed,
+                      tuple(tuple(r) for r in t.test_resolutions), cfg.paths.competition_data)
     return StageSpec(name="tune", data=TuneSplit(cfg.paths.shards, out / "data", t.holdout_fraction, cfg.data.seed),
                      machine_label_floor=1.0, machine_labels=False,
                      validation=Validation(cfg.predict.tta, cfg.predict.top_k, cfg.predict.batch_size,
                                            cfg.predict.max_labels),
-                     out=out, init=readable_file(start, "--init"), rule=rule, **_common(cfg, t, 1, _schedule(t, 32),
-                                                    ResolutionSchedule.from_config(cfg, final_only=True)))
+                     out=out, init=readable_file(start, "--init"), rule=rule,
+                     **_common(cfg, t, 1, _schedule(t, 32), ResolutionSchedule.from_config(cfg, final_only=True)))
 
 
 STAGES = {"train": train_stage, "tune": tune_stage}
