@@ -15,7 +15,9 @@ import functools
 import logging
 import os
 import re
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from common.config import Config, load_config
@@ -95,6 +97,22 @@ def report_error(message: str, code: int = 2) -> None:
     log.error("%s", message)
 
 
+def stop_on_interrupt(signum, frame) -> None:
+    """SIGINT (Ctrl-C, or torchrun passing on its own) as KeyboardInterrupt, once, so the command stops cleanly;
+    a second one during that stop, or one landing inside a finalizer (DALI's pipeline ``__del__`` waits for its
+    threads), ends the process at once: raised there it would be printed as a traceback and lost."""
+    inside_finalizer = False
+    while frame is not None and not inside_finalizer:
+        inside_finalizer = frame.f_code.co_name == "__del__"
+        frame = frame.f_back
+    signal.signal(signal.SIGINT, lambda *_: os._exit(130))
+    if inside_finalizer:
+        report_error("interrupted", 130)
+        logging.shutdown()
+        os._exit(130)
+    raise KeyboardInterrupt
+
+
 def command(main=None, *, batch_keys: str = "the batch size"):
     """Run ``main(argv)`` with logging set up; a fault that is not a bug becomes ``error: <one line>`` on
     stderr and exit code 2. ``batch_keys`` names the config keys that lower memory use, for the hint."""
@@ -102,10 +120,13 @@ def command(main=None, *, batch_keys: str = "the batch size"):
         @functools.wraps(main)
         def wrapper(argv=None):
             setup_logging()
+            in_main_thread = threading.current_thread() is threading.main_thread()
+            before = signal.signal(signal.SIGINT, stop_on_interrupt) if in_main_thread else None
             try:
                 return main(argv)
             except KeyboardInterrupt:
-                log.error("interrupted")
+                in_main_thread = False  # stopping: a second Ctrl-C ends the process at once (stop_on_interrupt)
+                report_error("interrupted", 130)
                 sys.exit(130)
             except Exception as exc:
                 message = describe(exc, batch_keys, sys.argv[1:] if argv is None else argv)
@@ -114,5 +135,8 @@ def command(main=None, *, batch_keys: str = "the batch size"):
                 code = 1 if failure_kind(exc) == "device" else 2  # 2: what the user can put right
                 report_error(message, code)
                 sys.exit(code)
+            finally:
+                if in_main_thread:
+                    signal.signal(signal.SIGINT, before)
         return wrapper
     return decorate(main) if main is not None else decorate

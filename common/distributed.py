@@ -40,10 +40,26 @@ def backend_for(on_gpu: bool, processes_here: int, gpus_here: int) -> str:
     return "nccl" if on_gpu and processes_here <= gpus_here else "gloo"
 
 
+def die_with_launcher() -> None:
+    """A rank ends when the process that started it (torchrun's agent) ends, even by SIGKILL, which runs no handler
+    to stop the ranks: left running they would go on writing the run's folder beside the next run (Linux's
+    PR_SET_PDEATHSIG; elsewhere nothing)."""
+    import ctypes
+    import signal
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(signal.SIGTERM), 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() == 1:  # the launcher died before the request took
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def setup(device) -> Dist:
     """Join the process group torchrun describes in the environment; a plain run is rank 0 of 1, alone."""
     if not launched_by_torchrun():
         return Dist()
+    die_with_launcher()
     world_size = int(os.environ["WORLD_SIZE"])
     on_gpu = device.kind == "gpu"
     local_rank = int(os.environ.get("LOCAL_RANK", 0))

@@ -54,6 +54,16 @@ def setup_logging(level: int = logging.INFO) -> None:
         logger = logging.getLogger(name)
         logger.handlers[:] = [out, err]
         logger.setLevel(level)
+    # other libraries' warnings (DALI's, sent to the root logger) in the same form, once: the project's own records
+    # reach the root too, and are printed above
+    others = logging.StreamHandler(sys.stderr)
+    others.setLevel(logging.WARNING)
+    others.setFormatter(formatter)
+    others.addFilter(rank_zero)
+    others.addFilter(lambda r: r.name.split(".")[0] not in PACKAGES)
+    others.iic_handler = True
+    root = logging.getLogger()
+    root.handlers[:] = [h for h in root.handlers if not getattr(h, "iic_handler", False)] + [others]
 
 
 def progress(logger: logging.Logger, **kwargs) -> tqdm:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -109,9 +110,8 @@ def draw(rows: list[Row]) -> Image.Image:
         for j, (crop, text) in enumerate(zip(row.crops, row.captions)):
             left = PAD + j * (cell + PAD)
             grid.paste(Image.fromarray(crop), (left, top + LINE))
-            for n in range(LABEL_LINES):
-                pen.text((left, top + LINE + cell + n * LINE), text[n * chars:(n + 1) * chars], fill="dimgray",
-                         font=font)
+            for n, line in enumerate(textwrap.wrap(text, chars)[:LABEL_LINES]):  # whole words, as many as fit
+                pen.text((left, top + LINE + cell + n * LINE), line, fill="dimgray", font=font)
     return grid
 
 

@@ -3,6 +3,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from common.config import Config, ConfigError, Train, load_config
 from preprocessing.build_shards import main as build_shards_main
@@ -78,6 +79,8 @@ def test_the_schema_holds_the_defaults_and_config_yaml_restates_them(tmp_path):
     """One home for every default (common.config's models); config.yaml, the file users read and copy, says the
     same; a file that sets only its paths gets the original solution's values."""
     assert load_config(REPO / "config.yaml").to_dict() == Config().to_dict()
+    written = yaml.safe_load((REPO / "config.yaml").read_text())
+    assert {s: set(v) for s, v in written.items()} == {s: set(v) for s, v in Config().to_dict().items()}
     (tmp_path / "mine.yaml").write_text("paths:\n  shards: s\n")
     cfg = load_config(tmp_path / "mine.yaml")
     assert cfg.paths.shards == tmp_path / "s" and cfg.train == Train() and cfg.tune.batch_size == 32

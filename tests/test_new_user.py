@@ -217,3 +217,46 @@ def test_train_sh_keeps_torchrun_s_restart_lines_and_a_rank_s_error_is_one_line(
     assert len([line for line in lines if "error:" in line]) == 1 and "Traceback" not in r.stderr
     assert any("attempts left; will restart worker group" in line for line in lines), r.stderr  # torchrun's own
     assert not any("failed (exitcode" in line for line in lines)  # said better by the rank's one line
+
+
+def processes_with(text: str) -> list[int]:
+    """The pids of the processes whose command line holds ``text``."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and text in (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode():
+                found.append(int(proc.name))
+        except OSError:
+            pass
+    return found
+
+
+@pytest.mark.slow
+def test_the_ranks_stop_with_their_launcher_interrupted_or_killed(built, kaggle, tmp_path):
+    """Ctrl-C: one line, exit 130. kill -9 of the launcher alone: its ranks end too, rather than go on writing the
+    run's folder beside the next run."""
+    import signal
+    import time
+    cfg, _ = built
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    for how in ("interrupt", "kill"):
+        path = write_config(tmp_path / f"{how}.yaml", kaggle[0], cfg.paths.shards,
+                            "train:\n  epochs: 500\n  batch_size: 8\n", artifacts=tmp_path / how)
+        launcher = subprocess.Popen(["bash", "scripts/train.sh", "--nproc-per-node", "2", "--", "--config", str(path),
+                                     "--stage", "train"], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True)
+        metrics = tmp_path / how / "train" / "metrics.jsonl"
+        deadline = time.time() + 120
+        while not metrics.exists() and launcher.poll() is None and time.time() < deadline:
+            time.sleep(0.2)
+        assert launcher.poll() is None and len(processes_with(str(path))) >= 3  # the launcher and two ranks
+        launcher.send_signal(signal.SIGINT if how == "interrupt" else signal.SIGKILL)
+        _, err = launcher.communicate(timeout=120)
+        if how == "interrupt":
+            assert launcher.returncode == 130, err[-2000:]
+            assert [line for line in err.splitlines() if "error:" in line] == ["error: interrupted"], err[-2000:]
+            assert "Traceback" not in err
+        deadline = time.time() + 60
+        while processes_with(str(path)) and time.time() < deadline:
+            time.sleep(0.2)
+        assert processes_with(str(path)) == [], how

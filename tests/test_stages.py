@@ -167,3 +167,13 @@ def test_the_triangular_rate_rises_to_its_peak_and_falls_to_zero():
     lr = train_stage(cfg, 4).lr  # the peak scales with the global batch as the step schedule's does
     assert lr(0) == pytest.approx(4e-6) and lr(1) == pytest.approx(0.02, rel=1e-3) and lr(2) == pytest.approx(0.04)
     assert lr(9) == pytest.approx(0.02) and lr(16) == 0.0
+
+
+def test_a_run_shorter_than_its_schedules_says_what_it_will_not_reach():
+    assert train_stage(load_config(REPO / "config.yaml"), 4).shortfalls() == []
+    assert train_stage(load_config(REPO / "configs" / "fast.yaml"), 1).shortfalls() == []
+    short = train_stage(load_config(REPO / "demo" / "config.yaml", ["train.epochs=3"]), 4).shortfalls()
+    assert short == ["train: the warm-up lasts 5 epochs, the stage 3: the rate reaches 0.28, not 0.4"]
+    ramp = train_stage(load_config(REPO / "demo" / "fast.yaml", ["train.epochs=4"]), 1).shortfalls()
+    assert ramp == ["train: the resolution schedule ends after the stage's last epoch: its crops reach 40 px, not 56 "
+                    "(the tune stage trains at 56)"]

@@ -271,9 +271,10 @@ def test_the_tune_report_line_says_what_the_unseen_class_threshold_did():
     from model.decision import ChosenRule, DecisionRule
     from training.rule_choice import describe
     report = {"best_by": "val_gap", "best_epoch": 3, "holdout_gap": 0.5, "holdout_images": 40}
-    lines = [describe("tune", report, ChosenRule(DecisionRule(unseen_threshold=unseen, seen_classes=seen), 0.7, 0.6,
-                                                 5))
-             for seen, unseen in (((1, 2), 0.95), ((1, 2), None), ((), None))]
+    # as choose_rule makes them: the classes only where an unseen-class threshold won; the report knows it was sought
+    lines = [describe("tune", {**report, "tuning_label_classes": classes},
+                      ChosenRule(DecisionRule(unseen_threshold=unseen, seen_classes=seen), 0.7, 0.6, 5))
+             for classes, seen, unseen in ((2, (1, 2), 0.95), (2, (), None), (None, (), None))]
     assert "never show: above 0.95" in lines[0]
     assert "never show: the global threshold" in lines[1]
     assert "never show" not in lines[2]

@@ -55,6 +55,7 @@ def collected_errors(folder: Path) -> list[tuple[int, str]]:
 
 
 def main(argv=None) -> int:
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
     args = get_args_parser().parse_args(argv)
@@ -74,7 +75,8 @@ def main(argv=None) -> int:
             for _, message in errors:
                 print(f"error: {message}", file=sys.stderr)
             return errors[0][0]
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, SignalException):  # Ctrl-C, or a SIGTERM to the launcher: torchrun stops the ranks
+            print("error: interrupted", file=sys.stderr)
             return 130
     return 0
 

@@ -102,7 +102,7 @@ def describe(stage: str, report: dict, chosen: ChosenRule) -> str:
             f"{report[f'holdout_{figure}']:.4f}); its decision rule, chosen on the hold-out's "
             f"{report['holdout_images']} images: F2 {chosen.f2_cross_fitted:.4f} expected on new images (cross-fitted "
             f"over {chosen.folds} folds), {chosen.f2_in_sample:.4f} on the images that chose it")
-    if chosen.rule.seen_classes:
+    if report.get("tuning_label_classes") is not None:  # the unseen-class threshold was sought
         unseen = chosen.rule.unseen_threshold
         text += ("; classes the tuning labels never show: " + (f"above {unseen:.2f}" if unseen is not None
                                                                else "the global threshold, none better"))

@@ -168,6 +168,19 @@ class StageSpec:
                             f"than one batch of {self.batch_size} each; lower {self.name}.batch_size")
         return min(steps, self.max_steps_per_epoch) if self.max_steps_per_epoch else steps
 
+    def shortfalls(self) -> list[str]:
+        """What the stage's schedules promise and its epochs do not reach (a short run), one line each."""
+        out, last = [], self.epochs - 1
+        warmup = getattr(self.lr, "warmup_epochs", 0)
+        if warmup > self.epochs and self.lr.peak > self.lr.base:
+            out.append(f"{self.name}: the warm-up lasts {warmup:g} epochs, the stage {self.epochs}: the rate reaches "
+                       f"{self.lr(last + 1 - 1e-9):.3g}, not {self.lr.peak:g}")
+        if self.resolution(last) != self.resolution.end:
+            out.append(f"{self.name}: the resolution schedule ends after the stage's last epoch: its crops reach "
+                       f"{self.resolution(last)} px, not {self.resolution.end} (the tune stage trains at "
+                       f"{self.resolution.end})")
+        return out
+
     def describe(self, steps: int, started: int) -> str:
         """The one line each stage starts with: processes, batches, learning rate, steps."""
         alone = f" (of {started} started: this stage trains on one)" if self.processes < started else ""

@@ -347,6 +347,8 @@ def run_stage(spec: StageSpec, runtime: Runtime, pipes: PipeSettings, model_cfg,
     steps = spec.steps_per_epoch(fit.samples)
     if d.is_main:
         log.info(spec.describe(steps, started or d.world_size))
+        for line in spec.shortfalls():
+            log.warning(line)
         if spec.machine_labels:
             log.info(f"{spec.name}: fitting on the human and the machine labels ({spec.loss} loss, machine positives "
                      f"from confidence {spec.machine_label_floor})")
