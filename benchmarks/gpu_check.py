@@ -38,7 +38,8 @@ Report: {"passed", "rehearsal", "device", "machine_lacks", "parts": {NAME: {"pas
 ...}}, "gpu_estimate" (rehearsals: each part's expected seconds on a GPU machine)}, written after every part.
 Exit 0 when every gate passed, 1 when one failed (or a part broke), 2 when the check cannot run here.
 --rehearse: every part on the CPU with CPU thresholds (gloo, the CPU graphs against the other output dtypes,
-timm's test_resnet, small data); --quick: small enough for the test suite (0.5 s windows, eager torch.compile).
+timm's test_resnet, small data); --quick: small enough for the test suite (0.5 s windows, eager torch.compile;
+its speed gates are recorded, not gated: on windows that short, on cores other work may share, they prove nothing).
 """
 from __future__ import annotations
 
@@ -87,6 +88,7 @@ class Gate:
     rule: str
     passed: bool
     basis: str = "exact"  # where its bound comes from: exact, measured (in this run: what), or design (a requirement)
+    gated: bool = True  # False: recorded beside its rule, but its part passes or fails without it
 
 
 def at_least(name: str, value: float, floor: float, basis: str = "design") -> Gate:
@@ -252,6 +254,7 @@ class Profile:
     resume_floor: float  # the resume tolerance's floor (relative L2)
     gap_margin: float  # design: the commands part's GAP must beat the best image-blind predictor by this much
     max_spread: float | None  # a timed figure's windows may differ by this factor at most (None: not gated)
+    gate_speed: bool = True  # False: the speed gates are recorded, not gated
     sides: tuple[int, ...] = (160, 192)  # a resolution schedule's sides below the 224-px crop (configs/fast.yaml)
     test_resolutions: tuple[tuple[int, int], ...] = ((256, 224), (292, 256), (329, 288))
     quick: bool = False
@@ -265,8 +268,17 @@ GPU = Profile(rehearsal=False, device="gpu", model="seresnet101", batch_size=128
 REHEARSAL = Profile(rehearsal=True, device="cpu", model="test_resnet", batch_size=32, photos=600, test_images=24,
                     demo_train=600, window_s=2.0, windows=2, max_wait_share=0.15, resume_floor=0.0, gap_margin=0.05,
                     max_spread=1.5, sides=(160,))
-# the test suite's form: the parts' wiring and their gates, on windows too short to gate their spread
-QUICK = replace(REHEARSAL, photos=200, test_images=8, demo_train=240, window_s=0.5, max_spread=None, quick=True)
+# the test suite's form: the parts' wiring and their gates, on windows too short to gate their spread or, on cores
+# that the suite's other work may share, the speeds they measure
+QUICK = replace(REHEARSAL, photos=200, test_images=8, demo_train=240, window_s=0.5, max_spread=None, gate_speed=False,
+                quick=True)
+
+
+def speed(gate: Gate, profile: Profile) -> Gate:
+    """A gate on how fast something ran: recorded, not gated, where the profile says its timings prove nothing."""
+    if profile.gate_speed:
+        return gate
+    return replace(gate, gated=False, basis=f"{gate.basis}; recorded, not gated: --quick's short windows")
 
 
 def steady(figures: dict, profile: Profile) -> list[Gate]:
@@ -444,7 +456,7 @@ class Check:
 
 def part_result(gates: list[Gate], failed_run: subprocess.CompletedProcess | None = None, **figures) -> dict:
     tail = {"stderr_tail": failed_run.stderr[-1500:]} if failed_run else {}
-    return {"passed": all(g.passed for g in gates), "gates": [asdict(g) for g in gates], **figures, **tail}
+    return {"passed": all(g.passed or not g.gated for g in gates), "gates": [asdict(g) for g in gates], **figures, **tail}
 
 
 def collect(batches, cfg, limit: int | None = None) -> list[Batch]:
@@ -572,7 +584,8 @@ def throughput(check: Check) -> dict:
     both = check.interleaved({"train_loader": (train.stream(), None),
                               "model_training_steps": (check.steps["one_batch"], check.steps["step"])})
     figures.update(train_loader=both["train_loader"], model_training_steps=both["model_training_steps"])
-    gates = [loader_keeps_up(both["ratios"]["train_loader"]["model_training_steps"], 1.0), *steady(figures, p)]
+    gates = [speed(loader_keeps_up(both["ratios"]["train_loader"]["model_training_steps"], 1.0), p),
+             *steady(figures, p)]
     del train
     # a resolution schedule's sides: the loader (the 224-px window resized) against the model's steps at each
     by_side = {}
@@ -594,7 +607,7 @@ def training_steps(check: Check) -> dict:
     both = check.interleaved({"dali_fed": (steps["stream"], steps["step"]),
                               "one_batch_on_device": (steps["one_batch"], steps["step"])})
     ratio = both["ratios"]["dali_fed"]["one_batch_on_device"]
-    gates = [data_wait(ratio, 1.0, p.max_wait_share), *steady(both, p)]
+    gates = [speed(data_wait(ratio, 1.0, p.max_wait_share), p), *steady(both, p)]
     return part_result(gates, model=p.model, batch_size=p.batch_size,
                        autocast=str(check.amp_dtype).removeprefix("torch.") if check.amp_dtype else None,
                        channels_last=True, dali_fed=both["dali_fed"], one_batch_on_device=both["one_batch_on_device"],
@@ -941,7 +954,7 @@ def run_check(profile: Profile, parts: tuple[str, ...], report_path: Path, work:
         report["parts"][name] = result
         report["passed"] = all(p["passed"] for p in report["parts"].values())
         harness.write_json(report_path, report)  # after each part: a run cut short keeps what it measured
-        failed = [g["name"] for g in result["gates"] if not g["passed"]]
+        failed = [g["name"] for g in result["gates"] if not g["passed"] and g["gated"]]
         verdict = "passed" if result["passed"] else "FAILED: " + ("; ".join(failed) or result.get("error", ""))
         print(f"{name}: {verdict} ({result['seconds']} s)", flush=True)
         if profile.rehearsal:

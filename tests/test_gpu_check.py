@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
@@ -86,6 +87,14 @@ def test_too_much_waiting_fails_and_negative_noise_is_kept():
     assert not data_wait(90, 100, 0.05).passed  # 10% of the step time waiting
     assert data_wait(96, 100, 0.05).passed
     assert data_wait_share(103, 100) == pytest.approx(-0.03)  # recorded as measured
+
+
+def test_quick_records_its_speed_gates_without_gating_on_them_and_the_full_rehearsal_gates():
+    slow = data_wait(50, 100, 0.15)
+    quick, full = gpu_check.speed(slow, QUICK), gpu_check.speed(slow, gpu_check.REHEARSAL)
+    assert not quick.passed and quick.value == slow.value and "not gated" in quick.basis  # still reported as it is
+    assert gpu_check.part_result([quick])["passed"] and not gpu_check.part_result([full])["passed"]
+    assert not gpu_check.part_result([quick, replace(quick, gated=True)])["passed"]
 
 
 def test_resumed_weights_within_the_noise_of_a_second_clean_run():
