@@ -218,12 +218,12 @@ def run(module: str, *args: str, processes: int | None = None) -> str:
     return out.stdout
 
 
-def demo_settings(work: Path, artifacts: Path, *extra: str) -> list[str]:
-    """``--config demo/config.yaml`` with the demo data under ``work``, outputs under ``artifacts``, and ``extra``
-    ``--set`` values."""
+def demo_settings(work: Path, artifacts: Path, *extra: str, config: Path = DEMO_CONFIG) -> list[str]:
+    """``--config demo/config.yaml`` (or ``config``) with the demo data under ``work``, outputs under ``artifacts``,
+    and ``extra`` ``--set`` values."""
     paths = {"original_images": work / "data" / "original_images", "competition_data": work / "data" / "inclusive",
              "shards": work / "shards", "artifacts": artifacts, "output": artifacts / "output"}
-    return ["--config", str(DEMO_CONFIG), *[a for k, v in paths.items() for a in ("--set", f"paths.{k}={v}")],
+    return ["--config", str(config), *[a for k, v in paths.items() for a in ("--set", f"paths.{k}={v}")],
             *[a for e in extra for a in ("--set", e)]]
 
 
@@ -233,6 +233,22 @@ def stage2_f2(work: Path, artifacts: Path, checkpoint: Path, *extra: str) -> flo
     out = run("inference.score", str(artifacts / "output" / "submission_stage2.csv"),
               str(work / "data" / "inclusive" / "stage_2_solution.csv"))
     return float(out.split()[2])
+
+
+def metrics_epochs(stage_dir: Path) -> list[dict]:
+    """A stage's epoch records from its metrics.jsonl (none where it has none)."""
+    path = stage_dir / "metrics.jsonl"
+    lines = path.read_text().splitlines() if path.exists() else []
+    return [e for e in (json.loads(line) for line in lines if line.strip()) if "val_gap" in e]
+
+
+def tune_figures(work: Path, artifacts: Path) -> dict:
+    """A finished tune stage's hold-out figures (its rule's F2 on the images that chose it, and cross-fitted) and
+    its best.pt's stage-2 F2 on the demo data."""
+    report = json.loads((artifacts / "tune" / "report.json").read_text())
+    return {"tune_holdout_f2_in_sample": report["f2_in_sample"],
+            "tune_holdout_f2_cross_fitted": report["f2_cross_fitted"],
+            "stage2_f2": round(stage2_f2(work, artifacts, artifacts / "tune" / "checkpoints" / "best.pt"), 4)}
 
 
 def scratch_folder(marker: str) -> Callable[[str], Path]:

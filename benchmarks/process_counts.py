@@ -19,8 +19,8 @@ import json
 import time
 from pathlib import Path
 
-from benchmarks.harness import (demo_settings, fresh_scratch, parser, run, scratch_folder, stage2_f2,
-                                write_json)
+from benchmarks.harness import (demo_settings, fresh_scratch, metrics_epochs, parser, run, scratch_folder,
+                                tune_figures, write_json)
 from common.cli import command
 
 MARKER = ".made_by_benchmarks.process_counts"
@@ -36,11 +36,6 @@ def counts(text: str) -> list[int]:
     return values
 
 
-def epochs(artifacts: Path, stage: str) -> list[dict]:
-    lines = (artifacts / stage / "metrics.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if "val_gap" in r]
-
-
 def first_decay(records: list[dict]) -> int | None:
     """The first epoch whose learning rate per image of the global batch is below the epoch before's (None: it
     never falls): a resumed run's change of global batch moves the rate, not this."""
@@ -52,12 +47,10 @@ def tuned(work: Path, out: Path, processes: int, init: Path | None = None) -> di
     """The tune stage under ``processes`` processes (from ``init``, else its own train stage's best.pt)."""
     run("training.train", *demo_settings(work, out), "--stage", "tune", *(["--init", str(init)] if init else []),
         processes=processes)
-    tune, report = epochs(out, "tune"), json.loads((out / "tune" / "report.json").read_text())
+    tune, report = metrics_epochs(out / "tune"), json.loads((out / "tune" / "report.json").read_text())
     return {"tune_steps_per_epoch": sorted({r["steps"] for r in tune}),
             "tune_processes": len(tune[0]["samples_per_rank"]), "tune_best_epoch": report["best_epoch"],
-            "tune_holdout_f2_in_sample": report["f2_in_sample"],
-            "tune_holdout_f2_cross_fitted": report["f2_cross_fitted"],
-            "stage2_f2": round(stage2_f2(work, out, out / "tune" / "checkpoints" / "best.pt"), 4)}
+            **tune_figures(work, out)}
 
 
 def one_count(work: Path, processes: int, first: Path | None) -> dict:
@@ -67,10 +60,11 @@ def one_count(work: Path, processes: int, first: Path | None) -> dict:
     started = time.time()
     run("training.train", *demo_settings(work, out), "--stage", "train", processes=processes)
     train_seconds = time.time() - started
-    last = epochs(out, "train")[-1]
+    records = metrics_epochs(out / "train")
+    last = records[-1]
     row = {"processes": processes, "train_seconds": round(train_seconds), "train_val_gap": round(last["val_gap"], 4),
            "train_loss": round(last["loss"], 4), "train_global_batch": last["global_batch"],
-           "train_lr_last_epoch": last["lr"], "train_first_decay_epoch": first_decay(epochs(out, "train")),
+           "train_lr_last_epoch": last["lr"], "train_first_decay_epoch": first_decay(records),
            **tuned(work, out, processes)}
     if first is not None:
         row["tune_from_first_count_train_checkpoint"] = tuned(work, work / f"n{processes}_same_start", processes,
@@ -85,7 +79,7 @@ def resumed(work: Path, first: int, then: int, after: int) -> dict:
     run("training.train", *demo_settings(work, out, f"train.epochs={after}"), "--stage", "train", processes=first)
     run("training.train", *demo_settings(work, out), "--stage", "train", processes=then)
     run("training.train", *demo_settings(work, alone), "--stage", "train", processes=then)
-    a, b = epochs(out, "train"), epochs(alone, "train")
+    a, b = metrics_epochs(out / "train"), metrics_epochs(alone / "train")
     return {"stopped_after": after, "first": first, "then": then,
             "first_decay_epoch": {"resumed": first_decay(a), "throughout": first_decay(b)},
             "lr_by_epoch": {"resumed": [r["lr"] for r in a], "throughout": [r["lr"] for r in b]}}

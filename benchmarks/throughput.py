@@ -97,7 +97,7 @@ def measure(args, work: Path) -> None:
     # the batches training gets: on a GPU float16 for autocast (model.amp), as training.train asks for them
     amp_dtype = autocast_dtype(device.kind == "gpu", cfg.model.amp, cfg.model.amp_dtype)
     shards = split_shards(shards_dir, "train")
-    pipes = replace(PipeSettings.from_config(cfg, device=device), amp_dtype=amp_dtype, threads=args.threads)
+    pipes = replace(PipeSettings.from_config(cfg, device=device, amp_dtype=amp_dtype), threads=args.threads)
     pipes32 = replace(pipes, dtype="float32")  # for comparison: normalised in DALI
     bs, timed = args.batch_size, dict(window_s=args.window_s, windows=args.windows)
     print(f"{shards.samples} images in {len(shards.tars)} shards; batch {bs}, {args.threads} threads/workers")

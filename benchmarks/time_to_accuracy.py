@@ -22,8 +22,8 @@ import statistics
 import time
 from pathlib import Path
 
-from benchmarks.harness import (DEMO_CONFIG, demo_settings, fresh_scratch, output_file, parser, run, scratch_folder,
-                                stage2_f2, write_json)
+from benchmarks.harness import (DEMO_CONFIG, demo_settings, fresh_scratch, metrics_epochs, output_file, parser, run,
+                                scratch_folder, tune_figures, write_json)
 from common.cli import command
 
 MARKER = ".made_by_benchmarks.time_to_accuracy"
@@ -41,10 +41,6 @@ def recipe_names(text: str) -> list[str]:
     return names
 
 
-def with_config(config: Path, settings: list[str]) -> list[str]:
-    return ["--config", str(config), *settings[2:]]  # demo_settings starts with --config demo/config.yaml
-
-
 def quick_sets(recipe: str) -> tuple[str, ...]:
     """--quick: three epochs, the resolution ramp (where the recipe has one) within them."""
     ramp = recipe != "original"
@@ -55,12 +51,12 @@ def measure(work: Path, name: str, quick: bool) -> dict:
     config, sets = RECIPES[name]
     sets = (*sets, *(quick_sets(name) if quick else ()))
     out = work / name
+    settings = demo_settings(work, out, *sets, config=config)
     started = time.time()
-    run("training.train", *with_config(config, demo_settings(work, out, *sets)), "--stage", "train")
+    run("training.train", *settings, "--stage", "train")
     seconds = time.time() - started
-    run("training.train", *with_config(config, demo_settings(work, out, *sets)), "--stage", "tune")
-    records = [json.loads(line) for line in (out / "train" / "metrics.jsonl").read_text().splitlines()]
-    epochs = [r for r in records if "val_gap" in r]
+    run("training.train", *settings, "--stage", "tune")
+    epochs = metrics_epochs(out / "train")
     by_side: dict[int, list[float]] = {}
     for r in epochs:
         by_side.setdefault(r["resolution"], []).append(r["images_per_s"])
@@ -69,10 +65,7 @@ def measure(work: Path, name: str, quick: bool) -> dict:
             "gap_by_epoch": [[round(r["wall_time"] - started, 1), round(r["val_gap"], 4)] for r in epochs],
             "final_val_gap": round(epochs[-1]["val_gap"], 4),
             "images_per_s_by_side": {side: round(statistics.median(v), 1) for side, v in by_side.items()},
-            "tune_holdout_f2_cross_fitted": report["f2_cross_fitted"],
-            "tune_holdout_f2_in_sample": report["f2_in_sample"],
-            "test_resolution": report.get("chosen_resolution"),
-            "stage2_f2": round(stage2_f2(work, out, out / "tune" / "checkpoints" / "best.pt"), 4)}
+            "test_resolution": report.get("chosen_resolution"), **tune_figures(work, out)}
 
 
 def plot(path: Path, recipes: dict) -> None:

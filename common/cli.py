@@ -120,12 +120,12 @@ def command(main=None, *, batch_keys: str = "the batch size"):
         @functools.wraps(main)
         def wrapper(argv=None):
             setup_logging()
-            in_main_thread = threading.current_thread() is threading.main_thread()
-            before = signal.signal(signal.SIGINT, stop_on_interrupt) if in_main_thread else None
+            restore = threading.current_thread() is threading.main_thread()  # signals are set there only
+            before = signal.signal(signal.SIGINT, stop_on_interrupt) if restore else None
             try:
                 return main(argv)
             except KeyboardInterrupt:
-                in_main_thread = False  # stopping: a second Ctrl-C ends the process at once (stop_on_interrupt)
+                restore = False  # stopping: a second Ctrl-C ends the process at once (stop_on_interrupt)
                 report_error("interrupted", 130)
                 sys.exit(130)
             except Exception as exc:
@@ -136,7 +136,7 @@ def command(main=None, *, batch_keys: str = "the batch size"):
                 report_error(message, code)
                 sys.exit(code)
             finally:
-                if in_main_thread:
+                if restore:
                     signal.signal(signal.SIGINT, before)
         return wrapper
     return decorate(main) if main is not None else decorate

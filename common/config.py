@@ -6,7 +6,6 @@ Pydantic rather than OmegaConf: it checks ranges and choices and names the rule 
 configs check types alone."""
 from __future__ import annotations
 
-import logging
 import re
 from pathlib import Path
 from typing import Annotated, Any, Iterable, Literal, get_args
@@ -17,7 +16,6 @@ from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fi
 
 from common.errors import UserError, reading
 
-log = logging.getLogger(__name__)
 
 
 class ConfigError(UserError):

@@ -50,7 +50,7 @@ class InputAdapter:
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         if images.dtype == torch.uint8:
-            mean, scale = _normalisation(tuple(self.mean), tuple(self.std), images.device)
+            mean, scale = _normalisation(self.mean, self.std, images.device)
             images = ((images.float() - mean) * scale).movedim(-1, -3)
             return images if self.channels_last else images.contiguous()
         return images.movedim(-1, -3) if self.channels_last else images
@@ -67,7 +67,7 @@ class Runtime:
     amp_dtype: torch.dtype | None  # autocast's dtype; None: fp32
     dali_threads: int  # each DALI pipeline's threads, within this process's share of the cores
     to_input: InputAdapter
-    requested_dali_threads: int = 4  # pipeline.num_threads, which the budget may have lowered
+    requested_dali_threads: int  # pipeline.num_threads, which the budget may have lowered
 
     @property
     def on_gpu(self) -> bool:
@@ -76,12 +76,19 @@ class Runtime:
     def main_alone(self) -> "Runtime | None":
         """The runtime of work done on one process whatever the launcher started (``common.distributed.main_alone``):
         rank 0's, with the cores that the processes of its machine shared, None on every other rank."""
+        if not self.dist.active:
+            return self
         alone = distributed.main_alone(self.dist)
-        if alone is None or alone is self.dist:
-            return None if alone is None else self
-        apply_thread_budget(self.requested_dali_threads, self.on_gpu, processes=1)
-        return replace(self, dist=alone, dali_threads=dali_threads(self.requested_dali_threads, self.on_gpu,
-                                                                   processes=1))
+        if alone is None:
+            return None
+        return replace(self, dist=alone, dali_threads=budgeted_dali_threads(self.requested_dali_threads, self.on_gpu,
+                                                                            processes=1))
+
+
+def budgeted_dali_threads(requested: int, on_gpu: bool, processes: int | None = None) -> int:
+    """Set this process's thread budget (``common.threads``); DALI's threads per pipeline within it."""
+    budget = apply_thread_budget(requested, on_gpu, processes)
+    return budget.dali if budget else dali_threads(requested, on_gpu, processes)
 
 
 @contextlib.contextmanager
@@ -89,11 +96,10 @@ def start_runtime(cfg, distributed_run: bool = False, announce: bool = True) -> 
     """The command's runtime from its config (``distributed_run``: join the process group torchrun describes, if
     any); the process group is left when the block ends."""
     device = resolve_device(cfg.pipeline.device, announce=announce)
-    apply_thread_budget(cfg.pipeline.num_threads, device.kind == "gpu")
+    threads = budgeted_dali_threads(cfg.pipeline.num_threads, device.kind == "gpu")
     d = distributed.setup(device) if distributed_run else Dist()
     try:
-        yield Runtime(device, d, autocast_dtype(device.kind == "gpu", cfg.model.amp, cfg.model.amp_dtype),
-                      dali_threads(cfg.pipeline.num_threads, device.kind == "gpu"), InputAdapter.from_config(cfg),
-                      cfg.pipeline.num_threads)
+        yield Runtime(device, d, autocast_dtype(device.kind == "gpu", cfg.model.amp, cfg.model.amp_dtype), threads,
+                      InputAdapter.from_config(cfg), cfg.pipeline.num_threads)
     finally:
         distributed.teardown(d)

@@ -127,11 +127,12 @@ def apply_thread_budget(requested_dali: int, on_gpu: bool, processes: int | None
     (default: as many as torchrun started here); returns the budget."""
     if not budget_enabled():
         return None
-    budget = thread_budget(requested_dali, on_gpu, usable_cores(processes))
+    cores = usable_cores(processes)
+    budget = thread_budget(requested_dali, on_gpu, cores)
     import torch
     torch.set_num_threads(budget.torch)
     if "cv2" in sys.modules:
         sys.modules["cv2"].setNumThreads(budget.opencv)
     log.debug("threads: DALI %d, PyTorch %d, OpenCV %d on %d core(s)", budget.dali, budget.torch, budget.opencv,
-              usable_cores(processes))
+              cores)
     return budget

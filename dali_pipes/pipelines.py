@@ -4,7 +4,7 @@ Every graph runs on the GPU (``device="mixed"`` decoding, the rest on the device
 ``device_id=None``, entirely on the CPU. Crops are taken before any per-pixel float work,
 and the train crop is decoded alone (ROI decoding). With ``dtype="uint8"`` the graphs stop
 at uint8 crops (HWC; the train graph hands over its random flips for the loader to apply) and
-``dali_pipes.loader.prepare_input`` normalises them where the model runs: on a CPU, normalising in DALI costs as much as decoding, and on a GPU it is free.
+``common.runtime.InputAdapter`` normalises them where the model runs: on a CPU, normalising in DALI costs as much as decoding, and on a GPU it is free.
 """
 from __future__ import annotations
 

@@ -24,7 +24,6 @@ from PIL import Image, ImageDraw, ImageFont
 
 from common.atomic import atomic_write
 from common.cli import command, config_from_args, config_parser
-from common.device import resolve_device
 from common.image_checks import check_image_file
 from common.paths import writable_file
 from common.runtime import InputAdapter
@@ -46,11 +45,11 @@ class Row:
     captions: list[str]
 
 
-def pixels(images: torch.Tensor, to_input: InputAdapter, mean, std) -> list[np.ndarray]:
+def pixels(images: torch.Tensor, to_input: InputAdapter) -> list[np.ndarray]:
     """The loader's batch (any form it hands over) as displayable HWC uint8 crops; a view axis is flattened."""
     x = to_input(images).float().cpu()
     x = x.flatten(0, 1) if x.dim() == 5 else x
-    x = x * torch.tensor(std).view(1, 3, 1, 1) + torch.tensor(mean).view(1, 3, 1, 1)
+    x = x * torch.tensor(to_input.std).view(1, 3, 1, 1) + torch.tensor(to_input.mean).view(1, 3, 1, 1)
     return list((x.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).numpy())
 
 
@@ -70,28 +69,26 @@ def caption(targets: torch.Tensor, names: list[str]) -> str:
 
 
 def preview_rows(cfg, images: int = 8) -> list[Row]:
-    device = resolve_device(cfg.pipeline.device)
-    pipes = PipeSettings.from_config(cfg, device=device)
-    to_input, mean, std = InputAdapter.from_config(cfg), cfg.pipeline.mean, cfg.pipeline.std
+    pipes, to_input = PipeSettings.from_config(cfg), InputAdapter.from_config(cfg)
     names = class_names(cfg.paths.competition_data, Vocabulary.load(cfg.paths.shards).codes)
     schedule = ResolutionSchedule.from_config(cfg)
     train = split_shards(cfg.paths.shards, "train")
     sizes = schedule.sizes(cfg.train.epochs)
-    rows, resized = [], any(s != pipes.crop_size for s in sizes)
+    rows, resized = [], schedule.resizes(cfg.train.epochs, pipes.crop_size)
     for side in sizes:  # the same seed in every row: the same images and windows, at each side
         batch, targets = next(iter(train_loader(pipes, train, images, size=side if resized else None)))
         epochs = [e + 1 for e in range(cfg.train.epochs) if schedule(e) == side]
-        rows.append(Row(f"train {side} px (epochs {epochs[0]}-{epochs[-1]})", pixels(batch, to_input, mean, std),
+        rows.append(Row(f"train {side} px (epochs {epochs[0]}-{epochs[-1]})", pixels(batch, to_input),
                         [caption(t, names) for t in targets]))
     view, targets, ids = next(iter(eval_loader(pipes, split_shards(cfg.paths.shards, "val"), 1, tta="tencrop")))
-    rows.append(Row(f"ten-crop of {ids[0]}", pixels(view, to_input, mean, std), [caption(targets[0], names)] * 10))
+    rows.append(Row(f"ten-crop of {ids[0]}", pixels(view, to_input), [caption(targets[0], names)] * 10))
     files = [f for f in sorted((Path(cfg.paths.competition_data) / "stage_1_test_images").glob("*.jpg"))[:4 * images]
              if check_image_file(str(f)) is None][:images]  # DALI stops on an image it cannot decode
     candidates = cfg.tune.test_resolutions or [(cfg.data.shortest_side, cfg.pipeline.crop_size)]
     if files:
         for short, crop in candidates:
             batch, _ = next(iter(ImageFileLoader(pipes, files, len(files), resolution=(short, crop))))
-            rows.append(Row(f"test {short}/{crop}", pixels(batch, to_input, mean, std), [f.stem for f in files]))
+            rows.append(Row(f"test {short}/{crop}", pixels(batch, to_input), [f.stem for f in files]))
     return rows
 
 

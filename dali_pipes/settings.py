@@ -32,16 +32,17 @@ class PipeSettings:
         return self.device.kind == "gpu"
 
     @classmethod
-    def from_config(cls, cfg, runtime=None, device: Device | None = None) -> "PipeSettings":
+    def from_config(cls, cfg, runtime=None, device: Device | None = None, amp_dtype: torch.dtype | None = None
+                    ) -> "PipeSettings":
         """The config's pipeline keys with the runtime's device, autocast dtype and DALI threads; without a runtime
-        (tools and tests), ``device`` or the configured one, fp32 and the thread budget's DALI threads."""
+        (tools and tests), ``device`` or the configured one, ``amp_dtype`` and the thread budget's DALI threads."""
         device = runtime.device if runtime else device or resolve_device(cfg.pipeline.device)
         p = cfg.pipeline
         return cls(device=device,
                    threads=runtime.dali_threads if runtime else dali_threads(p.num_threads, device.kind == "gpu"),
                    prefetch_queue_depth=p.prefetch_queue_depth, shuffle_buffer=p.shuffle_buffer,
                    shortest_side=cfg.data.shortest_side, crop_size=p.crop_size, augmentation=p.augmentation,
-                   dtype=p.dtype, amp_dtype=runtime.amp_dtype if runtime else None,
+                   dtype=p.dtype, amp_dtype=runtime.amp_dtype if runtime else amp_dtype,
                    channels_last=cfg.model.channels_last, mean=tuple(p.mean), std=tuple(p.std),
                    seed=training_seed(cfg))
 
@@ -70,6 +71,11 @@ class ResolutionSchedule:
         """The sides of ``epochs`` epochs, each once, in the order they come."""
         return list(dict.fromkeys(self(e) for e in range(epochs)))
 
+    def resizes(self, epochs: int, window: int) -> bool:
+        """Whether any of ``epochs`` epochs' crops differ from the ``window``: then the train graph resizes every
+        crop (one graph for every size, so that DALI's state passes from one size's pipeline to the next)."""
+        return any(side != window for side in self.sizes(epochs))
+
     @classmethod
     def from_config(cls, cfg, final_only: bool = False) -> "ResolutionSchedule":
         """``train.resolution``'s schedule (``final_only``: its last side throughout, as the tune stage trains),
@@ -77,4 +83,4 @@ class ResolutionSchedule:
         r, crop = cfg.train.resolution, cfg.pipeline.crop_size
         if r is None:
             return cls(crop, crop)
-        return cls(r.end, r.end) if final_only else cls(r.start, r.end, r.start_epoch, r.end_epoch, r.step)
+        return cls(r.end, r.end) if final_only else cls(**r.model_dump())

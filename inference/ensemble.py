@@ -33,29 +33,16 @@ from dali_pipes.settings import PipeSettings
 from model.decision import ChosenRule, choose_rule_with_estimate, choose_test_resolution
 from model.members import (Combination, check_holdout, combine_topk, load_members, member_models,
                             write_ensemble_file)
-from model.predict import predict_member_topk
+from model.predict import in_file_order, member_topk_arrays
 
 log = logging.getLogger(__name__)
-
-
-def member_tops(models: list, loader, runtime: Runtime, top_k: int
-                ) -> tuple[list[tuple[np.ndarray, np.ndarray]], list, int]:
-    """Every member's (indices, scores) over one pass of ``loader``; each batch's other outputs; the class count."""
-    per_member: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in models]
-    rests, classes = [], 0
-    for tops, classes, rest in predict_member_topk(models, loader, top_k, runtime.to_input, runtime.amp_dtype):
-        for m, (idx, sc) in enumerate(tops):
-            per_member[m].append((idx.cpu().numpy(), sc.cpu().numpy()))
-        rests.append(rest)
-    return ([(np.concatenate([b[0] for b in batches]), np.concatenate([b[1] for b in batches]))
-             for batches in per_member], rests, classes)
 
 
 def predict_holdout(models: list, holdout, runtime: Runtime, pipes: PipeSettings, predict
                     ) -> tuple[list[tuple[np.ndarray, np.ndarray]], list[list[int]], int]:
     """Every member's (indices, scores) over the hold-out's shards, from one pass; the true labels; the class count."""
     loader = eval_loader(pipes, holdout, predict.batch_size, tta=predict.tta)
-    tops, rests, classes = member_tops(models, loader, runtime, predict.top_k)
+    tops, rests, classes = member_topk_arrays(models, loader, predict.top_k, runtime.to_input, runtime.amp_dtype)
     return tops, [np.flatnonzero(t).tolist() for target, _ in rests for t in target.cpu().numpy()], classes
 
 
@@ -63,9 +50,8 @@ def predict_originals(models: list, files: list[Path], runtime: Runtime, pipes: 
                       resolution: tuple[int, int]) -> tuple[list[tuple[np.ndarray, np.ndarray]], int]:
     """Every member's (indices, scores) over ``files`` at ``resolution``, from one pass, in the files' order."""
     loader = ImageFileLoader(pipes, files, predict.batch_size, tta=predict.tta, resolution=resolution)
-    tops, rests, classes = member_tops(models, loader, runtime, predict.top_k)
-    order = np.argsort(np.concatenate([positions.view(-1).cpu().numpy() for positions, in rests]))
-    return [(idx[order], sc[order]) for idx, sc in tops], classes
+    tops, rests, classes = member_topk_arrays(models, loader, predict.top_k, runtime.to_input, runtime.amp_dtype)
+    return in_file_order(tops, rests), classes
 
 
 def combined(tops, classes: int, k: int, combination: Combination) -> tuple[np.ndarray, np.ndarray]:

@@ -28,7 +28,7 @@ def predict_member_topk(models, batches: Iterable[tuple], k: int, to_input: Call
                         amp_dtype=None) -> Iterator[tuple[list[tuple[torch.Tensor, torch.Tensor]], int, tuple]]:
     """For each ``(images, *rest)`` batch: every model's ``(indices [B, k], scores [B, k])`` on the device, the
     number of classes, and ``rest``. The batch is made the models' input once, whatever the number of models
-    (``to_input``: ``dali_pipes.loader.prepare_input``). The models are in eval mode while this runs and back
+    (``to_input``: ``common.runtime.InputAdapter``). The models are in eval mode while this runs and back
     in their former modes afterwards."""
     models = _as_list(models)
     was_training = [m.training for m in models]
@@ -46,6 +46,29 @@ def predict_member_topk(models, batches: Iterable[tuple], k: int, to_input: Call
     finally:
         for m, mode in zip(models, was_training):
             m.train(mode)
+
+
+def member_topk_arrays(models, batches: Iterable[tuple], k: int, to_input: Callable[[torch.Tensor], torch.Tensor],
+                       amp_dtype=None) -> tuple[list[tuple[np.ndarray, np.ndarray]], list[tuple], int]:
+    """Every model's (indices, scores) over one pass of ``batches``, on the host; each batch's ``rest``; the class
+    count."""
+    models = _as_list(models)
+    per_model: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in models]
+    rests, classes = [], 0
+    for tops, classes, rest in predict_member_topk(models, batches, k, to_input, amp_dtype):
+        for m, (idx, sc) in enumerate(tops):
+            per_model[m].append((idx.cpu().numpy(), sc.cpu().numpy()))
+        rests.append(rest)
+    return ([(np.concatenate([b[0] for b in batches]), np.concatenate([b[1] for b in batches]))
+             for batches in per_model], rests, classes)
+
+
+def in_file_order(tops: list[tuple[np.ndarray, np.ndarray]], rests: list[tuple]
+                  ) -> list[tuple[np.ndarray, np.ndarray]]:
+    """``tops`` of a pass over image files (whose batches' rest is the images' positions in the list of files,
+    as ``dali_pipes.loader.ImageFileLoader`` gives them) in the files' order."""
+    order = np.argsort(np.concatenate([positions.view(-1).cpu().numpy() for positions, in rests]))
+    return [(idx[order], sc[order]) for idx, sc in tops]
 
 
 def predict_topk(models, batches: Iterable[tuple], k: int, to_input: Callable[[torch.Tensor], torch.Tensor],

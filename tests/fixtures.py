@@ -183,10 +183,9 @@ def run_main(main, args: list[str], capsys) -> tuple[int, str, str]:
 
 def pipes(cfg, device=None, amp_dtype=None):
     """The loaders' settings for ``cfg``, on the CPU unless ``device`` says otherwise."""
-    from dataclasses import replace
     from common.device import resolve_device
     from dali_pipes.settings import PipeSettings
-    return replace(PipeSettings.from_config(cfg, device=device or resolve_device("cpu")), amp_dtype=amp_dtype)
+    return PipeSettings.from_config(cfg, device=device or resolve_device("cpu"), amp_dtype=amp_dtype)
 
 
 def split(cfg, name: str):
@@ -204,4 +203,4 @@ def cpu_runtime(cfg):
     from common.device import resolve_device
     from common.distributed import Dist
     from common.runtime import Runtime
-    return Runtime(resolve_device("cpu"), Dist(), None, pipes(cfg).threads, to_input(cfg))
+    return Runtime(resolve_device("cpu"), Dist(), None, pipes(cfg).threads, to_input(cfg), cfg.pipeline.num_threads)

@@ -20,7 +20,7 @@ from dali_pipes.loader import ImageFileLoader
 from dali_pipes.settings import PipeSettings
 from model.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from model.decision import ChosenRule, choose_rule_with_estimate, choose_test_resolution
-from model.predict import predict_topk
+from model.predict import in_file_order, member_topk_arrays
 from training.validation import predict_split
 
 log = logging.getLogger(__name__)
@@ -47,28 +47,25 @@ def predict_originals(model, files, resolution, runtime: Runtime, pipes: PipeSet
                       ) -> tuple[np.ndarray, np.ndarray]:
     """(indices, scores) of full-size image files at (short side, crop), in the files' order."""
     loader = ImageFileLoader(pipes, files, validation.batch_size, tta=validation.tta, resolution=resolution)
-    parts = [(idx, sc, pos.numpy()) for idx, sc, (pos,) in predict_topk(
-        model, loader, validation.top_k, runtime.to_input, runtime.amp_dtype)]
-    order = np.argsort(np.concatenate([p[2] for p in parts]))
-    return np.concatenate([p[0] for p in parts])[order], np.concatenate([p[1] for p in parts])[order]
+    tops, rests, _ = member_topk_arrays([model], loader, validation.top_k, runtime.to_input, runtime.amp_dtype)
+    return in_file_order(tops, rests)[0]
 
 
 def _figures(chosen: ChosenRule) -> dict:
     return {"f2_in_sample": round(chosen.f2_in_sample, 5), "f2_cross_fitted": round(chosen.f2_cross_fitted, 5)}
 
 
-def choose_after_fit(spec, holdout: SplitShards, runtime: Runtime, pipes: PipeSettings) -> dict | None:
-    """Choose (or keep, when ``report.json`` was made with these settings for this best.pt) the rule; returns
-    the report."""
+def choose_after_fit(spec, holdout: SplitShards, runtime: Runtime, pipes: PipeSettings) -> None:
+    """Choose (or keep, when ``report.json`` was made with these settings for this best.pt) the rule."""
     rule, best_path, report_path = spec.rule, spec.checkpoints / "best.pt", spec.out / REPORT
     if not best_path.is_file():
-        return None
+        return
     saved = load_checkpoint(best_path)
     settings = report_settings(spec, saved)
     if saved.get("decision_rule") and report_matches(report_path, settings):
         log.info("%s: the decision rule of %s was already chosen with these settings (%s)", spec.name, best_path,
                  report_path)
-        return json.loads(report_path.read_text())
+        return
     model = model_from_checkpoint(saved, pipes.channels_last).to(runtime.device.torch_device).eval()
     seen = tuning_classes(spec.data.shards) if rule.unseen_class_threshold else None
     report = {"settings": settings, "best_by": spec.best_by, "best_epoch": saved["epoch"],
@@ -92,7 +89,6 @@ def choose_after_fit(spec, holdout: SplitShards, runtime: Runtime, pipes: PipeSe
     save_checkpoint(best_path, saved)
     atomic_write_text(report_path, json.dumps(report, indent=1) + "\n")
     log.info(describe(spec.name, report, chosen))
-    return report
 
 
 def describe(stage: str, report: dict, chosen: ChosenRule) -> str:

@@ -151,9 +151,7 @@ class StageSpec:
 
     @property
     def resizes(self) -> bool:
-        """Whether any epoch's crops differ from the window: then the train graph resizes every crop (one graph for
-        every size, so that DALI's state passes from one size's pipeline to the next)."""
-        return any(side != self.window_px for side in self.resolution.sizes(self.epochs))
+        return self.resolution.resizes(self.epochs, self.window_px)
 
     @property
     def checkpoints(self) -> Path:

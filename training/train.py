@@ -115,6 +115,15 @@ class CheckpointSaver:
         return improved
 
 
+def restart_epoch(state: TrainState, why: str) -> None:
+    """The resumed epoch from its beginning: last.pt's data position cannot be used (``why``)."""
+    if state.progress.step:
+        log.warning("last.pt %s: epoch %d starts again from its beginning (its first %d steps are trained again)",
+                    why, state.epoch + 1, state.progress.step)
+    state.step -= state.progress.step
+    state.progress = EpochProgress()
+
+
 def resume_or_init(state: TrainState, saver: CheckpointSaver, spec: StageSpec, d: distributed.Dist) -> str | None:
     """Resume exactly from ``last.pt`` if there is one (returning this rank's DALI checkpoint, if it can be
     used); else start from ``spec.init``. The learning rate is a function of the epoch, so nothing of it is
@@ -134,14 +143,9 @@ def resume_or_init(state: TrainState, saver: CheckpointSaver, spec: StageSpec, d
         same_graph = saved.get("dali_graph", saver.graph) == saver.graph  # (older checkpoints: DALI will tell)
         if saved.get("world_size") == d.world_size and saved.get("dali") and same_graph:
             return saved["dali"][d.rank]
-        if state.progress.step:
-            why = (f"was saved by {saved.get('world_size')} process(es), this run has {d.world_size}"
-                   if same_graph else f"holds the state of another train graph ({saved['dali_graph']}; this run's: "
-                                      f"{saver.graph})")
-            log.warning("last.pt %s: epoch %d starts again from its beginning (its first %d steps are trained again)",
-                        why, state.epoch + 1, state.progress.step)
-            state.step -= state.progress.step
-            state.progress = EpochProgress()
+        restart_epoch(state, f"was saved by {saved.get('world_size')} process(es), this run has {d.world_size}"
+                      if same_graph else f"holds the state of another train graph ({saved['dali_graph']}; this "
+                                         f"run's: {saver.graph})")
     elif spec.init is not None:
         saved = load_checkpoint(spec.init)
         if saved["classes"] != saver.classes:
@@ -322,10 +326,9 @@ def train(cfg, stage_name: str, init: str | None = None) -> dict:
         return run_stage(spec, runtime, PipeSettings.from_config(cfg, runtime), cfg.model, cfg.to_dict(), started)
 
 
-def check_settings(spec: StageSpec, pipes: PipeSettings, model_cfg, is_main: bool) -> None:
+def check_settings(spec: StageSpec, model_cfg, is_main: bool) -> None:
     """What would fail later, before anything is made or written."""
     readable_dir(spec.data.shards, "paths.shards")
-    make_loss(spec.loss, spec.machine_label_floor)
     if is_main:
         writable_dir(spec.out.parent, "paths.artifacts")
     if model_cfg.compile and model_cfg.compile_backend not in torch._dynamo.list_backends(exclude_tags=()):
@@ -333,12 +336,12 @@ def check_settings(spec: StageSpec, pipes: PipeSettings, model_cfg, is_main: boo
                         f"(inductor, eager, ...: torch._dynamo.list_backends())")
 
 
-def run_stage(spec: StageSpec, runtime: Runtime, pipes: PipeSettings, model_cfg, config: dict,
-              started: int | None = None) -> dict:
+def run_stage(spec: StageSpec, runtime: Runtime, pipes: PipeSettings, model_cfg, config: dict, started: int
+              ) -> dict:
     """The stage's epochs from where ``last.pt`` left them, then its after-fit work. ``config``: the run's
     settings, recorded in every checkpoint; ``started``: the processes the launcher started."""
     d = runtime.dist
-    check_settings(spec, pipes, model_cfg, d.is_main)
+    check_settings(spec, model_cfg, d.is_main)
     fit, val = spec.data.open()
     check_data_settings(pipes, fit, resizes=False, machine_labels=spec.machine_labels)
     check_data_settings(pipes, val, resizes=True)
@@ -346,7 +349,7 @@ def run_stage(spec: StageSpec, runtime: Runtime, pipes: PipeSettings, model_cfg,
         torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick its fastest kernels once
     steps = spec.steps_per_epoch(fit.samples)
     if d.is_main:
-        log.info(spec.describe(steps, started or d.world_size))
+        log.info(spec.describe(steps, started))
         for line in spec.shortfalls():
             log.warning(line)
         if spec.machine_labels:
@@ -384,11 +387,7 @@ def fit_epochs(spec: StageSpec, runtime: Runtime, pipes: PipeSettings, model_cfg
     try:
         loader = loader_for(state.epoch, dali_checkpoint)
     except ForeignState as exc:  # a last.pt from before checkpoints named their graph, saved by another graph
-        if state.progress.step:
-            log.warning("last.pt holds the state of another train graph (DALI: %s): epoch %d starts again from its "
-                        "beginning (its first %d steps are trained again)", exc, state.epoch + 1, state.progress.step)
-        state.step -= state.progress.step
-        state.progress = EpochProgress()
+        restart_epoch(state, f"holds the state of another train graph (DALI: {exc})")
         loader = loader_for(state.epoch, None)
     batches = loader.stream()
     net = state.model
